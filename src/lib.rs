@@ -1,0 +1,20 @@
+//! ferry: declarative pipelines that run ONNX models over Arrow data, queried with SQL.
+//!
+//! - [`spec`]: the pipeline file and its diagnostics.
+//! - [`source`] / [`sink`]: where rows come from and go to.
+//! - [`ops`]: operator manifests and task kinds (model-backed SQL functions).
+//! - [`runtime`]: ONNX Runtime loading, model directories and the session pool.
+//! - [`engine`]: planning and running a pipeline; [`query`]: `ferry query`.
+
+pub mod cli;
+pub mod engine;
+pub mod fetch;
+pub mod ops;
+pub mod query;
+pub mod runtime;
+pub mod schemas;
+pub mod sink;
+pub mod source;
+pub mod spec;
+
+pub use datafusion;
