@@ -1,0 +1,298 @@
+//! Reading a pipeline file and reporting every problem in it at once, each with its line.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use super::locate::{Locations, Position};
+use super::{Pipeline, Sink, Source, Step};
+
+/// One problem in a file, with where it is.
+#[derive(Debug, Clone)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub position: Option<Position>,
+    /// Dotted path of the offending value, e.g. `steps[1].operator`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(p) = self.position {
+            write!(f, ":{}:{}", p.line, p.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a file. Displayed one per line.
+#[derive(Debug, Clone, Default)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+/// A parsed pipeline with what is needed to point at its lines later (at plan time).
+#[derive(Debug, Clone)]
+pub struct LoadedPipeline {
+    pub file: PathBuf,
+    pub pipeline: Pipeline,
+    pub locations: Locations,
+}
+
+impl LoadedPipeline {
+    /// A diagnostic about the value at `path` in this file.
+    pub fn diagnostic(&self, path: &str, message: impl Into<String>) -> Diagnostic {
+        Diagnostic {
+            file: self.file.clone(),
+            position: self.locations.find(path),
+            path: path.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads and checks `file`: YAML syntax, unknown or missing keys, wrong types, and the shape of
+/// each step. Reports every problem found, not just the first.
+pub fn load_pipeline(file: &Path) -> Result<LoadedPipeline, Diagnostics> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Diagnostics(vec![Diagnostic {
+            file: file.to_path_buf(),
+            position: None,
+            path: String::new(),
+            message: format!("cannot read pipeline file: {e}"),
+        }])
+    })?;
+    parse_pipeline(file, &text)
+}
+
+/// Like [`load_pipeline`] on text already read; `file` is only used in messages.
+pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnostics> {
+    let mut cx = Checker {
+        file: file.to_path_buf(),
+        locations: Locations::index(text),
+        found: Vec::new(),
+    };
+    let root: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let position = e.location().map(|l| Position {
+                line: l.line(),
+                column: l.column(),
+            });
+            return Err(Diagnostics(vec![Diagnostic {
+                file: cx.file,
+                position,
+                path: String::new(),
+                message: format!("invalid YAML: {e}"),
+            }]));
+        }
+    };
+    let serde_yaml::Value::Mapping(map) = root else {
+        cx.report(
+            "",
+            "a pipeline must be a mapping with keys name, source, steps and sink",
+        );
+        return Err(Diagnostics(cx.found));
+    };
+
+    let mut name = None;
+    let mut description = None;
+    let mut source = None;
+    let mut steps = Vec::new();
+    let mut sink = None;
+    for (key, value) in map {
+        let Some(key) = key.as_str().map(str::to_string) else {
+            cx.report("", format!("keys must be strings, found {key:?}"));
+            continue;
+        };
+        match key.as_str() {
+            "name" => name = cx.typed::<String>("name", value),
+            "description" => description = cx.typed::<String>("description", value),
+            "source" => source = cx.typed::<Tagged<Source>>("source", value).map(|t| t.0),
+            "sink" => sink = cx.typed::<Tagged<Sink>>("sink", value).map(|t| t.0),
+            "steps" => match value {
+                serde_yaml::Value::Sequence(items) => {
+                    for (i, item) in items.into_iter().enumerate() {
+                        let path = format!("steps[{i}]");
+                        if let Some(step) = cx.typed::<Step>(&path, item) {
+                            cx.check_step(&path, &step);
+                            steps.push(step);
+                        }
+                    }
+                }
+                serde_yaml::Value::Null => {}
+                _ => cx.report("steps", "steps must be a list"),
+            },
+            other => cx.report(
+                other,
+                format!(
+                    "unknown key `{other}`; a pipeline has name, description, source, steps and sink"
+                ),
+            ),
+        }
+    }
+    for (key, present) in [
+        ("name", name.is_some()),
+        ("source", source.is_some()),
+        ("sink", sink.is_some()),
+    ] {
+        if !present && !cx.found.iter().any(|d| d.path.starts_with(key)) {
+            cx.report("", format!("missing required key `{key}`"));
+        }
+    }
+    match (name, source, sink) {
+        (Some(name), Some(source), Some(sink)) if cx.found.is_empty() => Ok(LoadedPipeline {
+            file: cx.file,
+            pipeline: Pipeline {
+                name,
+                description,
+                source,
+                steps,
+                sink,
+            },
+            locations: cx.locations,
+        }),
+        _ => Err(Diagnostics(cx.found)),
+    }
+}
+
+/// An enum written as a one-key map (`parquet: {path: ...}`), the form YAML users expect.
+#[derive(serde::Deserialize)]
+struct Tagged<T: DeserializeOwned>(
+    #[serde(
+        with = "serde_yaml::with::singleton_map",
+        bound = "T: DeserializeOwned"
+    )]
+    T,
+);
+
+struct Checker {
+    file: PathBuf,
+    locations: Locations,
+    found: Vec<Diagnostic>,
+}
+
+impl Checker {
+    fn report(&mut self, path: &str, message: impl Into<String>) {
+        self.found.push(Diagnostic {
+            file: self.file.clone(),
+            position: self.locations.find(path),
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section, turning a serde error into a located diagnostic.
+    fn typed<T: DeserializeOwned>(&mut self, path: &str, value: serde_yaml::Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let mut full = path.to_string();
+                if inner != "." && !inner.is_empty() {
+                    if !inner.starts_with('[') {
+                        full.push('.');
+                    }
+                    full.push_str(&inner);
+                }
+                let message = e.into_inner().to_string();
+                // Point at the unknown key itself, not at its parent.
+                if let Some(field) = message
+                    .strip_prefix("unknown field `")
+                    .and_then(|rest| rest.split('`').next())
+                    && !full.ends_with(&format!(".{field}"))
+                    && full != field
+                {
+                    full = format!("{full}.{field}");
+                }
+                self.report(&full, message);
+                None
+            }
+        }
+    }
+
+    fn check_step(&mut self, path: &str, step: &Step) {
+        match (&step.sql, &step.operator) {
+            (Some(_), Some(_)) => self.report(
+                path,
+                "a step is either `sql` or `operator`, not both; split it into two steps",
+            ),
+            (None, None) => self.report(path, "a step needs `sql` or `operator`"),
+            (Some(sql), None) => {
+                if sql.trim().is_empty() {
+                    self.report(&format!("{path}.sql"), "empty SQL");
+                }
+                if !step.inputs.is_empty() || step.output.is_some() {
+                    self.report(
+                        path,
+                        "`inputs` and `output` belong to operator steps; a SQL step names its columns in SQL",
+                    );
+                }
+            }
+            (None, Some(_)) => {
+                if step.inputs.is_empty() {
+                    self.report(
+                        &format!("{path}.operator"),
+                        "an operator step needs `inputs`: the column(s) to run the operator over",
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_problem_with_lines() {
+        let text = "name: t\nsource:\n  parquet:\n    path: a.parquet\n    colour: red\nsteps:\n  - operator: x\n  - sql: SELECT 1\n    operator: y\nsink:\n  parquet:\n    path: 5\n    compression: lzma\nextra: 1\n";
+        let err = parse_pipeline(Path::new("p.yaml"), text).unwrap_err();
+        let lines: Vec<String> = err.0.iter().map(|d| d.to_string()).collect();
+        let all = lines.join("\n");
+        assert!(
+            all.contains("p.yaml:5:5: source.parquet.colour: unknown field `colour`"),
+            "{all}"
+        );
+        assert!(
+            all.contains("p.yaml:7:5: steps[0].operator: an operator step needs `inputs`"),
+            "{all}"
+        );
+        assert!(
+            all.contains("p.yaml:8:5: steps[1]: a step is either `sql` or `operator`"),
+            "{all}"
+        );
+        assert!(
+            all.contains("p.yaml:12:5: sink.parquet.path: invalid type: integer `5`"),
+            "{all}"
+        );
+        assert!(all.contains("p.yaml:14:1: extra: unknown key"), "{all}");
+    }
+
+    #[test]
+    fn syntax_errors_have_a_position() {
+        let err = parse_pipeline(Path::new("p.yaml"), "name: [unclosed\nsource: 1\n").unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert!(err.0[0].position.is_some(), "{}", err);
+        assert!(err.to_string().contains("invalid YAML"));
+    }
+}
