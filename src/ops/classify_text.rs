@@ -1,0 +1,242 @@
+//! `classify_text`: text classification, as the `text-classification` pipeline does it.
+//!
+//! Output: `Struct<label: Utf8, score: Float64>` for the best label, or with `top_k`,
+//! `List<Struct<label, score>>` sorted by score (ties keep label-id order).
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, Float64Builder, ListBuilder, StringBuilder, StructBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Fields};
+use datafusion::common::Result;
+use ort::session::{Session, SessionInputValue};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::OpError;
+use super::text::{Encoded, TextTask};
+use crate::runtime::ModelDir;
+
+/// Options of a `classify_text` operator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyTextOptions {
+    /// Return the `top_k` best labels as a list instead of the single best label as a struct.
+    /// Set it to the number of labels for every label's score.
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    /// `softmax`, `sigmoid` or `none`. Default as transformers decides it: sigmoid for
+    /// `multi_label_classification` or a single label, softmax otherwise.
+    #[serde(default)]
+    pub function_to_apply: Option<ScoreFunction>,
+    /// Truncate texts to this many tokens (at most the model's own limit). transformers'
+    /// pipeline fails on texts longer than the model; ferry truncates them.
+    #[serde(default)]
+    pub max_length: Option<usize>,
+}
+
+/// How logits become scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreFunction {
+    Softmax,
+    Sigmoid,
+    None,
+}
+
+/// The task resolved against its model.
+#[derive(Debug)]
+pub struct ClassifyText {
+    labels: Vec<String>,
+    function: ScoreFunction,
+    top_k: Option<usize>,
+    output: String,
+}
+
+impl ClassifyText {
+    pub fn resolve(
+        options: &ClassifyTextOptions,
+        model: &ModelDir,
+        outputs: &[crate::runtime::pool::TensorInfo],
+    ) -> Result<Self, OpError> {
+        let output = "logits".to_string();
+        let info = outputs.iter().find(|o| o.name == output).ok_or_else(|| {
+            OpError::Model(format!(
+                "{}: no 'logits' output (has {}); export the model with task text-classification",
+                model.onnx.display(),
+                outputs
+                    .iter()
+                    .map(|o| o.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let mut labels = model.config.labels();
+        let width = info.shape.last().copied().unwrap_or(-1);
+        if width > 0 {
+            let width = width as usize;
+            if labels.is_empty() {
+                labels = (0..width).map(|i| format!("LABEL_{i}")).collect();
+            } else if labels.len() != width {
+                return Err(OpError::Model(format!(
+                    "{}: config.json names {} labels but the model outputs {width} logits",
+                    model.dir.display(),
+                    labels.len()
+                )));
+            }
+        }
+        if labels.is_empty() {
+            return Err(OpError::Model(format!(
+                "{}: cannot tell the labels: config.json has no id2label and the logits width is dynamic",
+                model.dir.display()
+            )));
+        }
+        let cfg = &model.config;
+        let function = options
+            .function_to_apply
+            .unwrap_or(match cfg.problem_type.as_deref() {
+                Some("regression") => ScoreFunction::None,
+                Some("multi_label_classification") => ScoreFunction::Sigmoid,
+                Some("single_label_classification") => ScoreFunction::Softmax,
+                _ if labels.len() == 1 => ScoreFunction::Sigmoid,
+                _ if labels.len() > 1 => ScoreFunction::Softmax,
+                _ => match cfg.function_to_apply.as_deref() {
+                    Some("sigmoid") => ScoreFunction::Sigmoid,
+                    Some("softmax") => ScoreFunction::Softmax,
+                    _ => ScoreFunction::None,
+                },
+            });
+        Ok(ClassifyText {
+            labels,
+            function,
+            top_k: options.top_k,
+            output,
+        })
+    }
+
+    fn fields() -> Fields {
+        Fields::from(vec![
+            Field::new("label", DataType::Utf8, false),
+            Field::new("score", DataType::Float64, false),
+        ])
+    }
+
+    /// Scores (f32 as transformers computes them) for one row of logits.
+    pub fn scores(&self, logits: &[f32]) -> Vec<f32> {
+        match self.function {
+            ScoreFunction::None => logits.to_vec(),
+            ScoreFunction::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
+            ScoreFunction::Softmax => {
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                exps.iter().map(|e| e / sum).collect()
+            }
+        }
+    }
+}
+
+impl TextTask for ClassifyText {
+    /// (label id, score), best first; one entry unless `top_k` is set.
+    type Row = Vec<(usize, f32)>;
+
+    fn output_type(&self) -> DataType {
+        let item = DataType::Struct(Self::fields());
+        match self.top_k {
+            Some(_) => DataType::List(Arc::new(Field::new("item", item, true))),
+            None => item,
+        }
+    }
+
+    fn infer(
+        &self,
+        session: &mut Session,
+        inputs: Vec<(String, SessionInputValue<'static>)>,
+        enc: &Encoded,
+    ) -> Result<Vec<Self::Row>, String> {
+        let outputs = session.run(inputs).map_err(|e| e.to_string())?;
+        let value = outputs
+            .get(&self.output)
+            .ok_or_else(|| format!("no output '{}'", self.output))?;
+        let (shape, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(|e| format!("output '{}': {e}", self.output))?;
+        let n = self.labels.len();
+        if shape.len() != 2 || shape[0] as usize != enc.rows || shape[1] as usize != n {
+            return Err(format!(
+                "logits have shape {shape:?}, expected [{}, {n}]",
+                enc.rows
+            ));
+        }
+        Ok(data
+            .chunks(n)
+            .map(|logits| {
+                let scores = self.scores(logits);
+                let mut ranked: Vec<(usize, f32)> = scores.into_iter().enumerate().collect();
+                // Stable sort: equal scores stay in label-id order, as Python's sort does.
+                ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+                ranked.truncate(self.top_k.unwrap_or(1).max(1));
+                ranked
+            })
+            .collect())
+    }
+
+    fn to_array(&self, rows: Vec<Option<Self::Row>>) -> Result<ArrayRef> {
+        let fields = Self::fields();
+        let new_struct = || {
+            StructBuilder::new(
+                fields.clone(),
+                vec![
+                    Box::new(StringBuilder::new())
+                        as Box<dyn datafusion::arrow::array::ArrayBuilder>,
+                    Box::new(Float64Builder::new()),
+                ],
+            )
+        };
+        let append = |b: &mut StructBuilder, label: &str, score: f32| {
+            b.field_builder::<StringBuilder>(0)
+                .expect("label")
+                .append_value(label);
+            b.field_builder::<Float64Builder>(1)
+                .expect("score")
+                .append_value(score as f64);
+            b.append(true);
+        };
+        if self.top_k.is_some() {
+            let mut list = ListBuilder::new(new_struct()).with_field(Arc::new(Field::new(
+                "item",
+                DataType::Struct(fields.clone()),
+                true,
+            )));
+            for row in rows {
+                match row {
+                    Some(ranked) => {
+                        for (id, score) in ranked {
+                            append(list.values(), &self.labels[id], score);
+                        }
+                        list.append(true);
+                    }
+                    None => list.append(false),
+                }
+            }
+            return Ok(Arc::new(list.finish()));
+        }
+        let mut b = new_struct();
+        for row in rows {
+            match row.as_ref().and_then(|r| r.first()) {
+                Some(&(id, score)) => append(&mut b, &self.labels[id], score),
+                None => {
+                    b.field_builder::<StringBuilder>(0)
+                        .expect("label")
+                        .append_value("");
+                    b.field_builder::<Float64Builder>(1)
+                        .expect("score")
+                        .append_value(0.0);
+                    b.append(false);
+                }
+            }
+        }
+        Ok(Arc::new(b.finish()))
+    }
+}

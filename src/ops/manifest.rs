@@ -1,0 +1,241 @@
+//! Operator manifests: `operators/<name>.yaml`.
+
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{OpError, TaskKind};
+use crate::runtime::ExecutionProvider;
+use crate::spec::locate::Locations;
+use crate::spec::{Diagnostic, Diagnostics};
+
+/// An operator: a model directory run as a task, callable as a SQL function named `name`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The SQL function name and the name pipeline steps use: lowercase letters, digits and `_`.
+    pub name: String,
+    /// What the model does; decides pre- and post-processing and the output type.
+    pub task: TaskKind,
+    /// The model directory (a Hugging Face / Optimum ONNX export). A relative path is looked up
+    /// under `FERRY_MODELS` (if set), then relative to this manifest's directory.
+    pub model: PathBuf,
+    /// The ONNX file inside the model directory.
+    #[serde(default = "default_file")]
+    pub file: String,
+    /// Rows per inference call.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Where the model runs: `cpu` or `cuda` (falls back to CPU with a warning).
+    #[serde(default)]
+    pub provider: ExecutionProvider,
+    /// Sessions running in parallel (default: one per core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// ONNX Runtime intra-op threads per session (default: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads_per_worker: Option<usize>,
+    /// Task options: see `EmbedOptions` and `ClassifyTextOptions` in this schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<TaskOptions>")]
+    pub options: Option<serde_yaml::Value>,
+}
+
+/// The options of each task kind (documentation only: the manifest's `task` picks one).
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum TaskOptions {
+    Embed(super::embed::EmbedOptions),
+    ClassifyText(super::classify_text::ClassifyTextOptions),
+}
+
+fn default_file() -> String {
+    "model.onnx".to_string()
+}
+
+fn default_batch_size() -> usize {
+    32
+}
+
+/// A manifest with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedManifest {
+    pub file: PathBuf,
+    pub manifest: Manifest,
+    pub locations: Locations,
+}
+
+impl LoadedManifest {
+    /// Resolves `model:` to an existing directory, or says where it looked.
+    pub fn model_dir(&self) -> Result<PathBuf, String> {
+        let model = &self.manifest.model;
+        if model.is_absolute() {
+            return if model.is_dir() {
+                Ok(model.clone())
+            } else {
+                Err(format!(
+                    "{}: model directory {} not found (fix 'model:')",
+                    self.file.display(),
+                    model.display()
+                ))
+            };
+        }
+        let mut tried = Vec::new();
+        if let Some(root) = std::env::var_os("FERRY_MODELS").filter(|v| !v.is_empty()) {
+            tried.push(PathBuf::from(root).join(model));
+        }
+        tried.push(self.file.parent().unwrap_or(Path::new(".")).join(model));
+        if let Some(found) = tried.iter().find(|p| p.is_dir()) {
+            return Ok(found.clone());
+        }
+        Err(format!(
+            "{}: model directory '{}' not found (looked in {}); fetch it (e.g. `ferry models fetch minilm`), set FERRY_MODELS, or fix 'model:'",
+            self.file.display(),
+            model.display(),
+            tried
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+
+    /// The task options, typed for the manifest's task.
+    pub fn options<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, OpError> {
+        match &self.manifest.options {
+            None | Some(serde_yaml::Value::Null) => Ok(T::default()),
+            Some(v) => serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+                let at = self.locations.find(&format!("options.{}", e.path()));
+                OpError::Options(format!(
+                    "{}{}: options.{}: {}",
+                    self.file.display(),
+                    at.map(|p| format!(":{}:{}", p.line, p.column))
+                        .unwrap_or_default(),
+                    e.path(),
+                    e.inner()
+                ))
+            }),
+        }
+    }
+}
+
+/// Reads every `*.yaml` / `*.yml` manifest in `dir`, reporting all problems at once.
+pub fn load_manifests(dir: &Path) -> Result<Vec<LoadedManifest>, Diagnostics> {
+    let diag =
+        |file: &Path, locations: Option<&Locations>, path: &str, message: String| Diagnostic {
+            file: file.to_path_buf(),
+            position: locations.and_then(|l| l.find(path)),
+            path: path.to_string(),
+            message,
+        };
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        Diagnostics(vec![diag(
+            dir,
+            None,
+            "",
+            format!("cannot read the operators directory: {e} (pass --operators DIR or set FERRY_OPERATORS)"),
+        )])
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    let mut found = Vec::new();
+    let mut problems = Vec::new();
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(diag(&file, None, "", format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        let locations = Locations::index(&text);
+        let value: serde_yaml::Value = match serde_yaml::from_str(&text) {
+            Ok(v) => v,
+            Err(e) => {
+                let mut d = diag(&file, None, "", format!("invalid YAML: {e}"));
+                d.position = e.location().map(|l| crate::spec::locate::Position {
+                    line: l.line(),
+                    column: l.column(),
+                });
+                problems.push(d);
+                continue;
+            }
+        };
+        match serde_path_to_error::deserialize::<_, Manifest>(value) {
+            Ok(manifest) => {
+                let valid_name = !manifest.name.is_empty()
+                    && manifest
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                    && !manifest.name.starts_with(|c: char| c.is_ascii_digit());
+                if !valid_name {
+                    problems.push(diag(
+                        &file,
+                        Some(&locations),
+                        "name",
+                        format!(
+                            "operator name '{}' must be lowercase letters, digits and _ (it becomes a SQL function name)",
+                            manifest.name
+                        ),
+                    ));
+                    continue;
+                }
+                if manifest.batch_size == 0 {
+                    problems.push(diag(
+                        &file,
+                        Some(&locations),
+                        "batch_size",
+                        "batch_size must be at least 1".into(),
+                    ));
+                    continue;
+                }
+                found.push(LoadedManifest {
+                    file,
+                    manifest,
+                    locations,
+                });
+            }
+            Err(e) => {
+                let mut path = e.path().to_string();
+                let message = e.into_inner().to_string();
+                if let Some(field) = message
+                    .strip_prefix("unknown field `")
+                    .and_then(|r| r.split('`').next())
+                {
+                    if path == "." {
+                        path = field.to_string();
+                    } else if !path.ends_with(field) {
+                        path = format!("{path}.{field}");
+                    }
+                }
+                problems.push(diag(&file, Some(&locations), &path, message));
+            }
+        }
+    }
+    let mut seen = std::collections::HashMap::new();
+    for m in &found {
+        if let Some(other) = seen.insert(m.manifest.name.clone(), m.file.clone()) {
+            problems.push(diag(
+                &m.file,
+                Some(&m.locations),
+                "name",
+                format!(
+                    "operator '{}' is also defined in {}",
+                    m.manifest.name,
+                    other.display()
+                ),
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(found)
+    } else {
+        Err(Diagnostics(problems))
+    }
+}

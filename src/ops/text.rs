@@ -1,0 +1,438 @@
+//! What every text operator shares: reading string columns, batched tokenization, length-sorted
+//! chunking, padding, feeding a model and putting rows back in order.
+//!
+//! A task kind supplies only what differs ([`TextTask`]): how a padded chunk's model outputs
+//! become rows, and how rows become an Arrow array.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::{DataFusionError, Result, exec_err, plan_err};
+use datafusion::logical_expr::async_udf::AsyncScalarUDFImpl;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{Tensor, TensorElementType};
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
+
+use super::OpError;
+use crate::runtime::{ModelDir, SessionPool};
+
+/// A model input ferry knows how to fill from a tokenizer's encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    InputIds,
+    AttentionMask,
+    TokenTypeIds,
+}
+
+/// A tokenizer and a pool of sessions, with the model's text inputs resolved at plan time.
+pub struct TextModel {
+    pub operator: String,
+    pub tokenizer: Tokenizer,
+    pub pool: SessionPool,
+    pub max_length: usize,
+    pub batch_size: usize,
+    pad_id: u32,
+    feeds: Vec<(String, Feed, bool)>,
+    /// Rows that could not be processed (bad bytes, tokenizer failures) and came out null.
+    pub row_errors: AtomicU64,
+}
+
+impl std::fmt::Debug for TextModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextModel")
+            .field("operator", &self.operator)
+            .field("max_length", &self.max_length)
+            .field("batch_size", &self.batch_size)
+            .finish()
+    }
+}
+
+/// A padded chunk of encoded rows, row-major `[rows, len]`.
+#[derive(Debug, Default)]
+pub struct Encoded {
+    pub rows: usize,
+    pub len: usize,
+    pub ids: Vec<i64>,
+    pub mask: Vec<i64>,
+    pub types: Vec<i64>,
+}
+
+impl TextModel {
+    /// Loads the tokenizer and sessions, and checks that every model input is one a text model
+    /// takes. `max_length` (from the manifest) may only shorten the model's own limit.
+    pub fn open(
+        operator: &str,
+        task: &'static str,
+        model: &ModelDir,
+        pool: SessionPool,
+        batch_size: usize,
+        max_length: Option<usize>,
+    ) -> Result<Self, OpError> {
+        let mut tokenizer = model.tokenizer(task)?;
+        let model_max = model.max_length()?;
+        let max_length = max_length.map_or(model_max, |m| m.min(model_max));
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                ..Default::default()
+            }))
+            .map_err(|e| OpError::Model(format!("{operator}: tokenizer truncation: {e}")))?;
+        let pad_id = model.pad_id(&tokenizer)?;
+        let mut feeds = Vec::new();
+        for input in &pool.inputs {
+            let feed = match input.name.as_str() {
+                "input_ids" => Feed::InputIds,
+                "attention_mask" => Feed::AttentionMask,
+                "token_type_ids" => Feed::TokenTypeIds,
+                other => {
+                    return Err(OpError::Model(format!(
+                        "{}: the model expects an input '{other}' that the {task} task cannot provide \
+                         (a {task} model takes input_ids, attention_mask and token_type_ids); \
+                         is this the right model for the task?",
+                        model.onnx.display()
+                    )));
+                }
+            };
+            let int32 = match input.element {
+                Some(TensorElementType::Int64) => false,
+                Some(TensorElementType::Int32) => true,
+                other => {
+                    return Err(OpError::Model(format!(
+                        "{}: input '{}' has element type {other:?}; expected int64 or int32",
+                        model.onnx.display(),
+                        input.name
+                    )));
+                }
+            };
+            feeds.push((input.name.clone(), feed, int32));
+        }
+        if !feeds.iter().any(|(_, f, _)| *f == Feed::InputIds) {
+            return Err(OpError::Model(format!(
+                "{}: the model has no 'input_ids' input (it has {}); the {task} task needs a text model",
+                model.onnx.display(),
+                pool.inputs
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(TextModel {
+            operator: operator.to_string(),
+            tokenizer,
+            pool,
+            max_length,
+            batch_size: batch_size.max(1),
+            pad_id,
+            feeds,
+            row_errors: AtomicU64::new(0),
+        })
+    }
+
+    /// Pads `encodings` into one chunk.
+    pub fn pad(&self, encodings: &[&Encoding]) -> Encoded {
+        let rows = encodings.len();
+        let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
+        let mut out = Encoded {
+            rows,
+            len,
+            ids: vec![self.pad_id as i64; rows * len],
+            mask: vec![0; rows * len],
+            types: vec![0; rows * len],
+        };
+        for (r, e) in encodings.iter().enumerate() {
+            let base = r * len;
+            for (i, ((&id, &m), &t)) in e
+                .get_ids()
+                .iter()
+                .zip(e.get_attention_mask())
+                .zip(e.get_type_ids())
+                .enumerate()
+            {
+                out.ids[base + i] = id as i64;
+                out.mask[base + i] = m as i64;
+                out.types[base + i] = t as i64;
+            }
+        }
+        out
+    }
+
+    /// The session inputs for a chunk, by name.
+    pub fn inputs(&self, enc: &Encoded) -> ort::Result<Vec<(String, SessionInputValue<'static>)>> {
+        let shape = [enc.rows as i64, enc.len as i64];
+        self.feeds
+            .iter()
+            .map(|(name, feed, int32)| {
+                let data = match feed {
+                    Feed::InputIds => &enc.ids,
+                    Feed::AttentionMask => &enc.mask,
+                    Feed::TokenTypeIds => &enc.types,
+                };
+                let value: SessionInputValue<'static> = if *int32 {
+                    Tensor::from_array((shape, data.iter().map(|&v| v as i32).collect::<Vec<_>>()))?
+                        .into()
+                } else {
+                    Tensor::from_array((shape, data.clone()))?.into()
+                };
+                Ok((name.clone(), value))
+            })
+            .collect()
+    }
+
+    /// Runs `task` over `texts` (None = null row) and returns one row per text, in order.
+    ///
+    /// Rows are sorted by token length before chunking, so that each chunk pads little; chunks
+    /// run concurrently on the pool's workers.
+    pub async fn run<T: TextTask>(
+        self: &Arc<Self>,
+        task: &Arc<T>,
+        texts: Vec<Option<String>>,
+    ) -> Result<Vec<Option<T::Row>>> {
+        let model = Arc::clone(self);
+        let encodings = tokio::task::spawn_blocking(move || {
+            texts
+                .into_iter()
+                .enumerate()
+                .map(|(row, text)| {
+                    let text = text?;
+                    match model.tokenizer.encode(text, true) {
+                        Ok(e) => Some(e),
+                        Err(err) => {
+                            model.row_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(operator = %model.operator, row, error = %err, "cannot tokenize; output is null");
+                            None
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+
+        let mut order: Vec<usize> = (0..encodings.len())
+            .filter(|&i| encodings[i].is_some())
+            .collect();
+        order.sort_by_key(|&i| encodings[i].as_ref().map_or(0, |e| e.len()));
+
+        let mut jobs = Vec::new();
+        for chunk in order.chunks(self.batch_size) {
+            let refs: Vec<&Encoding> = chunk
+                .iter()
+                .filter_map(|&i| encodings[i].as_ref())
+                .collect();
+            let encoded = self.pad(&refs);
+            let model = Arc::clone(self);
+            let task = Arc::clone(task);
+            jobs.push(self.pool.run(move |session| {
+                let inputs = model
+                    .inputs(&encoded)
+                    .map_err(|e| format!("building input tensors: {e}"))?;
+                task.infer(session, inputs, &encoded)
+            }));
+        }
+        let results = futures::future::try_join_all(jobs)
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+
+        let mut out: Vec<Option<T::Row>> = (0..encodings.len()).map(|_| None).collect();
+        for (chunk, rows) in order.chunks(self.batch_size).zip(results) {
+            let rows = rows.map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "operator {}: inference failed: {e}",
+                    self.operator
+                ))
+            })?;
+            if rows.len() != chunk.len() {
+                return exec_err!(
+                    "operator {}: the model returned {} rows for a batch of {}",
+                    self.operator,
+                    rows.len(),
+                    chunk.len()
+                );
+            }
+            for (&i, row) in chunk.iter().zip(rows) {
+                out[i] = Some(row);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What a text task kind supplies.
+pub trait TextTask: Send + Sync + 'static {
+    type Row: Send + 'static;
+    /// The Arrow type of the operator's output column.
+    fn output_type(&self) -> DataType;
+    /// Runs one padded chunk and returns one row per chunk row.
+    fn infer(
+        &self,
+        session: &mut Session,
+        inputs: Vec<(String, SessionInputValue<'static>)>,
+        encoded: &Encoded,
+    ) -> Result<Vec<Self::Row>, String>;
+    /// Builds the output column; None rows are nulls.
+    fn to_array(&self, rows: Vec<Option<Self::Row>>) -> Result<ArrayRef>;
+}
+
+/// Checks an argument's type: any string type, or binary (decoded as UTF-8 per row).
+pub fn check_text_arg(function: &str, index: usize, t: &DataType) -> Result<DataType> {
+    match t {
+        DataType::Utf8
+        | DataType::LargeUtf8
+        | DataType::Utf8View
+        | DataType::Binary
+        | DataType::LargeBinary
+        | DataType::BinaryView => Ok(t.clone()),
+        DataType::Null => Ok(DataType::Utf8),
+        DataType::Dictionary(_, v)
+            if matches!(v.as_ref(), DataType::Utf8 | DataType::LargeUtf8) =>
+        {
+            Ok(v.as_ref().clone())
+        }
+        other => plan_err!(
+            "{function}: argument {} has type {other}; expected text (Utf8, LargeUtf8 or Utf8View). \
+             Cast it in a SQL step, e.g. CAST(col AS VARCHAR)",
+            index + 1
+        ),
+    }
+}
+
+/// Reads a text column into owned strings. Binary values that are not UTF-8 become None with a
+/// warning naming the row and field.
+pub fn read_texts(
+    operator: &str,
+    field: &str,
+    array: &ArrayRef,
+    errors: &AtomicU64,
+) -> Result<Vec<Option<String>>> {
+    fn owned<'a>(it: impl Iterator<Item = Option<&'a str>>) -> Vec<Option<String>> {
+        it.map(|v| v.map(str::to_string)).collect()
+    }
+    let bytes = |it: &mut dyn Iterator<Item = Option<&[u8]>>| -> Vec<Option<String>> {
+        it.enumerate()
+            .map(|(row, v)| {
+                let v = v?;
+                match std::str::from_utf8(v) {
+                    Ok(s) => Some(s.to_string()),
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(operator, field, row, error = %e, "value is not valid UTF-8; output is null");
+                        None
+                    }
+                }
+            })
+            .collect()
+    };
+    Ok(match array.data_type() {
+        DataType::Utf8 => owned(array.as_string::<i32>().iter()),
+        DataType::LargeUtf8 => owned(array.as_string::<i64>().iter()),
+        DataType::Utf8View => owned(array.as_string_view().iter()),
+        DataType::Binary => bytes(&mut array.as_binary::<i32>().iter()),
+        DataType::LargeBinary => bytes(&mut array.as_binary::<i64>().iter()),
+        DataType::BinaryView => bytes(&mut array.as_binary_view().iter()),
+        DataType::Null => vec![None; array.len()],
+        other => return exec_err!("{operator}: cannot read text from a {other} column '{field}'"),
+    })
+}
+
+/// `n` text arguments of any string type (or binary holding UTF-8). Volatile, so that DataFusion
+/// never tries to fold a call with literal arguments at plan time (async functions cannot run
+/// synchronously).
+pub fn text_signature(n: usize) -> Signature {
+    use datafusion::common::types::logical_string;
+    use datafusion::logical_expr::{Coercion, TypeSignature, TypeSignatureClass};
+    // Strings of any encoding, without implicit casts from numbers; or binary.
+    let strings = TypeSignature::Coercible(vec![
+        Coercion::new_exact(TypeSignatureClass::Native(
+            logical_string()
+        ));
+        n
+    ]);
+    let binary = TypeSignature::Coercible(vec![Coercion::new_exact(TypeSignatureClass::Binary); n]);
+    Signature::one_of(vec![strings, binary], Volatility::Volatile)
+}
+
+/// A text operator as a DataFusion async scalar function.
+pub struct TextOperator<T: TextTask> {
+    name: String,
+    signature: Signature,
+    pub model: Arc<TextModel>,
+    pub task: Arc<T>,
+}
+
+impl<T: TextTask> TextOperator<T> {
+    pub fn new(name: &str, model: TextModel, task: T) -> Self {
+        TextOperator {
+            name: name.to_string(),
+            signature: text_signature(1),
+            model: Arc::new(model),
+            task: Arc::new(task),
+        }
+    }
+}
+
+impl<T: TextTask> std::fmt::Debug for TextOperator<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextOperator")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl<T: TextTask> PartialEq for TextOperator<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && Arc::ptr_eq(&self.model, &other.model)
+    }
+}
+
+impl<T: TextTask> Eq for TextOperator<T> {}
+
+impl<T: TextTask> Hash for TextOperator<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+impl<T: TextTask> ScalarUDFImpl for TextOperator<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(self.task.output_type())
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        exec_err!(
+            "{} is an async function and cannot be called synchronously",
+            self.name
+        )
+    }
+}
+
+#[async_trait]
+impl<T: TextTask> AsyncScalarUDFImpl for TextOperator<T> {
+    async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let rows = args.number_rows;
+        let array = args.args[0].to_array(rows)?;
+        let field = args
+            .arg_fields
+            .first()
+            .map(|f| f.name().to_string())
+            .unwrap_or_default();
+        let texts = read_texts(&self.name, &field, &array, &self.model.row_errors)?;
+        let out = self.model.run(&self.task, texts).await?;
+        Ok(ColumnarValue::Array(self.task.to_array(out)?))
+    }
+}
