@@ -1,0 +1,243 @@
+//! Each kind of bad input gets a clear error naming the file, field or row, never a panic.
+
+use std::sync::Arc;
+
+use ferry::datafusion::arrow::array::{Array, AsArray, BinaryArray, RecordBatch};
+use ferry::datafusion::arrow::datatypes::{DataType, Field, Schema};
+use ferry::datafusion::datasource::MemTable;
+
+use crate::pipeline::{write_pipeline, write_texts};
+use crate::util::*;
+
+async fn validate(yaml: &str, operators: &std::path::Path) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.parquet");
+    write_texts(&input, &[Some("hello")]);
+    let file = write_pipeline(dir.path(), &yaml.replace("INPUT", input.to_str().unwrap()));
+    match ferry::cli::validate(&file, operators).await {
+        Ok(()) => panic!("expected problems in:\n{yaml}"),
+        Err(d) => d.to_string(),
+    }
+}
+
+const SINK: &str = "sink:\n  parquet:\n    path: /tmp/ferry-never-written.parquet\n";
+
+#[tokio::test]
+async fn malformed_yaml() {
+    let err = validate("name: t\nsource: [unclosed\n", &fixture_operators()).await;
+    assert!(err.contains("p.yaml:"), "{err}");
+    assert!(err.contains("invalid YAML"), "{err}");
+}
+
+#[tokio::test]
+async fn unknown_keys_are_each_reported_with_their_line() {
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: INPUT\n    pth: x\nsteps:\n  - operator: tiny_embed\n    input: [text]\n{SINK}"
+    );
+    let err = validate(&yaml, &fixture_operators()).await;
+    assert!(
+        err.contains("p.yaml:5:5: source.parquet.pth: unknown field `pth`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("p.yaml:8:5: steps[0].input: unknown field `input`"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_operator_lists_the_known_ones() {
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: INPUT\nsteps:\n  - operator: sentimnt\n    inputs: [text]\n{SINK}"
+    );
+    let err = validate(&yaml, &fixture_operators()).await;
+    assert!(
+        err.contains("p.yaml:6:5: steps[0].operator: unknown operator 'sentimnt' (known: "),
+        "{err}"
+    );
+    assert!(err.contains("tiny_sentiment"), "{err}");
+}
+
+#[tokio::test]
+async fn missing_column_and_wrong_column_type() {
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: INPUT\nsteps:\n  - operator: tiny_embed\n    inputs: [txt]\n{SINK}"
+    );
+    let err = validate(&yaml, &fixture_operators()).await;
+    assert!(
+        err.contains("p.yaml:7:5: steps[0].inputs: no column 'txt' (columns: id, text)"),
+        "{err}"
+    );
+
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: INPUT\nsteps:\n  - operator: tiny_embed\n    inputs: [id]\n{SINK}"
+    );
+    let err = validate(&yaml, &fixture_operators()).await;
+    assert!(
+        err.contains("steps[0].inputs: tiny_embed: argument 1 has type Int64; expected text"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn missing_source_file() {
+    let yaml = format!("name: t\nsource:\n  parquet:\n    path: /nonexistent/data.parquet\n{SINK}");
+    let err = validate(&yaml, &fixture_operators()).await;
+    assert!(
+        err.contains(
+            "p.yaml:4:5: source.parquet.path: no such file or directory: /nonexistent/data.parquet"
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn csv_sink_cannot_hold_embeddings() {
+    let yaml = "name: t\nsource:\n  parquet:\n    path: INPUT\nsteps:\n  - operator: tiny_embed\n    inputs: [text]\nsink:\n  csv:\n    path: /tmp/x.csv\n";
+    let err = validate(yaml, &fixture_operators()).await;
+    assert!(
+        err.contains("p.yaml:9:3: sink.csv: CSV cannot hold column 'tiny_embed'"),
+        "{err}"
+    );
+}
+
+/// Writes one manifest into a fresh operators directory.
+fn operators_with(manifest: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("op.yaml"), manifest).unwrap();
+    dir
+}
+
+fn fixture_model(name: &str) -> String {
+    root()
+        .join("tests/fixtures/models")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[tokio::test]
+async fn missing_model_directory_and_model_file() {
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: INPUT\nsteps:\n  - operator: op\n    inputs: [text]\n{SINK}"
+    );
+    let ops = operators_with("name: op\ntask: embed\nmodel: no-such-model\n");
+    let err = validate(&yaml, ops.path()).await;
+    assert!(
+        err.contains("model directory 'no-such-model' not found (looked in"),
+        "{err}"
+    );
+    assert!(err.contains("set FERRY_MODELS"), "{err}");
+
+    let ops = operators_with(&format!(
+        "name: op\ntask: embed\nmodel: {}\nfile: missing.onnx\n",
+        fixture_model("tiny-bert-embed")
+    ));
+    let err = validate(&yaml, ops.path()).await;
+    assert!(
+        err.contains("model file 'missing.onnx' not found in"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_model_without_the_expected_inputs_or_outputs() {
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: INPUT\nsteps:\n  - operator: op\n    inputs: [text]\n{SINK}"
+    );
+    let ops = operators_with(&format!(
+        "name: op\ntask: classify_text\nmodel: {}\n",
+        fixture_model("not-text")
+    ));
+    let err = validate(&yaml, ops.path()).await;
+    assert!(
+        err.contains(
+            "the model expects an input 'pixel_values' that the classify_text task cannot provide"
+        ),
+        "{err}"
+    );
+
+    let ops = operators_with(&format!(
+        "name: op\ntask: embed\nmodel: {}\n",
+        fixture_model("tiny-bert-sentiment")
+    ));
+    let err = validate(&yaml, ops.path()).await;
+    assert!(err.contains("no embedding output (has logits)"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_task_options_name_the_option() {
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: INPUT\nsteps:\n  - operator: op\n    inputs: [text]\n{SINK}"
+    );
+    let ops = operators_with(&format!(
+        "name: op\ntask: embed\nmodel: {}\noptions:\n  pooling: max\n",
+        fixture_model("tiny-bert-embed")
+    ));
+    let err = validate(&yaml, ops.path()).await;
+    assert!(
+        err.contains("op.yaml:5:3: options.pooling: unknown variant `max`"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_argument_types_and_counts_in_sql() {
+    let (ctx, _ops) = context_with(&["tiny_embed"]);
+    register_texts(&ctx, &[Some("a")]);
+    let err = sql_err(&ctx, "SELECT tiny_embed(id) FROM t").await;
+    assert!(err.contains("'tiny_embed(Int64)'"), "{err}");
+    assert!(
+        err.contains("tiny_embed(String)"),
+        "lists the accepted types: {err}"
+    );
+    let err = sql_err(&ctx, "SELECT tiny_embed(text, text) FROM t").await;
+    assert!(err.contains("'tiny_embed(Utf8, Utf8)'"), "{err}");
+}
+
+#[tokio::test]
+async fn null_empty_whitespace_and_huge_texts() {
+    let (ctx, ops) = context_with(&["tiny_sentiment"]);
+    let huge = "lorem ipsum dolor ".repeat(200_000); // 3.6 MB, far over the 64-token window
+    register_texts(
+        &ctx,
+        &[None, Some(""), Some("   "), Some(&huge), Some("fine")],
+    );
+    let batches = sql(&ctx, "SELECT tiny_sentiment(text) FROM t ORDER BY id").await;
+    let s = batches[0].column(0).as_struct();
+    assert!(s.is_null(0));
+    for i in 1..5 {
+        assert!(!s.is_null(i), "row {i} has a result");
+    }
+    let op = ops.built().next().unwrap();
+    assert_eq!(op.row_errors(), 0);
+}
+
+#[tokio::test]
+async fn invalid_utf8_rows_become_null_and_the_rest_flow() {
+    let (ctx, ops) = context_with(&["tiny_embed"]);
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "text",
+        DataType::Binary,
+        true,
+    )]));
+    let values: Vec<Option<&[u8]>> = vec![
+        Some(b"good text"),
+        Some(&[0x66, 0xff, 0xfe, 0x6f]),
+        Some(b"more good text"),
+    ];
+    let batch =
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(BinaryArray::from(values))]).unwrap();
+    ctx.register_table(
+        "b",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    let batches = sql(&ctx, "SELECT tiny_embed(text) FROM b").await;
+    let e = batches[0].column(0);
+    assert!(!e.is_null(0));
+    assert!(e.is_null(1), "invalid UTF-8 gives null");
+    assert!(!e.is_null(2));
+    let op = ops.built().next().unwrap();
+    assert_eq!(op.row_errors(), 1, "the bad row is counted");
+}

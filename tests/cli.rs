@@ -1,0 +1,165 @@
+//! The `ferry` binary: exit codes and what it prints.
+
+use std::process::Command;
+
+use crate::pipeline::{write_pipeline, write_texts};
+use crate::util::*;
+
+fn ferry(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(ferry_bin())
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn validate_reports_all_problems_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "name: t\nsource:\n  parquet:\n    path: in.parquet\n    colour: red\nsteps:\n  - operator: x\nsink:\n  parquet:\n    path: out.parquet\n    compression: lzma\n";
+    let file = write_pipeline(dir.path(), yaml);
+    let ops = fixture_operators();
+    let (ok, stdout, _) = ferry(&[
+        "--operators",
+        ops.to_str().unwrap(),
+        "validate",
+        file.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        stdout.contains(":5:5: source.parquet.colour: unknown field `colour`"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(":7:5: steps[0].operator: an operator step needs `inputs`"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(":11:5: sink.parquet.compression: unknown variant `lzma`"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn run_then_query_with_operators_as_functions() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.parquet");
+    write_texts(
+        &input,
+        &[
+            Some("great product would buy again"),
+            Some("worst purchase ever"),
+        ],
+    );
+    let output = dir.path().join("out.parquet");
+    let yaml = format!(
+        "name: reviews\nsource:\n  parquet:\n    path: {}\nsteps:\n  - operator: tiny_embed\n    inputs: [text]\n    output: embedding\nsink:\n  parquet:\n    path: {}\n",
+        input.display(),
+        output.display()
+    );
+    write_pipeline(dir.path(), &yaml);
+    let ops = fixture_operators();
+    let (ok, _, stderr) = ferry(&[
+        "--operators",
+        ops.to_str().unwrap(),
+        "run",
+        "--quiet",
+        dir.path().join("p.yaml").to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("2 rows"), "{stderr}");
+
+    // The pipeline's output is a table named after the pipeline; operators are SQL functions.
+    let (ok, stdout, stderr) = ferry(&[
+        "--operators",
+        ops.to_str().unwrap(),
+        "query",
+        "--pipelines",
+        dir.path().to_str().unwrap(),
+        "SELECT id, tiny_sentiment(text)['label'] AS label, round(cosine_similarity(embedding, tiny_embed('good product')), 3) AS sim FROM reviews ORDER BY id",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("| id | label"), "{stdout}");
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("| 0") || l.starts_with("| 1"))
+            .count(),
+        2,
+        "{stdout}"
+    );
+
+    // --table and --output.
+    let csv = dir.path().join("q.csv");
+    let (ok, stdout, stderr) = ferry(&[
+        "query",
+        "--table",
+        &format!("r={}", output.display()),
+        "--output",
+        csv.to_str().unwrap(),
+        "SELECT id, text FROM r ORDER BY id",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("wrote 2 rows"), "{stdout}");
+    assert!(
+        std::fs::read_to_string(&csv)
+            .unwrap()
+            .starts_with("id,text\n0,great product")
+    );
+}
+
+#[test]
+fn operators_lists_name_task_model_and_types() {
+    let ops = fixture_operators();
+    let (ok, stdout, stderr) = ferry(&["--operators", ops.to_str().unwrap(), "operators"]);
+    assert!(ok, "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("tiny_sentiment "))
+        .expect(&stdout);
+    assert!(line.contains("classify_text"), "{line}");
+    assert!(line.contains("Struct"), "{line}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("tiny_embed "))
+        .expect(&stdout);
+    assert!(line.contains("FixedSizeList"), "{line}");
+}
+
+#[test]
+fn an_unloadable_runtime_library_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.parquet");
+    write_texts(&input, &[Some("a")]);
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: {}\nsteps:\n  - operator: tiny_embed\n    inputs: [text]\nsink:\n  parquet:\n    path: {}\n",
+        input.display(),
+        dir.path().join("o.parquet").display()
+    );
+    let file = write_pipeline(dir.path(), &yaml);
+    let ops = fixture_operators();
+    let out = Command::new(ferry_bin())
+        .args([
+            "--operators",
+            ops.to_str().unwrap(),
+            "run",
+            "-q",
+            file.to_str().unwrap(),
+        ])
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot load ONNX Runtime from /nonexistent/libonnxruntime.so"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("set ORT_DYLIB_PATH"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,0 +1,184 @@
+//! Operators against the `transformers` pipelines' outputs recorded by
+//! tests/fixtures/make_fixtures.py.
+
+use ferry::datafusion::arrow::array::{Array, AsArray};
+use ferry::datafusion::arrow::datatypes::{Float32Type, Float64Type};
+
+use crate::util::*;
+
+/// Rows of a FixedSizeList<Float32> column as f64 vectors.
+fn vectors(
+    batches: &[ferry::datafusion::arrow::array::RecordBatch],
+    col: usize,
+) -> Vec<Option<Vec<f64>>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let a = b.column(col).as_fixed_size_list();
+        for i in 0..a.len() {
+            out.push((!a.is_null(i)).then(|| {
+                a.value(i)
+                    .as_primitive::<Float32Type>()
+                    .values()
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect()
+            }));
+        }
+    }
+    out
+}
+
+async fn check_pooled(op: &str, key: &str, cast: &str) {
+    let g = golden("tiny-bert-embed");
+    let texts = golden_texts(&g);
+    let (ctx, _ops) = context_with(&[op]);
+    let refs: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
+    register_texts(&ctx, &refs);
+    let batches = sql(
+        &ctx,
+        &format!("SELECT {op}(arrow_cast(text, '{cast}')) FROM t ORDER BY id"),
+    )
+    .await;
+    let got = vectors(&batches, 0);
+    for (i, row) in g["rows"].as_array().unwrap().iter().enumerate() {
+        let want = floats(&row[key]);
+        assert_close_vectors(
+            got[i].as_ref().unwrap(),
+            &want,
+            &format!("{op} row {i} {:?}", texts[i]),
+        );
+    }
+}
+
+#[tokio::test]
+async fn embed_mean_matches_transformers() {
+    check_pooled("tiny_embed", "mean", "Utf8").await;
+}
+
+#[tokio::test]
+async fn embed_mean_normalized_matches_transformers_on_utf8view() {
+    check_pooled("tiny_embed_norm", "mean_normalized", "Utf8View").await;
+}
+
+#[tokio::test]
+async fn embed_cls_matches_transformers_on_large_utf8() {
+    check_pooled("tiny_embed_cls", "cls", "LargeUtf8").await;
+}
+
+#[tokio::test]
+async fn embed_pooling_none_returns_every_token_like_feature_extraction() {
+    let g = golden("tiny-bert-embed");
+    let texts = golden_texts(&g);
+    let (ctx, _ops) = context_with(&["tiny_tokens"]);
+    let refs: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
+    register_texts(&ctx, &refs);
+    let batches = sql(&ctx, "SELECT tiny_tokens(text) FROM t ORDER BY id").await;
+    let mut row = 0;
+    for b in &batches {
+        let list = b.column(0).as_list::<i32>();
+        for i in 0..list.len() {
+            let tokens = list.value(i);
+            let tokens = tokens.as_fixed_size_list();
+            let want = g["rows"][row]["token_embeddings"].as_array().unwrap();
+            assert_eq!(tokens.len(), want.len(), "row {row}: token count");
+            assert_eq!(
+                tokens.len() as u64,
+                g["rows"][row]["tokens"].as_u64().unwrap()
+            );
+            for (t, want_t) in want.iter().enumerate() {
+                let got: Vec<f64> = tokens
+                    .value(t)
+                    .as_primitive::<Float32Type>()
+                    .values()
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                assert_close_vectors(&got, &floats(want_t), &format!("row {row} token {t}"));
+            }
+            row += 1;
+        }
+    }
+    assert_eq!(row, texts.len());
+}
+
+/// (label, score) pairs of a Struct<label, score> array row.
+fn label_score(s: &ferry::datafusion::arrow::array::StructArray, i: usize) -> (String, f64) {
+    let label = s.column(0).as_string::<i32>().value(i).to_string();
+    let score = s.column(1).as_primitive::<Float64Type>().value(i);
+    (label, score)
+}
+
+#[track_caller]
+fn assert_ranked(got: &[(String, f64)], want: &serde_json::Value, what: &str) {
+    let want = want.as_array().unwrap();
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.0, w["label"].as_str().unwrap(), "{what}: label");
+        let ws = w["score"].as_f64().unwrap();
+        assert!((g.1 - ws).abs() <= 1e-4, "{what}: score {} vs {ws}", g.1);
+    }
+}
+
+#[tokio::test]
+async fn classify_top1_matches_transformers_and_keeps_nulls() {
+    let g = golden("tiny-bert-sentiment");
+    let texts = golden_texts(&g);
+    let (ctx, _ops) = context_with(&["tiny_sentiment"]);
+    let mut refs: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
+    refs.push(None);
+    register_texts(&ctx, &refs);
+    let batches = sql(&ctx, "SELECT tiny_sentiment(text) AS s FROM t ORDER BY id").await;
+    let s = batches[0].column(0).as_struct();
+    assert_eq!(s.len(), texts.len() + 1);
+    for (i, row) in g["rows"].as_array().unwrap().iter().enumerate() {
+        let got = label_score(s, i);
+        assert_ranked(
+            &[got],
+            &serde_json::json!([row["top1"]]),
+            &format!("row {i}"),
+        );
+    }
+    assert!(s.is_null(texts.len()), "null text gives a null result");
+}
+
+#[tokio::test]
+async fn classify_top_k_and_sigmoid_match_transformers() {
+    for (op, model, key) in [
+        ("tiny_sentiment_top2", "tiny-bert-sentiment", "top2"),
+        ("tiny_topics", "tiny-bert-topics", "all"),
+    ] {
+        let g = golden(model);
+        let texts = golden_texts(&g);
+        let (ctx, _ops) = context_with(&[op]);
+        let refs: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
+        register_texts(&ctx, &refs);
+        let batches = sql(&ctx, &format!("SELECT {op}(text) FROM t ORDER BY id")).await;
+        let list = batches[0].column(0).as_list::<i32>();
+        for (i, row) in g["rows"].as_array().unwrap().iter().enumerate() {
+            let items = list.value(i);
+            let items = items.as_struct();
+            let got: Vec<(String, f64)> = (0..items.len()).map(|j| label_score(items, j)).collect();
+            assert_ranked(&got, &row[key], &format!("{op} row {i}"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn classify_struct_fields_are_usable_in_sql() {
+    let (ctx, _ops) = context_with(&["tiny_sentiment"]);
+    register_texts(
+        &ctx,
+        &[
+            Some("great product would buy again"),
+            Some("worst purchase ever"),
+        ],
+    );
+    let batches = sql(
+        &ctx,
+        "SELECT id, tiny_sentiment(text)['label'] AS label, tiny_sentiment(text)['score'] AS score FROM t ORDER BY id",
+    )
+    .await;
+    assert_eq!(batches[0].num_rows(), 2);
+    let scores = batches[0].column(2).as_primitive::<Float64Type>();
+    assert!(scores.values().iter().all(|s| (0.0..=1.0).contains(s)));
+}

@@ -1,0 +1,10 @@
+//! ferry's integration tests: one binary, a module per area.
+
+mod util;
+
+mod bad_input;
+mod cli;
+mod golden;
+mod pipeline;
+mod quickstart;
+mod spec;
