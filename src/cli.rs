@@ -169,42 +169,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Operators => {
             let manifests = crate::ops::load_manifests(&cli.operators)?;
             let mut set = engine::OperatorSet::new(manifests);
-            println!(
-                "{:<16} {:<14} {:<36} {:<34} output",
-                "name", "task", "model", "input"
-            );
-            for name in set
-                .names()
-                .into_iter()
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-            {
-                let manifest = set
-                    .manifests()
-                    .iter()
-                    .find(|m| m.manifest.name == name)
-                    .expect("listed")
-                    .clone();
-                let info = manifest.manifest.task.info();
-                let (model, output) = match set.get(&name) {
-                    Ok(op) => (
-                        format!(
-                            "{} ({})",
-                            op.model.dir.display(),
-                            op.model.hash().unwrap_or_else(|_| "?".into())
-                        ),
-                        op.output_type.to_string(),
-                    ),
-                    Err(e) => (
-                        manifest.manifest.model.display().to_string(),
-                        format!("unavailable: {e}"),
-                    ),
-                };
-                println!(
-                    "{name:<16} {:<14} {model:<36} {:<34} {output}",
-                    info.name, info.inputs
-                );
-            }
+            println!("{}", operators_table(&mut set)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Models { action } => match action {
@@ -226,6 +191,55 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// One row per operator: name, task, model directory, model hash, input and output types. An
+/// operator whose model cannot be loaded shows why in the output column.
+fn operators_table(set: &mut engine::OperatorSet) -> anyhow::Result<String> {
+    use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let names: Vec<String> = set.names().into_iter().map(str::to_string).collect();
+    let mut columns: [Vec<String>; 6] = Default::default();
+    for name in names {
+        let manifest = set
+            .manifests()
+            .iter()
+            .find(|m| m.manifest.name == name)
+            .expect("listed")
+            .manifest
+            .clone();
+        let info = manifest.task.info();
+        let (model, hash, output) = match set.get(&name) {
+            Ok(op) => (
+                op.model.dir.display().to_string(),
+                op.model.hash().unwrap_or_else(|e| e.to_string()),
+                op.output_type.to_string(),
+            ),
+            Err(e) => (
+                manifest.model.display().to_string(),
+                String::new(),
+                format!("unavailable: {e}"),
+            ),
+        };
+        for (col, value) in columns.iter_mut().zip([
+            name,
+            info.name.to_string(),
+            model,
+            hash,
+            info.inputs.to_string(),
+            output,
+        ]) {
+            col.push(value);
+        }
+    }
+    let headers = ["name", "task", "model", "model_sha256", "input", "output"];
+    let batch = RecordBatch::try_from_iter(
+        headers
+            .iter()
+            .zip(columns)
+            .map(|(h, c)| (*h, Arc::new(StringArray::from(c)) as ArrayRef)),
+    )?;
+    Ok(datafusion::arrow::util::pretty::pretty_format_batches(&[batch])?.to_string())
 }
 
 /// Everything `ferry validate` checks, stopping short of reading data.

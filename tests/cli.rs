@@ -118,17 +118,28 @@ fn operators_lists_name_task_model_and_types() {
     let ops = fixture_operators();
     let (ok, stdout, stderr) = ferry(&["--operators", ops.to_str().unwrap(), "operators"]);
     assert!(ok, "{stderr}");
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("tiny_sentiment "))
-        .expect(&stdout);
-    assert!(line.contains("classify_text"), "{line}");
-    assert!(line.contains("Struct"), "{line}");
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("tiny_embed "))
-        .expect(&stdout);
-    assert!(line.contains("FixedSizeList"), "{line}");
+    let row = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} ")))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{stdout}"))
+            .to_string()
+    };
+    let line = row("tiny_sentiment");
+    assert!(line.contains("| classify_text "), "{line}");
+    assert!(
+        line.contains("tests/fixtures/models/tiny-bert-sentiment"),
+        "{line}"
+    );
+    assert!(
+        line.contains(r#"Struct("label": non-null Utf8, "score": non-null Float64)"#),
+        "{line}"
+    );
+    let line = row("tiny_embed");
+    assert!(
+        line.contains("FixedSizeList(32 x non-null Float32)"),
+        "{line}"
+    );
 }
 
 #[test]

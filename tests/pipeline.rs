@@ -225,3 +225,28 @@ async fn results_keep_input_order_across_length_sorted_chunks() {
         assert_close_vectors(&a, &b, &format!("row {i}"));
     }
 }
+
+#[tokio::test]
+async fn parquet_source_from_a_directory_and_a_glob() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_texts(&data.join("a.parquet"), &[Some("one"), Some("two")]);
+    write_texts(&data.join("b.parquet"), &[Some("three")]);
+    std::fs::write(data.join("notes.txt"), "not data").unwrap();
+    for path in [
+        data.display().to_string(),
+        format!("{}/*.parquet", data.display()),
+    ] {
+        let output = dir.path().join("out.parquet");
+        let yaml = format!(
+            "name: t\nsource:\n  parquet:\n    path: {path}\nsteps:\n  - operator: tiny_sentiment\n    inputs: [text]\nsink:\n  parquet:\n    path: {}\n",
+            output.display()
+        );
+        let file = write_pipeline(dir.path(), &yaml);
+        let summary = ferry::engine::run_file(&file, &fixture_operators(), true)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e:#}"));
+        assert_eq!(summary.rows, 3, "{path}");
+    }
+}

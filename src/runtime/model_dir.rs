@@ -123,6 +123,7 @@ impl ModelDir {
                 hint: String::new(),
             });
         }
+        let dir = &std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
         let onnx = dir.join(file);
         if !onnx.is_file() {
             return Err(ModelError::MissingModelFile {
