@@ -241,3 +241,22 @@ async fn invalid_utf8_rows_become_null_and_the_rest_flow() {
     let op = ops.built().next().unwrap();
     assert_eq!(op.row_errors(), 1, "the bad row is counted");
 }
+
+#[tokio::test]
+async fn invalid_utf8_in_a_csv_source_names_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("bad.csv");
+    std::fs::write(&csv, b"id,text\n1,hello\n2,bad \xff\xfe bytes\n3,fine\n").unwrap();
+    let yaml = format!(
+        "name: t\nsource:\n  csv:\n    path: {}\nsteps:\n  - operator: tiny_embed\n    inputs: [text]\n{SINK}",
+        csv.display()
+    );
+    let file = write_pipeline(dir.path(), &yaml);
+    let err = ferry::cli::validate(&file, &fixture_operators())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("p.yaml:4:5: source.csv.path:"), "{err}");
+    assert!(err.contains("invalid UTF-8 in field 1"), "{err}");
+    assert!(err.contains("at line 3"), "{err}");
+}

@@ -174,3 +174,30 @@ fn an_unloadable_runtime_library_is_a_clear_error() {
     assert!(stderr.contains("set ORT_DYLIB_PATH"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_runtime_library_older_than_ferry_needs_is_reported() {
+    // ONNX Runtime 1.20 predates the C API version ferry is built against (1.24).
+    let cache = ferry::runtime::cache_dir().join("test-old-onnxruntime");
+    let lib = cache.join("libonnxruntime.so.1.20.1");
+    if !lib.is_file() {
+        let wheel = ferry::runtime::wheel::download("onnxruntime==1.20.1", &cache).unwrap();
+        let bytes =
+            ferry::runtime::wheel::read_member(&wheel, "capi/libonnxruntime.so.1.20.1").unwrap();
+        ferry::runtime::wheel::write_atomically(&lib, &bytes).unwrap();
+        std::fs::remove_file(wheel).unwrap();
+    }
+    let ops = fixture_operators();
+    let out = Command::new(ferry_bin())
+        .args(["--operators", ops.to_str().unwrap(), "operators"])
+        .env("ORT_DYLIB_PATH", &lib)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("expected version >= '1.24.x', but got '1.20.1'"),
+        "{text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
+}
