@@ -10,12 +10,11 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::Result;
-use ort::session::{Session, SessionInputValue};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::OpError;
-use super::text::{Encoded, TextTask};
+use super::text::{Encoded, TensorView, TextTask};
 use crate::runtime::ModelDir;
 
 /// Options of a `classify_text` operator.
@@ -51,7 +50,8 @@ pub struct ClassifyText {
     labels: Vec<String>,
     function: ScoreFunction,
     top_k: Option<usize>,
-    output: String,
+    /// The one model output read: `["logits"]`.
+    output: [String; 1],
 }
 
 impl ClassifyText {
@@ -60,8 +60,7 @@ impl ClassifyText {
         model: &ModelDir,
         outputs: &[crate::runtime::pool::TensorInfo],
     ) -> Result<Self, OpError> {
-        let output = "logits".to_string();
-        let info = outputs.iter().find(|o| o.name == output).ok_or_else(|| {
+        let info = outputs.iter().find(|o| o.name == "logits").ok_or_else(|| {
             OpError::Model(format!(
                 "{}: no 'logits' output (has {}); export the model with task text-classification",
                 model.onnx.display(),
@@ -111,7 +110,7 @@ impl ClassifyText {
             labels,
             function,
             top_k: options.top_k,
-            output,
+            output: ["logits".to_string()],
         })
     }
 
@@ -149,26 +148,18 @@ impl TextTask for ClassifyText {
         }
     }
 
-    fn infer(
+    fn outputs(&self) -> &[String] {
+        &self.output
+    }
+
+    fn postprocess(
         &self,
-        session: &mut Session,
-        inputs: Vec<(String, SessionInputValue<'static>)>,
+        outputs: &[TensorView<'_>],
         enc: &Encoded,
     ) -> Result<Vec<Self::Row>, String> {
-        let outputs = session.run(inputs).map_err(|e| e.to_string())?;
-        let value = outputs
-            .get(&self.output)
-            .ok_or_else(|| format!("no output '{}'", self.output))?;
-        let (shape, data) = value
-            .try_extract_tensor::<f32>()
-            .map_err(|e| format!("output '{}': {e}", self.output))?;
         let n = self.labels.len();
-        if shape.len() != 2 || shape[0] as usize != enc.rows || shape[1] as usize != n {
-            return Err(format!(
-                "logits have shape {shape:?}, expected [{}, {n}]",
-                enc.rows
-            ));
-        }
+        outputs[0].expect_shape(&[enc.rows, n])?;
+        let data = outputs[0].data;
         Ok(data
             .chunks(n)
             .map(|logits| {

@@ -10,12 +10,11 @@ use datafusion::arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, ListA
 use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::datatypes::{DataType, Field};
 use datafusion::common::Result;
-use ort::session::{Session, SessionInputValue};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::OpError;
-use super::text::{Encoded, TextTask};
+use super::text::{Encoded, TensorView, TextTask};
 use crate::runtime::ModelDir;
 
 /// Options of an `embed` operator.
@@ -52,7 +51,8 @@ pub enum Pooling {
 /// The embed task, resolved against its model at plan time.
 #[derive(Debug)]
 pub struct Embed {
-    output: String,
+    /// The one model output read: `[output]`.
+    output: [String; 1],
     /// True when the output is already one vector per row ([batch, dim]).
     pooled: bool,
     pooling: Pooling,
@@ -124,7 +124,7 @@ impl Embed {
             None => model.st_normalizes()?.unwrap_or(false),
         };
         Ok(Embed {
-            output,
+            output: [output],
             pooled,
             pooling,
             normalize,
@@ -163,28 +163,21 @@ impl TextTask for Embed {
         }
     }
 
-    fn infer(
+    fn outputs(&self) -> &[String] {
+        &self.output
+    }
+
+    fn postprocess(
         &self,
-        session: &mut Session,
-        inputs: Vec<(String, SessionInputValue<'static>)>,
+        outputs: &[TensorView<'_>],
         enc: &Encoded,
     ) -> Result<Vec<Vec<f32>>, String> {
-        let outputs = session.run(inputs).map_err(|e| e.to_string())?;
-        let value = outputs
-            .get(&self.output)
-            .ok_or_else(|| format!("no output '{}'", self.output))?;
-        let (shape, data) = value
-            .try_extract_tensor::<f32>()
-            .map_err(|e| format!("output '{}': {e}", self.output))?;
+        let out = &outputs[0];
+        let (shape, data) = (out.shape, out.data);
         let dim = self.dim;
         let mut rows = Vec::with_capacity(enc.rows);
         if self.pooled {
-            if shape.len() != 2 || shape[0] as usize != enc.rows || shape[1] as usize != dim {
-                return Err(format!(
-                    "output '{}' has shape {shape:?}, expected [{}, {dim}]",
-                    self.output, enc.rows
-                ));
-            }
+            out.expect_shape(&[enc.rows, dim])?;
             for r in 0..enc.rows {
                 let mut v = data[r * dim..(r + 1) * dim].to_vec();
                 if self.normalize {
@@ -194,12 +187,7 @@ impl TextTask for Embed {
             }
             return Ok(rows);
         }
-        if shape.len() != 3 || shape[0] as usize != enc.rows || shape[2] as usize != dim {
-            return Err(format!(
-                "output '{}' has shape {shape:?}, expected [{}, tokens, {dim}]",
-                self.output, enc.rows
-            ));
-        }
+        out.expect_shape(&[enc.rows, usize::MAX, dim])?;
         let seq = shape[1] as usize;
         for r in 0..enc.rows {
             let mask = &enc.mask[r * enc.len..(r + 1) * enc.len];

@@ -16,7 +16,7 @@ use datafusion::logical_expr::async_udf::AsyncScalarUDFImpl;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
-use ort::session::{Session, SessionInputValue};
+use ort::session::SessionInputValue;
 use ort::value::{Tensor, TensorElementType};
 use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
@@ -234,7 +234,18 @@ impl TextModel {
                 let inputs = model
                     .inputs(&encoded)
                     .map_err(|e| format!("building input tensors: {e}"))?;
-                task.infer(session, inputs, &encoded)
+                let outputs = session.run(inputs).map_err(|e| e.to_string())?;
+                let mut views = Vec::new();
+                for name in task.outputs() {
+                    let value = outputs
+                        .get(name)
+                        .ok_or_else(|| format!("the model returned no output '{name}'"))?;
+                    let (shape, data) = value
+                        .try_extract_tensor::<f32>()
+                        .map_err(|e| format!("output '{name}': {e}"))?;
+                    views.push(TensorView { name, shape, data });
+                }
+                task.postprocess(&views, &encoded)
             }));
         }
         let results = futures::future::try_join_all(jobs)
@@ -265,16 +276,56 @@ impl TextModel {
     }
 }
 
+/// A float32 model output of one chunk.
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub shape: &'a [i64],
+    pub data: &'a [f32],
+}
+
+impl TensorView<'_> {
+    /// Checks the shape, naming the output in the error.
+    pub fn expect_shape(&self, want: &[usize]) -> Result<(), String> {
+        let ok = self.shape.len() == want.len()
+            && self
+                .shape
+                .iter()
+                .zip(want)
+                .all(|(&s, &w)| w == usize::MAX || s as usize == w);
+        if ok {
+            Ok(())
+        } else {
+            let want: Vec<String> = want
+                .iter()
+                .map(|&w| {
+                    if w == usize::MAX {
+                        "?".into()
+                    } else {
+                        w.to_string()
+                    }
+                })
+                .collect();
+            Err(format!(
+                "output '{}' has shape {:?}, expected [{}]",
+                self.name,
+                self.shape,
+                want.join(", ")
+            ))
+        }
+    }
+}
+
 /// What a text task kind supplies.
 pub trait TextTask: Send + Sync + 'static {
     type Row: Send + 'static;
     /// The Arrow type of the operator's output column.
     fn output_type(&self) -> DataType;
-    /// Runs one padded chunk and returns one row per chunk row.
-    fn infer(
+    /// The model outputs (float32, by name) that [`TextTask::postprocess`] reads, in order.
+    fn outputs(&self) -> &[String];
+    /// Turns one padded chunk's outputs into one row per chunk row.
+    fn postprocess(
         &self,
-        session: &mut Session,
-        inputs: Vec<(String, SessionInputValue<'static>)>,
+        outputs: &[TensorView<'_>],
         encoded: &Encoded,
     ) -> Result<Vec<Self::Row>, String>;
     /// Builds the output column; None rows are nulls.

@@ -193,6 +193,14 @@ impl SessionPool {
         self.outputs.iter().find(|o| o.name == name)
     }
 
+    fn submit(&self, job: Job) -> Result<(), PoolError> {
+        self.sender
+            .as_ref()
+            .ok_or(PoolError::Stopped)?
+            .send(job)
+            .map_err(|_| PoolError::Stopped)
+    }
+
     /// Runs `f` on a free worker's session and waits for it without blocking the async runtime.
     pub async fn run<R, F>(&self, f: F) -> Result<R, PoolError>
     where
@@ -200,33 +208,10 @@ impl SessionPool {
         F: FnOnce(&mut Session) -> R + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |session| {
+        self.submit(Box::new(move |session| {
             let _ = tx.send(f(session));
-        });
-        self.sender
-            .as_ref()
-            .ok_or(PoolError::Stopped)?
-            .send(job)
-            .map_err(|_| PoolError::Stopped)?;
+        }))?;
         rx.await.map_err(|_| PoolError::Stopped)
-    }
-
-    /// Runs `f` on a free worker and blocks the calling thread (for benchmarks and tools).
-    pub fn run_blocking<R, F>(&self, f: F) -> Result<R, PoolError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&mut Session) -> R + Send + 'static,
-    {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let job: Job = Box::new(move |session| {
-            let _ = tx.send(f(session));
-        });
-        self.sender
-            .as_ref()
-            .ok_or(PoolError::Stopped)?
-            .send(job)
-            .map_err(|_| PoolError::Stopped)?;
-        rx.recv().map_err(|_| PoolError::Stopped)
     }
 }
 
