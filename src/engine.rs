@@ -202,10 +202,15 @@ fn operator_step(
     output: &str,
 ) -> Result<DataFrame, String> {
     let schema = frame.schema();
-    let arity = op.task.info().arity;
-    if inputs.len() != arity {
+    let arity = &op.task.info().arity;
+    if !arity.contains(&inputs.len()) {
+        let want = if arity.start() == arity.end() {
+            arity.start().to_string()
+        } else {
+            format!("{} to {}", arity.start(), arity.end())
+        };
         return Err(format!(
-            "operator '{}' ({}) takes {arity} input column(s), got {}",
+            "operator '{}' ({}) takes {want} input column(s), got {}",
             op.name,
             op.task.info().name,
             inputs.len()

@@ -15,6 +15,9 @@ use datafusion::parquet::file::properties::WriterProperties;
 
 use crate::spec::{ParquetCompression, Sink};
 
+/// Rows per Parquet row group.
+pub const PARQUET_ROW_GROUP_ROWS: usize = 32 * 1024;
+
 enum Writer {
     Parquet(ArrowWriter<File>),
     Ipc(FileWriter<File>),

@@ -182,3 +182,45 @@ async fn classify_struct_fields_are_usable_in_sql() {
     let scores = batches[0].column(2).as_primitive::<Float64Type>();
     assert!(scores.values().iter().all(|s| (0.0..=1.0).contains(s)));
 }
+
+#[tokio::test]
+async fn classify_sentence_pairs_match_transformers() {
+    use ferry::datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
+    use ferry::datafusion::datasource::MemTable;
+    use std::sync::Arc;
+    let g = golden("tiny-bert-sentiment-pairs");
+    let rows = g["rows"].as_array().unwrap();
+    let col = |key: &str| -> ArrayRef {
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|r| r[key].as_str().unwrap().to_string())
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let batch = RecordBatch::try_from_iter([("a", col("text")), ("b", col("text_pair"))]).unwrap();
+    let (ctx, _ops) = context_with(&["tiny_sentiment", "tiny_sentiment_top2"]);
+    ctx.register_table(
+        "p",
+        Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    let batches = sql(
+        &ctx,
+        "SELECT tiny_sentiment(a, b), tiny_sentiment_top2(a, b) FROM p",
+    )
+    .await;
+    let top1 = batches[0].column(0).as_struct();
+    let top2 = batches[0].column(1).as_list::<i32>();
+    for (i, row) in rows.iter().enumerate() {
+        assert_ranked(
+            &[label_score(top1, i)],
+            &serde_json::json!([row["top1"]]),
+            &format!("pair {i}"),
+        );
+        let items = top2.value(i);
+        let items = items.as_struct();
+        let got: Vec<(String, f64)> = (0..items.len()).map(|j| label_score(items, j)).collect();
+        let want = serde_json::Value::Array(row["all"].as_array().unwrap()[..2].to_vec());
+        assert_ranked(&got, &want, &format!("pair {i} top2"));
+    }
+}

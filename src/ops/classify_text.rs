@@ -14,7 +14,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::OpError;
-use super::text::{Encoded, TensorView, TextTask};
+use tokenizers::{Encoding, TruncationParams};
+
+use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating};
 use crate::runtime::ModelDir;
 
 /// Options of a `classify_text` operator.
@@ -52,14 +54,26 @@ pub struct ClassifyText {
     top_k: Option<usize>,
     /// The one model output read: `["logits"]`.
     output: [String; 1],
+    encoder: Truncating,
 }
 
 impl ClassifyText {
     pub fn resolve(
         options: &ClassifyTextOptions,
         model: &ModelDir,
-        outputs: &[crate::runtime::pool::TensorInfo],
+        text: &TextModel,
     ) -> Result<Self, OpError> {
+        let outputs = &text.pool.outputs;
+        let max_length = options
+            .max_length
+            .map_or(text.max_length, |m| m.min(text.max_length));
+        let encoder = Truncating::new(
+            &text.tokenizer,
+            TruncationParams {
+                max_length,
+                ..Default::default()
+            },
+        )?;
         let info = outputs.iter().find(|o| o.name == "logits").ok_or_else(|| {
             OpError::Model(format!(
                 "{}: no 'logits' output (has {}); export the model with task text-classification",
@@ -111,6 +125,7 @@ impl ClassifyText {
             function,
             top_k: options.top_k,
             output: ["logits".to_string()],
+            encoder,
         })
     }
 
@@ -138,6 +153,7 @@ impl ClassifyText {
 
 impl TextTask for ClassifyText {
     /// (label id, score), best first; one entry unless `top_k` is set.
+    type Window = Vec<(usize, f32)>;
     type Row = Vec<(usize, f32)>;
 
     fn output_type(&self) -> DataType {
@@ -152,11 +168,24 @@ impl TextTask for ClassifyText {
         &self.output
     }
 
+    fn encode(&self, input: &TextInput) -> Result<Vec<Encoding>, String> {
+        self.encoder.encode(input, false)
+    }
+
+    fn finish(
+        &self,
+        _input: &TextInput,
+        mut windows: Vec<Self::Window>,
+    ) -> Result<Self::Row, String> {
+        windows.pop().ok_or_else(|| "no window".to_string())
+    }
+
     fn postprocess(
         &self,
         outputs: &[TensorView<'_>],
         enc: &Encoded,
-    ) -> Result<Vec<Self::Row>, String> {
+        _windows: &[&Encoding],
+    ) -> Result<Vec<Self::Window>, String> {
         let n = self.labels.len();
         outputs[0].expect_shape(&[enc.rows, n])?;
         let data = outputs[0].data;

@@ -14,7 +14,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::OpError;
-use super::text::{Encoded, TensorView, TextTask};
+use tokenizers::{Encoding, TruncationParams};
+
+use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating};
 use crate::runtime::ModelDir;
 
 /// Options of an `embed` operator.
@@ -58,14 +60,26 @@ pub struct Embed {
     pooling: Pooling,
     normalize: bool,
     dim: usize,
+    encoder: Truncating,
 }
 
 impl Embed {
     pub fn resolve(
         options: &EmbedOptions,
         model: &ModelDir,
-        outputs: &[crate::runtime::pool::TensorInfo],
+        text: &TextModel,
     ) -> Result<Self, OpError> {
+        let outputs = &text.pool.outputs;
+        let max_length = options
+            .max_length
+            .map_or(text.max_length, |m| m.min(text.max_length));
+        let encoder = Truncating::new(
+            &text.tokenizer,
+            TruncationParams {
+                max_length,
+                ..Default::default()
+            },
+        )?;
         let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
         let output = match &options.output {
             Some(o) => o.clone(),
@@ -129,6 +143,7 @@ impl Embed {
             pooling,
             normalize,
             dim,
+            encoder,
         })
     }
 
@@ -153,6 +168,7 @@ fn l2_normalize(v: &mut [f32]) {
 
 impl TextTask for Embed {
     /// Flat vector values: `dim` floats, or `tokens * dim` for per-token output.
+    type Window = Vec<f32>;
     type Row = Vec<f32>;
 
     fn output_type(&self) -> DataType {
@@ -167,11 +183,24 @@ impl TextTask for Embed {
         &self.output
     }
 
+    fn encode(&self, input: &TextInput) -> Result<Vec<Encoding>, String> {
+        self.encoder.encode(input, false)
+    }
+
+    fn finish(
+        &self,
+        _input: &TextInput,
+        mut windows: Vec<Self::Window>,
+    ) -> Result<Self::Row, String> {
+        windows.pop().ok_or_else(|| "no window".to_string())
+    }
+
     fn postprocess(
         &self,
         outputs: &[TensorView<'_>],
         enc: &Encoded,
-    ) -> Result<Vec<Vec<f32>>, String> {
+        _windows: &[&Encoding],
+    ) -> Result<Vec<Self::Window>, String> {
         let out = &outputs[0];
         let (shape, data) = (out.shape, out.data);
         let dim = self.dim;

@@ -55,8 +55,8 @@ pub struct TaskInfo {
     pub hf_task: &'static str,
     pub inputs: &'static str,
     pub output: &'static str,
-    /// How many text arguments its SQL function takes.
-    pub arity: usize,
+    /// How many text arguments its SQL function (and pipeline step) takes.
+    pub arity: std::ops::RangeInclusive<usize>,
 }
 
 /// Every task kind ferry runs. The single registration list.
@@ -67,15 +67,15 @@ pub const TASKS: &[TaskInfo] = &[
         hf_task: "feature-extraction",
         inputs: "text: Utf8 | LargeUtf8 | Utf8View",
         output: "FixedSizeList<Float32, dim>; List<FixedSizeList<Float32, dim>> with pooling: none",
-        arity: 1,
+        arity: 1..=1,
     },
     TaskInfo {
         kind: TaskKind::ClassifyText,
         name: "classify_text",
         hf_task: "text-classification",
-        inputs: "text: Utf8 | LargeUtf8 | Utf8View",
+        inputs: "text [, text_pair]: Utf8 | LargeUtf8 | Utf8View",
         output: "Struct<label: Utf8, score: Float64>; List<Struct<label, score>> with top_k",
-        arity: 1,
+        arity: 1..=2,
     },
 ];
 
@@ -124,16 +124,9 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
         ($opts:ty, $resolve:path) => {{
             let options: $opts = loaded.options()?;
             let pool = SessionPool::open(&model.onnx, m.provider, size)?;
-            let text = TextModel::open(
-                &m.name,
-                task_name,
-                &model,
-                pool,
-                m.batch_size,
-                options.max_length,
-            )?;
-            let task = $resolve(&options, &model, &text.pool.outputs)?;
-            let op = TextOperator::new(&m.name, text, task);
+            let text = TextModel::open(&m.name, task_name, &model, pool, m.batch_size)?;
+            let task = $resolve(&options, &model, &text)?;
+            let op = TextOperator::new(&m.name, text, task, m.task.info().arity.clone());
             let output_type = text::TextTask::output_type(op.task.as_ref());
             let text = Some(Arc::clone(&op.model));
             (

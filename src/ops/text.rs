@@ -34,9 +34,12 @@ enum Feed {
 /// A tokenizer and a pool of sessions, with the model's text inputs resolved at plan time.
 pub struct TextModel {
     pub operator: String,
+    /// The model's tokenizer without truncation or padding; tasks configure their own copy.
     pub tokenizer: Tokenizer,
+    /// The longest input the model takes.
     pub pool: SessionPool,
     pub max_length: usize,
+    /// Windows per inference call.
     pub batch_size: usize,
     pad_id: u32,
     feeds: Vec<(String, Feed, bool)>,
@@ -73,17 +76,9 @@ impl TextModel {
         model: &ModelDir,
         pool: SessionPool,
         batch_size: usize,
-        max_length: Option<usize>,
     ) -> Result<Self, OpError> {
-        let mut tokenizer = model.tokenizer(task)?;
-        let model_max = model.max_length()?;
-        let max_length = max_length.map_or(model_max, |m| m.min(model_max));
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
-            .map_err(|e| OpError::Model(format!("{operator}: tokenizer truncation: {e}")))?;
+        let tokenizer = model.tokenizer(task)?;
+        let max_length = model.max_length()?;
         let pad_id = model.pad_id(&tokenizer)?;
         let mut feeds = Vec::new();
         for input in &pool.inputs {
@@ -186,51 +181,62 @@ impl TextModel {
             .collect()
     }
 
-    /// Runs `task` over `texts` (None = null row) and returns one row per text, in order.
+    fn row_error(&self, row: usize, error: &str) {
+        self.row_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(operator = %self.operator, row, error, "row cannot be processed; output is null");
+    }
+
+    /// Runs `task` over `inputs` (None = null row) and returns one row per input, in order.
     ///
-    /// Rows are sorted by token length before chunking, so that each chunk pads little; chunks
-    /// run concurrently on the pool's workers.
+    /// Each input becomes one or more windows (the task decides: truncation, or overlapping
+    /// windows over long texts). Windows are sorted by token length before chunking, so that each
+    /// chunk pads little; chunks run concurrently on the pool's workers; each row's windows are
+    /// then handed back to the task together.
     pub async fn run<T: TextTask>(
         self: &Arc<Self>,
         task: &Arc<T>,
-        texts: Vec<Option<String>>,
+        inputs: Vec<Option<TextInput>>,
     ) -> Result<Vec<Option<T::Row>>> {
-        let model = Arc::clone(self);
-        let encodings = tokio::task::spawn_blocking(move || {
-            texts
-                .into_iter()
-                .enumerate()
-                .map(|(row, text)| {
-                    let text = text?;
-                    match model.tokenizer.encode(text, true) {
-                        Ok(e) => Some(e),
-                        Err(err) => {
-                            model.row_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(operator = %model.operator, row, error = %err, "cannot tokenize; output is null");
-                            None
-                        }
-                    }
-                })
-                .collect::<Vec<_>>()
+        let rows = inputs.len();
+        let inputs = Arc::new(inputs);
+        let (model, encoder, to_encode) = (Arc::clone(self), Arc::clone(task), Arc::clone(&inputs));
+        // (row, encoding) for every window, in row order.
+        let windows: Vec<(usize, Encoding)> = tokio::task::spawn_blocking(move || {
+            let mut windows = Vec::new();
+            for (row, input) in to_encode.iter().enumerate() {
+                let Some(input) = input else { continue };
+                let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    encoder.encode(input)
+                }))
+                .unwrap_or_else(|_| Err("the tokenizer failed on this input".to_string()));
+                match encoded {
+                    Ok(encodings) => windows.extend(encodings.into_iter().map(|e| (row, e))),
+                    Err(e) => model.row_error(row, &e),
+                }
+            }
+            windows
         })
         .await
         .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let windows = Arc::new(windows);
 
-        let mut order: Vec<usize> = (0..encodings.len())
-            .filter(|&i| encodings[i].is_some())
+        let mut order: Vec<usize> = (0..windows.len()).collect();
+        order.sort_by_key(|&i| windows[i].1.len());
+        let chunks: Vec<Vec<usize>> = order
+            .chunks(self.batch_size)
+            .map(<[usize]>::to_vec)
             .collect();
-        order.sort_by_key(|&i| encodings[i].as_ref().map_or(0, |e| e.len()));
-
-        let mut jobs = Vec::new();
-        for chunk in order.chunks(self.batch_size) {
-            let refs: Vec<&Encoding> = chunk
-                .iter()
-                .filter_map(|&i| encodings[i].as_ref())
-                .collect();
-            let encoded = self.pad(&refs);
-            let model = Arc::clone(self);
-            let task = Arc::clone(task);
+        let mut jobs = Vec::with_capacity(chunks.len());
+        for chunk in &chunks {
+            let (model, task, windows, chunk) = (
+                Arc::clone(self),
+                Arc::clone(task),
+                Arc::clone(&windows),
+                chunk.clone(),
+            );
             jobs.push(self.pool.run(move |session| {
+                let refs: Vec<&Encoding> = chunk.iter().map(|&i| &windows[i].1).collect();
+                let encoded = model.pad(&refs);
                 let inputs = model
                     .inputs(&encoded)
                     .map_err(|e| format!("building input tensors: {e}"))?;
@@ -245,32 +251,102 @@ impl TextModel {
                         .map_err(|e| format!("output '{name}': {e}"))?;
                     views.push(TensorView { name, shape, data });
                 }
-                task.postprocess(&views, &encoded)
+                task.postprocess(&views, &encoded, &refs)
             }));
         }
         let results = futures::future::try_join_all(jobs)
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
 
-        let mut out: Vec<Option<T::Row>> = (0..encodings.len()).map(|_| None).collect();
-        for (chunk, rows) in order.chunks(self.batch_size).zip(results) {
-            let rows = rows.map_err(|e| {
+        let mut done: Vec<Option<T::Window>> = (0..windows.len()).map(|_| None).collect();
+        for (chunk, outs) in chunks.iter().zip(results) {
+            let outs = outs.map_err(|e| {
                 DataFusionError::Execution(format!(
                     "operator {}: inference failed: {e}",
                     self.operator
                 ))
             })?;
-            if rows.len() != chunk.len() {
+            if outs.len() != chunk.len() {
                 return exec_err!(
                     "operator {}: the model returned {} rows for a batch of {}",
                     self.operator,
-                    rows.len(),
+                    outs.len(),
                     chunk.len()
                 );
             }
-            for (&i, row) in chunk.iter().zip(rows) {
-                out[i] = Some(row);
+            for (&i, out) in chunk.iter().zip(outs) {
+                done[i] = Some(out);
             }
+        }
+        let mut per_row: Vec<Vec<T::Window>> = (0..rows).map(|_| Vec::new()).collect();
+        for ((row, _), out) in windows.iter().zip(done) {
+            per_row[*row].extend(out);
+        }
+        let mut out = Vec::with_capacity(rows);
+        for (row, (input, windows)) in inputs.iter().zip(per_row).enumerate() {
+            out.push(match input {
+                Some(input) if !windows.is_empty() => match task.finish(input, windows) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        self.row_error(row, &e);
+                        None
+                    }
+                },
+                _ => None,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// One row's text: a single text, or a pair (sentence pairs; question and context).
+#[derive(Debug, Clone)]
+pub enum TextInput {
+    One(String),
+    Pair(String, String),
+}
+
+impl std::fmt::Debug for Truncating {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Truncating")
+            .field("truncation", &self.tokenizer.get_truncation())
+            .finish()
+    }
+}
+
+/// Encodes with the tokenizer's own char offsets (as Python's `tokenizers` reports them),
+/// truncating to `max_length` tokens (longest-first for pairs, as `truncation=True` does).
+#[derive(Clone)]
+pub struct Truncating {
+    tokenizer: Tokenizer,
+}
+
+impl Truncating {
+    pub fn new(tokenizer: &Tokenizer, params: TruncationParams) -> Result<Self, OpError> {
+        let mut tokenizer = tokenizer.clone();
+        tokenizer
+            .with_truncation(Some(params))
+            .map_err(|e| OpError::Model(format!("tokenizer truncation: {e}")))?;
+        Ok(Truncating { tokenizer })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The encoding of `input`, plus its overflowing windows when `keep_overflow`.
+    pub fn encode(&self, input: &TextInput, keep_overflow: bool) -> Result<Vec<Encoding>, String> {
+        let mut encoding = match input {
+            TextInput::One(t) => self.tokenizer.encode_char_offsets(t.as_str(), true),
+            TextInput::Pair(a, b) => self
+                .tokenizer
+                .encode_char_offsets((a.as_str(), b.as_str()), true),
+        }
+        .map_err(|e| e.to_string())?;
+        let overflow = encoding.take_overflowing();
+        let mut out = vec![encoding];
+        if keep_overflow {
+            out.extend(overflow);
         }
         Ok(out)
     }
@@ -317,17 +393,25 @@ impl TensorView<'_> {
 
 /// What a text task kind supplies.
 pub trait TextTask: Send + Sync + 'static {
+    /// What one window's model outputs become.
+    type Window: Send + 'static;
+    /// What one row's windows become.
     type Row: Send + 'static;
     /// The Arrow type of the operator's output column.
     fn output_type(&self) -> DataType;
     /// The model outputs (float32, by name) that [`TextTask::postprocess`] reads, in order.
     fn outputs(&self) -> &[String];
-    /// Turns one padded chunk's outputs into one row per chunk row.
+    /// The windows to run for one input (at least one).
+    fn encode(&self, input: &TextInput) -> Result<Vec<Encoding>, String>;
+    /// Turns one padded chunk's outputs into one result per window of the chunk.
     fn postprocess(
         &self,
         outputs: &[TensorView<'_>],
         encoded: &Encoded,
-    ) -> Result<Vec<Self::Row>, String>;
+        windows: &[&Encoding],
+    ) -> Result<Vec<Self::Window>, String>;
+    /// Combines one row's window results, in window order.
+    fn finish(&self, input: &TextInput, windows: Vec<Self::Window>) -> Result<Self::Row, String>;
     /// Builds the output column; None rows are nulls.
     fn to_array(&self, rows: Vec<Option<Self::Row>>) -> Result<ArrayRef>;
 }
@@ -396,18 +480,26 @@ pub fn read_texts(
 /// `n` text arguments of any string type (or binary holding UTF-8). Volatile, so that DataFusion
 /// never tries to fold a call with literal arguments at plan time (async functions cannot run
 /// synchronously).
-pub fn text_signature(n: usize) -> Signature {
+pub fn text_signature(arity: std::ops::RangeInclusive<usize>) -> Signature {
     use datafusion::common::types::logical_string;
     use datafusion::logical_expr::{Coercion, TypeSignature, TypeSignatureClass};
-    // Strings of any encoding, without implicit casts from numbers; or binary.
-    let strings = TypeSignature::Coercible(vec![
-        Coercion::new_exact(TypeSignatureClass::Native(
-            logical_string()
-        ));
-        n
-    ]);
-    let binary = TypeSignature::Coercible(vec![Coercion::new_exact(TypeSignatureClass::Binary); n]);
-    Signature::one_of(vec![strings, binary], Volatility::Volatile)
+    let mut variants = Vec::new();
+    for n in arity {
+        // Strings of any encoding, without implicit casts from numbers; or binary.
+        variants.push(TypeSignature::Coercible(vec![
+            Coercion::new_exact(
+                TypeSignatureClass::Native(logical_string())
+            );
+            n
+        ]));
+        variants.push(TypeSignature::Coercible(vec![
+            Coercion::new_exact(
+                TypeSignatureClass::Binary
+            );
+            n
+        ]));
+    }
+    Signature::one_of(variants, Volatility::Volatile)
 }
 
 /// A text operator as a DataFusion async scalar function.
@@ -419,10 +511,15 @@ pub struct TextOperator<T: TextTask> {
 }
 
 impl<T: TextTask> TextOperator<T> {
-    pub fn new(name: &str, model: TextModel, task: T) -> Self {
+    pub fn new(
+        name: &str,
+        model: TextModel,
+        task: T,
+        arity: std::ops::RangeInclusive<usize>,
+    ) -> Self {
         TextOperator {
             name: name.to_string(),
-            signature: text_signature(1),
+            signature: text_signature(arity),
             model: Arc::new(model),
             task: Arc::new(task),
         }
@@ -476,14 +573,32 @@ impl<T: TextTask> ScalarUDFImpl for TextOperator<T> {
 impl<T: TextTask> AsyncScalarUDFImpl for TextOperator<T> {
     async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let rows = args.number_rows;
-        let array = args.args[0].to_array(rows)?;
-        let field = args
-            .arg_fields
-            .first()
-            .map(|f| f.name().to_string())
-            .unwrap_or_default();
-        let texts = read_texts(&self.name, &field, &array, &self.model.row_errors)?;
-        let out = self.model.run(&self.task, texts).await?;
+        let mut columns = Vec::with_capacity(args.args.len());
+        for (i, arg) in args.args.iter().enumerate() {
+            let array = arg.to_array(rows)?;
+            let field = args
+                .arg_fields
+                .get(i)
+                .map(|f| f.name().to_string())
+                .unwrap_or_default();
+            columns.push(read_texts(
+                &self.name,
+                &field,
+                &array,
+                &self.model.row_errors,
+            )?);
+        }
+        let mut columns = columns.into_iter();
+        let first = columns.next().unwrap_or_default();
+        let inputs: Vec<Option<TextInput>> = match columns.next() {
+            None => first.into_iter().map(|t| t.map(TextInput::One)).collect(),
+            Some(second) => first
+                .into_iter()
+                .zip(second)
+                .map(|(a, b)| Some(TextInput::Pair(a?, b?)))
+                .collect(),
+        };
+        let out = self.model.run(&self.task, inputs).await?;
         Ok(ColumnarValue::Array(self.task.to_array(out)?))
     }
 }
