@@ -224,3 +224,124 @@ async fn classify_sentence_pairs_match_transformers() {
         assert_ranked(&got, &want, &format!("pair {i} top2"));
     }
 }
+
+/// A context with one operator per (name, manifest body) written into a temporary directory.
+fn context_with_manifests(
+    manifests: &[(&str, String)],
+) -> (
+    ferry::datafusion::prelude::SessionContext,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in manifests {
+        std::fs::write(
+            dir.path().join(format!("{name}.yaml")),
+            format!("name: {name}\n{body}"),
+        )
+        .unwrap();
+    }
+    let ctx = ferry::engine::session_context();
+    let mut set = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
+    for (name, _) in manifests {
+        let op = set.get(name).unwrap_or_else(|e| panic!("{e}"));
+        ctx.register_udf(op.udf.clone());
+    }
+    (ctx, dir)
+}
+
+fn fixture_model_path(name: &str) -> String {
+    root()
+        .join("tests/fixtures/models")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[tokio::test]
+async fn tag_tokens_matches_transformers_for_every_strategy_and_stride() {
+    let g = golden("tiny-bert-ner");
+    let model = fixture_model_path("tiny-bert-ner");
+    let mut variants: Vec<(String, String)> = Vec::new();
+    for s in ["none", "simple", "first", "average", "max"] {
+        variants.push((s.to_string(), format!("aggregation_strategy: {s}")));
+    }
+    variants.push((
+        "simple_keep_o".into(),
+        "aggregation_strategy: simple\n  ignore_labels: []".into(),
+    ));
+    for s in ["simple", "first", "average", "max"] {
+        variants.push((
+            format!("stride16_{s}"),
+            format!("aggregation_strategy: {s}\n  stride: 16"),
+        ));
+    }
+    let manifests: Vec<(String, String)> = variants
+        .iter()
+        .map(|(key, opts)| {
+            (
+                format!("ner_{key}"),
+                format!("task: tag_tokens\nmodel: {model}\nbatch_size: 3\noptions:\n  {opts}\n"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, String)> = manifests
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.clone()))
+        .collect();
+    let (ctx, _dir) = context_with_manifests(&refs);
+    let texts = golden_texts(&g);
+    let text_refs: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
+    register_texts(&ctx, &text_refs);
+    for ((key, _), (name, _)) in variants.iter().zip(&manifests) {
+        let batches = sql(&ctx, &format!("SELECT {name}(text) FROM t ORDER BY id")).await;
+        let list = batches[0].column(0).as_list::<i32>();
+        let label_field = if key == "none" {
+            "entity"
+        } else {
+            "entity_group"
+        };
+        for (i, row) in g["rows"].as_array().unwrap().iter().enumerate() {
+            let want = row[key].as_array().unwrap();
+            let items = list.value(i);
+            let items = items.as_struct();
+            let what = format!("{key} row {i} {:?}", texts[i]);
+            assert_eq!(items.len(), want.len(), "{what}: entity count");
+            for (j, w) in want.iter().enumerate() {
+                let label = items
+                    .column_by_name(label_field)
+                    .unwrap()
+                    .as_string::<i32>()
+                    .value(j);
+                let score = items
+                    .column_by_name("score")
+                    .unwrap()
+                    .as_primitive::<Float32Type>()
+                    .value(j);
+                let word = items
+                    .column_by_name("word")
+                    .unwrap()
+                    .as_string::<i32>()
+                    .value(j);
+                let start = items
+                    .column_by_name("start")
+                    .unwrap()
+                    .as_primitive::<ferry::datafusion::arrow::datatypes::Int64Type>()
+                    .value(j);
+                let end = items
+                    .column_by_name("end")
+                    .unwrap()
+                    .as_primitive::<ferry::datafusion::arrow::datatypes::Int64Type>()
+                    .value(j);
+                assert_eq!(label, w[label_field].as_str().unwrap(), "{what} #{j}");
+                assert_eq!(word, w["word"].as_str().unwrap(), "{what} #{j}");
+                assert_eq!(start, w["start"].as_i64().unwrap(), "{what} #{j}");
+                assert_eq!(end, w["end"].as_i64().unwrap(), "{what} #{j}");
+                let ws = w["score"].as_f64().unwrap();
+                assert!(
+                    (score as f64 - ws).abs() <= 1e-4,
+                    "{what} #{j}: score {score} vs {ws}"
+                );
+            }
+        }
+    }
+}

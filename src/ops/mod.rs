@@ -7,6 +7,7 @@ pub mod classify_text;
 pub mod embed;
 pub mod manifest;
 pub mod similarity;
+pub mod tag_tokens;
 pub mod text;
 
 use std::sync::Arc;
@@ -43,8 +44,10 @@ pub enum OpError {
 pub enum TaskKind {
     /// Sentence embeddings (feature-extraction with pooling).
     Embed,
-    /// Text classification (sentiment, topics, ...).
+    /// Text classification (sentiment, topics, ...), of single texts or pairs.
     ClassifyText,
+    /// Token classification (named entities).
+    TagTokens,
 }
 
 /// A task kind's entry in the registration list.
@@ -76,6 +79,14 @@ pub const TASKS: &[TaskInfo] = &[
         inputs: "text [, text_pair]: Utf8 | LargeUtf8 | Utf8View",
         output: "Struct<label: Utf8, score: Float64>; List<Struct<label, score>> with top_k",
         arity: 1..=2,
+    },
+    TaskInfo {
+        kind: TaskKind::TagTokens,
+        name: "tag_tokens",
+        hf_task: "token-classification",
+        inputs: "text: Utf8 | LargeUtf8 | Utf8View",
+        output: "List<Struct<entity | entity_group: Utf8, score: Float32, word: Utf8, start: Int64, end: Int64>>",
+        arity: 1..=1,
     },
 ];
 
@@ -138,6 +149,9 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
     }
     let (udf, output_type, text) = match m.task {
         TaskKind::Embed => text_op!(embed::EmbedOptions, embed::Embed::resolve),
+        TaskKind::TagTokens => {
+            text_op!(tag_tokens::TagTokensOptions, tag_tokens::TagTokens::resolve)
+        }
         TaskKind::ClassifyText => {
             text_op!(
                 classify_text::ClassifyTextOptions,
