@@ -260,3 +260,80 @@ async fn invalid_utf8_in_a_csv_source_names_line_and_field() {
     assert!(err.contains("invalid UTF-8 in field 1"), "{err}");
     assert!(err.contains("at line 3"), "{err}");
 }
+
+#[tokio::test]
+async fn answer_with_null_empty_or_mismatched_inputs() {
+    use ferry::datafusion::arrow::array::{ArrayRef, StringArray};
+    let (ctx, ops) = context_with(&["tiny_qa"]);
+    let q: ArrayRef = Arc::new(StringArray::from(vec![
+        None,
+        Some("Who?"),
+        Some(""),
+        Some("A question much longer than its context?"),
+        Some("Where?"),
+    ]));
+    let c: ArrayRef = Arc::new(StringArray::from(vec![
+        Some("ctx"),
+        None,
+        Some("Some context."),
+        Some("Tiny."),
+        Some("   "),
+    ]));
+    let batch = RecordBatch::try_from_iter([("q", q), ("c", c)]).unwrap();
+    ctx.register_table(
+        "qa",
+        Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    let batches = sql(&ctx, "SELECT tiny_qa(q, c) FROM qa").await;
+    let s = batches[0].column(0).as_struct();
+    assert!(s.is_null(0), "null question");
+    assert!(s.is_null(1), "null context");
+    assert!(s.is_null(2), "empty question");
+    assert!(
+        !s.is_null(3),
+        "a context shorter than the question still has an answer"
+    );
+    assert!(s.is_null(4), "whitespace-only context");
+    assert_eq!(
+        ops.built().next().unwrap().row_errors(),
+        2,
+        "empty question and empty context are counted"
+    );
+
+    let err = sql_err(&ctx, "SELECT tiny_qa(q) FROM qa").await;
+    assert!(err.contains("'tiny_qa(Utf8)'"), "{err}");
+    let err = sql_err(&ctx, "SELECT tiny_qa(q, 1) FROM qa").await;
+    assert!(err.contains("'tiny_qa(Utf8, Int64)'"), "{err}");
+
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: INPUT\nsteps:\n  - operator: tiny_qa\n    inputs: [text]\n{SINK}"
+    );
+    let err = validate(&yaml, &fixture_operators()).await;
+    assert!(err.contains("p.yaml:7:5: steps[0].inputs: operator 'tiny_qa' (answer) takes 2 input column(s), got 1"), "{err}");
+}
+
+#[tokio::test]
+async fn tag_tokens_on_null_empty_and_huge_texts() {
+    let (ctx, _ops) = context_with(&["tiny_ner"]);
+    let huge = "Maria Garcia met the team in Berlin. ".repeat(2_000);
+    register_texts(&ctx, &[None, Some(""), Some("   "), Some(&huge)]);
+    let batches = sql(&ctx, "SELECT tiny_ner(text) FROM t ORDER BY id").await;
+    let l = batches[0].column(0).as_list::<i32>();
+    assert!(l.is_null(0));
+    assert_eq!(
+        l.value(1).len(),
+        0,
+        "empty text, no entities (as transformers)"
+    );
+    assert_eq!(l.value(2).len(), 0);
+    let entities = l.value(3);
+    let ends = entities
+        .as_struct()
+        .column_by_name("end")
+        .unwrap()
+        .as_primitive::<ferry::datafusion::arrow::datatypes::Int64Type>()
+        .clone();
+    // Strided windows cover the whole text, not just the first window.
+    assert!(ends.values().iter().max().copied().unwrap_or(0) > (huge.chars().count() as i64) - 100);
+}

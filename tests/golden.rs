@@ -345,3 +345,95 @@ async fn tag_tokens_matches_transformers_for_every_strategy_and_stride() {
         }
     }
 }
+
+#[tokio::test]
+async fn answer_matches_transformers_with_every_option() {
+    use ferry::datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
+    use ferry::datafusion::arrow::datatypes::Int64Type;
+    use ferry::datafusion::datasource::MemTable;
+    use std::sync::Arc;
+    let g = golden("tiny-bert-qa");
+    let model = fixture_model_path("tiny-bert-qa");
+    let variants = [
+        ("default", ""),
+        ("top3", "options:\n  top_k: 3\n"),
+        (
+            "impossible",
+            "options:\n  handle_impossible_answer: true\n  top_k: 2\n",
+        ),
+        (
+            "short",
+            "options:\n  max_answer_len: 3\n  doc_stride: 8\n  max_seq_len: 40\n",
+        ),
+    ];
+    let manifests: Vec<(String, String)> = variants
+        .iter()
+        .map(|(key, opts)| {
+            (
+                format!("qa_{key}"),
+                format!("task: answer\nmodel: {model}\nbatch_size: 4\n{opts}"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, String)> = manifests
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.clone()))
+        .collect();
+    let (ctx, _dir) = context_with_manifests(&refs);
+    let rows = g["rows"].as_array().unwrap();
+    let col = |key: &str| -> ArrayRef {
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|r| r[key].as_str().unwrap().to_string())
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let ids: ArrayRef = Arc::new(ferry::datafusion::arrow::array::Int64Array::from(
+        (0..rows.len() as i64).collect::<Vec<_>>(),
+    ));
+    let batch =
+        RecordBatch::try_from_iter([("id", ids), ("q", col("question")), ("c", col("context"))])
+            .unwrap();
+    ctx.register_table(
+        "qa",
+        Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    for ((key, _), (name, _)) in variants.iter().zip(&manifests) {
+        let batches = sql(&ctx, &format!("SELECT {name}(q, c) FROM qa ORDER BY id")).await;
+        let column = batches[0].column(0);
+        for (i, row) in rows.iter().enumerate() {
+            let what = format!("{key} row {i}");
+            let answers = match column.data_type() {
+                ferry::datafusion::arrow::datatypes::DataType::List(_) => {
+                    column.as_list::<i32>().value(i)
+                }
+                _ => column.slice(i, 1),
+            };
+            let answers = answers.as_struct();
+            let want = row[*key].as_array().unwrap();
+            assert_eq!(answers.len(), want.len(), "{what}: answers {answers:?}");
+            for (j, w) in want.iter().enumerate() {
+                let score = answers.column(1).as_primitive::<Float64Type>().value(j);
+                let ws = w["score"].as_f64().unwrap();
+                assert!(
+                    (score - ws).abs() <= 1e-4,
+                    "{what} #{j}: score {score} vs {ws}"
+                );
+                if ws < 1e-6 {
+                    // Zero-score candidates are ranked arbitrarily by numpy's argpartition.
+                    continue;
+                }
+                let text = answers.column(0).as_string::<i32>().value(j);
+                let start = answers.column(2).as_primitive::<Int64Type>().value(j);
+                let end = answers.column(3).as_primitive::<Int64Type>().value(j);
+                assert_eq!(text, w["answer"].as_str().unwrap(), "{what} #{j}");
+                assert_eq!(
+                    (start, end),
+                    (w["start"].as_i64().unwrap(), w["end"].as_i64().unwrap()),
+                    "{what} #{j}"
+                );
+            }
+        }
+    }
+}

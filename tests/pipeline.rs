@@ -250,3 +250,35 @@ async fn parquet_source_from_a_directory_and_a_glob() {
         assert_eq!(summary.rows, 3, "{path}");
     }
 }
+
+#[tokio::test]
+async fn two_input_operators_in_a_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": 0, \"q\": \"Who works at Acme?\", \"c\": \"John Smith works at Acme Corporation in New York.\"}\n\
+         {\"id\": 1, \"q\": \"Where?\", \"c\": \"In Paris, then Tokyo.\"}\n",
+    )
+    .unwrap();
+    let output = dir.path().join("out.parquet");
+    let yaml = format!(
+        "name: t\nsource:\n  jsonl:\n    path: {}\nsteps:\n  - operator: tiny_qa\n    inputs: [q, c]\n    output: a\n  - operator: tiny_sentiment\n    inputs: [q, c]\n    output: pair\n  - operator: tiny_ner\n    inputs: [c]\n    output: entities\nsink:\n  parquet:\n    path: {}\n",
+        input.display(),
+        output.display()
+    );
+    let file = write_pipeline(dir.path(), &yaml);
+    let summary = ferry::engine::run_file(&file, &fixture_operators(), true)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(summary.rows, 2);
+    let batches = read(&output).await;
+    let b = &batches[0];
+    let a = b.column(b.schema().index_of("a").unwrap()).as_struct();
+    let answer = a.column(0).as_string::<i32>().value(0);
+    assert!(
+        "John Smith works at Acme Corporation in New York.".contains(answer),
+        "{answer}"
+    );
+    assert!(b.schema().index_of("pair").is_ok() && b.schema().index_of("entities").is_ok());
+}

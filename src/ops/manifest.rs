@@ -36,7 +36,7 @@ pub struct Manifest {
     /// ONNX Runtime intra-op threads per session (default: 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads_per_worker: Option<usize>,
-    /// Task options: see `EmbedOptions`, `ClassifyTextOptions` and `TagTokensOptions` in this schema.
+    /// Task options: see `EmbedOptions`, `ClassifyTextOptions`, `TagTokensOptions` and `AnswerOptions` in this schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<TaskOptions>")]
     pub options: Option<serde_yaml::Value>,
@@ -50,6 +50,7 @@ enum TaskOptions {
     Embed(super::embed::EmbedOptions),
     ClassifyText(super::classify_text::ClassifyTextOptions),
     TagTokens(super::tag_tokens::TagTokensOptions),
+    Answer(super::answer::AnswerOptions),
 }
 
 fn default_file() -> String {

@@ -3,6 +3,7 @@
 //! Adding a task kind: a file beside this one with its options and a [`text::TextTask`] (or its
 //! own UDF), and one entry in [`TASKS`] and [`build`].
 
+pub mod answer;
 pub mod classify_text;
 pub mod embed;
 pub mod manifest;
@@ -48,6 +49,8 @@ pub enum TaskKind {
     ClassifyText,
     /// Token classification (named entities).
     TagTokens,
+    /// Extractive question answering over a context.
+    Answer,
 }
 
 /// A task kind's entry in the registration list.
@@ -87,6 +90,14 @@ pub const TASKS: &[TaskInfo] = &[
         inputs: "text: Utf8 | LargeUtf8 | Utf8View",
         output: "List<Struct<entity | entity_group: Utf8, score: Float32, word: Utf8, start: Int64, end: Int64>>",
         arity: 1..=1,
+    },
+    TaskInfo {
+        kind: TaskKind::Answer,
+        name: "answer",
+        hf_task: "question-answering",
+        inputs: "question, context: Utf8 | LargeUtf8 | Utf8View",
+        output: "Struct<answer: Utf8, score: Float64, start: Int64, end: Int64>; List<Struct<...>> with top_k",
+        arity: 2..=2,
     },
 ];
 
@@ -149,6 +160,7 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
     }
     let (udf, output_type, text) = match m.task {
         TaskKind::Embed => text_op!(embed::EmbedOptions, embed::Embed::resolve),
+        TaskKind::Answer => text_op!(answer::AnswerOptions, answer::AnswerTask::resolve),
         TaskKind::TagTokens => {
             text_op!(tag_tokens::TagTokensOptions, tag_tokens::TagTokens::resolve)
         }

@@ -1,0 +1,341 @@
+//! `answer`: extractive question answering, as the `question-answering` pipeline does it.
+//!
+//! Two text arguments, question and context. Output: `Struct<answer: Utf8, score: Float64,
+//! start: Int64, end: Int64>` (character offsets into the context), or with `top_k`,
+//! `List<Struct<...>>` best first. Contexts longer than the window are covered by overlapping
+//! windows (`doc_stride`), and answers found in several windows have their scores summed.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayBuilder, ArrayRef, Float64Builder, Int64Builder, ListBuilder, StringBuilder, StructBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Fields};
+use datafusion::common::Result;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokenizers::{Encoding, TruncationParams, TruncationStrategy};
+
+use super::OpError;
+use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating};
+use crate::runtime::ModelDir;
+
+/// Options of an `answer` operator. Defaults are transformers'.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerOptions {
+    /// Return the `top_k` best answers as a list instead of the best one as a struct.
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    /// Tokens shared by consecutive windows over a long context. Default: min(max_seq_len / 2, 128).
+    #[serde(default)]
+    pub doc_stride: Option<usize>,
+    /// Longest answer, in tokens. Default 15.
+    #[serde(default)]
+    pub max_answer_len: Option<usize>,
+    /// Window length (question, context and special tokens). Default: min(model limit, 384).
+    #[serde(default)]
+    pub max_seq_len: Option<usize>,
+    /// Accepted for compatibility: transformers applies it only to slow tokenizers, and ferry
+    /// (like transformers' fast path) never truncates the question.
+    #[serde(default)]
+    pub max_question_len: Option<usize>,
+    /// Also consider "no answer" (empty answer at 0..0, scored by the [CLS] position).
+    #[serde(default)]
+    pub handle_impossible_answer: bool,
+}
+
+/// One window's candidates: (start char, end char, score), and its no-answer score.
+#[derive(Debug)]
+pub struct Candidates {
+    spans: Vec<(usize, usize, f32)>,
+    null: f32,
+}
+
+/// One answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    text: String,
+    score: f64,
+    start: usize,
+    end: usize,
+}
+
+/// The task resolved against its model.
+#[derive(Debug)]
+pub struct AnswerTask {
+    top_k: Option<usize>,
+    max_answer_len: usize,
+    handle_impossible: bool,
+    cls_id: Option<u32>,
+    output: [String; 2],
+    encoder: Truncating,
+}
+
+impl AnswerTask {
+    pub fn resolve(
+        options: &AnswerOptions,
+        model: &ModelDir,
+        text: &TextModel,
+    ) -> Result<Self, OpError> {
+        for name in ["start_logits", "end_logits"] {
+            if !text.pool.outputs.iter().any(|o| o.name == name) {
+                return Err(OpError::Model(format!(
+                    "{}: no '{name}' output; export the model with task question-answering",
+                    model.onnx.display()
+                )));
+            }
+        }
+        let max_seq_len = options.max_seq_len.unwrap_or(384).min(text.max_length);
+        let doc_stride = options.doc_stride.unwrap_or((max_seq_len / 2).min(128));
+        if doc_stride >= max_seq_len {
+            return Err(OpError::Options(format!(
+                "doc_stride ({doc_stride}) must be smaller than max_seq_len ({max_seq_len})"
+            )));
+        }
+        let max_answer_len = options.max_answer_len.unwrap_or(15);
+        if max_answer_len == 0 {
+            return Err(OpError::Options("max_answer_len must be at least 1".into()));
+        }
+        if options.top_k == Some(0) {
+            return Err(OpError::Options("top_k must be at least 1".into()));
+        }
+        let encoder = Truncating::new(
+            &text.tokenizer,
+            TruncationParams {
+                max_length: max_seq_len,
+                stride: doc_stride,
+                strategy: TruncationStrategy::OnlySecond,
+                ..Default::default()
+            },
+        )?;
+        let cls_id = ["[CLS]", "<s>", "<cls>"]
+            .iter()
+            .find_map(|t| text.tokenizer.token_to_id(t));
+        Ok(AnswerTask {
+            top_k: options.top_k,
+            max_answer_len,
+            handle_impossible: options.handle_impossible_answer,
+            cls_id,
+            output: ["start_logits".to_string(), "end_logits".to_string()],
+            encoder,
+        })
+    }
+
+    fn fields() -> Fields {
+        Fields::from(vec![
+            Field::new("answer", DataType::Utf8, false),
+            Field::new("score", DataType::Float64, false),
+            Field::new("start", DataType::Int64, false),
+            Field::new("end", DataType::Int64, false),
+        ])
+    }
+
+    /// Softmax over the allowed positions; the rest are set to -10000 first, as transformers does.
+    fn probabilities(logits: &[f32], allowed: &[bool]) -> Vec<f32> {
+        let masked: Vec<f32> = logits
+            .iter()
+            .zip(allowed)
+            .map(|(&x, &ok)| if ok { x } else { -10000.0 })
+            .collect();
+        let max = masked.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = masked.iter().map(|&x| (x - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        exps.iter().map(|e| e / sum).collect()
+    }
+
+    /// `select_starts_ends` + `decode_spans` + `get_indices` for one window.
+    fn window(&self, w: &Encoding, start_logits: &[f32], end_logits: &[f32]) -> Candidates {
+        let len = w.len();
+        let ids = w.get_ids();
+        let allowed: Vec<bool> = w
+            .get_sequence_ids()
+            .iter()
+            .zip(ids)
+            .map(|(seq, &id)| *seq == Some(1) || Some(id) == self.cls_id)
+            .collect();
+        let mut ps = Self::probabilities(&start_logits[..len], &allowed);
+        let mut pe = Self::probabilities(&end_logits[..len], &allowed);
+        let null = ps[0] * pe[0];
+        ps[0] = 0.0;
+        pe[0] = 0.0;
+        // Every cell of the score matrix, as transformers ranks them: outside the band
+        // i <= j < i + max_answer_len the score is 0.
+        let mut cells: Vec<(usize, f32)> = (0..len * len)
+            .map(|flat| {
+                let (i, j) = (flat / len, flat % len);
+                let in_band = j >= i && j < i + self.max_answer_len;
+                (flat, if in_band { ps[i] * pe[j] } else { 0.0 })
+            })
+            .collect();
+        let wanted = self.top_k.unwrap_or(1) * 2 + 10;
+        cells.sort_by(|a, b| b.1.total_cmp(&a.1));
+        cells.truncate(wanted);
+        let offsets = w.get_offsets();
+        let spans = cells
+            .into_iter()
+            .filter(|&(flat, _)| allowed[flat / len] && allowed[flat % len])
+            .map(|(flat, score)| {
+                let (s, e) = (flat / len, flat % len);
+                let word_span = |t: usize| {
+                    w.token_to_word(t)
+                        .and_then(|(_, word)| w.word_to_chars(word, 1))
+                };
+                let (start, end) = match (word_span(s), word_span(e)) {
+                    (Some(a), Some(b)) => (a.0, b.1),
+                    _ => (offsets[s].0, offsets[e].1),
+                };
+                (start, end, score)
+            })
+            .collect();
+        Candidates { spans, null }
+    }
+}
+
+impl TextTask for AnswerTask {
+    type Window = Candidates;
+    type Row = Vec<Answer>;
+
+    fn output_type(&self) -> DataType {
+        let item = DataType::Struct(Self::fields());
+        match self.top_k {
+            Some(_) => DataType::List(Arc::new(Field::new("item", item, true))),
+            None => item,
+        }
+    }
+
+    fn outputs(&self) -> &[String] {
+        &self.output
+    }
+
+    fn encode(&self, input: &TextInput) -> Result<Vec<Encoding>, String> {
+        let TextInput::Pair(question, context) = input else {
+            return Err("answer takes a question and a context".into());
+        };
+        if question.trim().is_empty() {
+            return Err("the question is empty".into());
+        }
+        if context.trim().is_empty() {
+            return Err("the context is empty".into());
+        }
+        self.encoder.encode(input, true)
+    }
+
+    fn postprocess(
+        &self,
+        outputs: &[TensorView<'_>],
+        enc: &Encoded,
+        windows: &[&Encoding],
+    ) -> Result<Vec<Candidates>, String> {
+        let (starts, ends) = (&outputs[0], &outputs[1]);
+        starts.expect_shape(&[enc.rows, enc.len])?;
+        ends.expect_shape(&[enc.rows, enc.len])?;
+        Ok(windows
+            .iter()
+            .enumerate()
+            .map(|(r, w)| {
+                let row = r * enc.len..(r + 1) * enc.len;
+                self.window(w, &starts.data[row.clone()], &ends.data[row])
+            })
+            .collect())
+    }
+
+    fn finish(&self, input: &TextInput, windows: Vec<Candidates>) -> Result<Vec<Answer>, String> {
+        let TextInput::Pair(_, context) = input else {
+            return Err("answer takes a question and a context".into());
+        };
+        let chars: Vec<char> = context.chars().collect();
+        let mut answers: Vec<Answer> = Vec::new();
+        let mut min_null = 1_000_000f64;
+        for w in windows {
+            min_null = min_null.min(w.null as f64);
+            for (start, end, score) in w.spans {
+                let text: String = if end > start {
+                    chars[start.min(chars.len())..end.min(chars.len())]
+                        .iter()
+                        .collect()
+                } else {
+                    String::new()
+                };
+                let lower = text.to_lowercase();
+                match answers.iter_mut().find(|a| a.text.to_lowercase() == lower) {
+                    Some(a) => a.score += score as f64,
+                    None => answers.push(Answer {
+                        text,
+                        score: score as f64,
+                        start,
+                        end,
+                    }),
+                }
+            }
+        }
+        if self.handle_impossible {
+            answers.push(Answer {
+                text: String::new(),
+                score: min_null,
+                start: 0,
+                end: 0,
+            });
+        }
+        answers.sort_by(|a, b| b.score.total_cmp(&a.score));
+        answers.truncate(self.top_k.unwrap_or(1));
+        Ok(answers)
+    }
+
+    fn to_array(&self, rows: Vec<Option<Vec<Answer>>>) -> Result<ArrayRef> {
+        let fields = Self::fields();
+        let new_struct = || {
+            StructBuilder::new(
+                fields.clone(),
+                vec![
+                    Box::new(StringBuilder::new()) as Box<dyn ArrayBuilder>,
+                    Box::new(Float64Builder::new()),
+                    Box::new(Int64Builder::new()),
+                    Box::new(Int64Builder::new()),
+                ],
+            )
+        };
+        let append = |b: &mut StructBuilder, a: Option<&Answer>| {
+            let (text, score, start, end) = a.map_or(("", 0.0, 0, 0), |a| {
+                (a.text.as_str(), a.score, a.start, a.end)
+            });
+            b.field_builder::<StringBuilder>(0)
+                .expect("answer")
+                .append_value(text);
+            b.field_builder::<Float64Builder>(1)
+                .expect("score")
+                .append_value(score);
+            b.field_builder::<Int64Builder>(2)
+                .expect("start")
+                .append_value(start as i64);
+            b.field_builder::<Int64Builder>(3)
+                .expect("end")
+                .append_value(end as i64);
+            b.append(a.is_some());
+        };
+        if self.top_k.is_some() {
+            let mut list = ListBuilder::new(new_struct()).with_field(Arc::new(Field::new(
+                "item",
+                DataType::Struct(fields.clone()),
+                true,
+            )));
+            for row in rows {
+                match row {
+                    Some(answers) => {
+                        for a in &answers {
+                            append(list.values(), Some(a));
+                        }
+                        list.append(true);
+                    }
+                    None => list.append(false),
+                }
+            }
+            return Ok(Arc::new(list.finish()));
+        }
+        let mut b = new_struct();
+        for row in rows {
+            append(&mut b, row.as_ref().and_then(|r| r.first()));
+        }
+        Ok(Arc::new(b.finish()))
+    }
+}
