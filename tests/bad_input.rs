@@ -265,12 +265,16 @@ async fn invalid_utf8_in_a_csv_source_names_line_and_field() {
 async fn answer_with_null_empty_or_mismatched_inputs() {
     use ferry::datafusion::arrow::array::{ArrayRef, StringArray};
     let (ctx, ops) = context_with(&["tiny_qa"]);
+    // Leaves less than doc_stride tokens for a context that needs several windows.
+    let long_question = "why ".repeat(40);
+    let long_context = "because ".repeat(200);
     let q: ArrayRef = Arc::new(StringArray::from(vec![
         None,
         Some("Who?"),
         Some(""),
         Some("A question much longer than its context?"),
         Some("Where?"),
+        Some(&long_question),
     ]));
     let c: ArrayRef = Arc::new(StringArray::from(vec![
         Some("ctx"),
@@ -278,6 +282,7 @@ async fn answer_with_null_empty_or_mismatched_inputs() {
         Some("Some context."),
         Some("Tiny."),
         Some("   "),
+        Some(&long_context),
     ]));
     let batch = RecordBatch::try_from_iter([("q", q), ("c", c)]).unwrap();
     ctx.register_table(
@@ -295,10 +300,14 @@ async fn answer_with_null_empty_or_mismatched_inputs() {
         "a context shorter than the question still has an answer"
     );
     assert!(s.is_null(4), "whitespace-only context");
+    assert!(
+        s.is_null(5),
+        "a question that leaves no room to split the context"
+    );
     assert_eq!(
         ops.built().next().unwrap().row_errors(),
-        2,
-        "empty question and empty context are counted"
+        3,
+        "each unprocessable row is counted"
     );
 
     let err = sql_err(&ctx, "SELECT tiny_qa(q) FROM qa").await;

@@ -14,7 +14,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::Result;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use tokenizers::{Encoding, TruncationParams, TruncationStrategy};
+use tokenizers::{Encoding, PostProcessor, TruncationParams, TruncationStrategy};
 
 use super::OpError;
 use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating};
@@ -65,6 +65,8 @@ pub struct Answer {
 #[derive(Debug)]
 pub struct AnswerTask {
     top_k: Option<usize>,
+    max_seq_len: usize,
+    doc_stride: usize,
     max_answer_len: usize,
     handle_impossible: bool,
     cls_id: Option<u32>,
@@ -114,6 +116,8 @@ impl AnswerTask {
             .find_map(|t| text.tokenizer.token_to_id(t));
         Ok(AnswerTask {
             top_k: options.top_k,
+            max_seq_len,
+            doc_stride,
             max_answer_len,
             handle_impossible: options.handle_impossible_answer,
             cls_id,
@@ -159,18 +163,29 @@ impl AnswerTask {
         let null = ps[0] * pe[0];
         ps[0] = 0.0;
         pe[0] = 0.0;
-        // Every cell of the score matrix, as transformers ranks them: outside the band
-        // i <= j < i + max_answer_len the score is 0.
-        let mut cells: Vec<(usize, f32)> = (0..len * len)
-            .map(|flat| {
-                let (i, j) = (flat / len, flat % len);
-                let in_band = j >= i && j < i + self.max_answer_len;
-                (flat, if in_band { ps[i] * pe[j] } else { 0.0 })
-            })
-            .collect();
+        // transformers ranks every cell of the len x len score matrix and keeps the best
+        // `top_k * 2 + 10`; cells outside the band i <= j < i + max_answer_len score 0. Rank the
+        // band, then fill up with zero cells in index order (numpy leaves their order unspecified).
         let wanted = self.top_k.unwrap_or(1) * 2 + 10;
-        cells.sort_by(|a, b| b.1.total_cmp(&a.1));
-        cells.truncate(wanted);
+        let mut cells: Vec<(usize, f32)> = Vec::with_capacity(len * self.max_answer_len);
+        for (i, &p_start) in ps.iter().enumerate() {
+            for (j, &p_end) in pe.iter().enumerate().skip(i).take(self.max_answer_len) {
+                cells.push((i * len + j, p_start * p_end));
+            }
+        }
+        let rank = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if cells.len() > wanted {
+            cells.select_nth_unstable_by(wanted, rank);
+            cells.truncate(wanted);
+        }
+        cells.sort_by(rank);
+        if cells.len() < wanted {
+            let taken: std::collections::HashSet<usize> = cells.iter().map(|c| c.0).collect();
+            let zeros = (0..len * len)
+                .filter(|f| !taken.contains(f))
+                .take(wanted - cells.len());
+            cells.extend(zeros.map(|f| (f, 0.0)).collect::<Vec<_>>());
+        }
         let offsets = w.get_offsets();
         let spans = cells
             .into_iter()
@@ -217,6 +232,32 @@ impl TextTask for AnswerTask {
         }
         if context.trim().is_empty() {
             return Err("the context is empty".into());
+        }
+        // The tokenizer panics when the question leaves no more than doc_stride tokens of the
+        // window for the context (transformers fails the same way): say so instead.
+        let tokenizer = self.encoder.tokenizer();
+        let question_tokens = tokenizer
+            .encode(question.as_str(), false)
+            .map_err(|e| e.to_string())?
+            .len();
+        let specials = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(true));
+        let room = self.max_seq_len.saturating_sub(question_tokens + specials);
+        if room <= self.doc_stride {
+            // Only a pair that does not fit in one window needs the stride.
+            let context_tokens = tokenizer
+                .encode(context.as_str(), false)
+                .map_err(|e| e.to_string())?
+                .len();
+            if question_tokens + context_tokens + specials > self.max_seq_len {
+                return Err(format!(
+                    "the question takes {question_tokens} tokens, leaving {room} of the {}-token window for the \
+                     context, which must be more than doc_stride ({}) to split a long context; shorten the \
+                     question, raise max_seq_len or lower doc_stride",
+                    self.max_seq_len, self.doc_stride
+                ));
+            }
         }
         self.encoder.encode(input, true)
     }

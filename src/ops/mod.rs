@@ -111,7 +111,7 @@ impl TaskKind {
 }
 
 /// A loaded operator: its SQL function and what `ferry operators` shows about it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Operator {
     pub name: String,
     pub task: TaskKind,
@@ -120,6 +120,23 @@ pub struct Operator {
     pub output_type: DataType,
     /// The tokenizer and session pool of a text operator (benchmarks use them directly).
     pub text: Option<Arc<TextModel>>,
+    /// The operator's own encoding of one input into model windows (for baselines).
+    pub windows: Option<WindowFn>,
+}
+
+/// Encodes one input into the windows a task would run.
+pub type WindowFn =
+    Arc<dyn Fn(&text::TextInput) -> Result<Vec<tokenizers::Encoding>, String> + Send + Sync>;
+
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator")
+            .field("name", &self.name)
+            .field("task", &self.task)
+            .field("model", &self.model.dir)
+            .field("output_type", &self.output_type)
+            .finish()
+    }
 }
 
 impl Operator {
@@ -151,14 +168,18 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
             let op = TextOperator::new(&m.name, text, task, m.task.info().arity.clone());
             let output_type = text::TextTask::output_type(op.task.as_ref());
             let text = Some(Arc::clone(&op.model));
+            let task = Arc::clone(&op.task);
+            let windows: WindowFn =
+                Arc::new(move |input| text::TextTask::encode(task.as_ref(), input));
             (
                 AsyncScalarUDF::new(Arc::new(op)).into_scalar_udf(),
                 output_type,
                 text,
+                Some(windows),
             )
         }};
     }
-    let (udf, output_type, text) = match m.task {
+    let (udf, output_type, text, windows) = match m.task {
         TaskKind::Embed => text_op!(embed::EmbedOptions, embed::Embed::resolve),
         TaskKind::Answer => text_op!(answer::AnswerOptions, answer::AnswerTask::resolve),
         TaskKind::TagTokens => {
@@ -178,5 +199,6 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
         udf,
         output_type,
         text,
+        windows,
     })
 }

@@ -199,25 +199,40 @@ impl TextModel {
     ) -> Result<Vec<Option<T::Row>>> {
         let rows = inputs.len();
         let inputs = Arc::new(inputs);
-        let (model, encoder, to_encode) = (Arc::clone(self), Arc::clone(task), Arc::clone(&inputs));
-        // (row, encoding) for every window, in row order.
-        let windows: Vec<(usize, Encoding)> = tokio::task::spawn_blocking(move || {
-            let mut windows = Vec::new();
-            for (row, input) in to_encode.iter().enumerate() {
-                let Some(input) = input else { continue };
-                let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    encoder.encode(input)
-                }))
-                .unwrap_or_else(|_| Err("the tokenizer failed on this input".to_string()));
-                match encoded {
-                    Ok(encodings) => windows.extend(encodings.into_iter().map(|e| (row, e))),
-                    Err(e) => model.row_error(row, &e),
+        // Tokenize on the blocking pool, one contiguous slice of rows per core; the slices are
+        // concatenated in order, so windows stay in row order.
+        let slices = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(rows.max(1));
+        let per_slice = rows.div_ceil(slices).max(1);
+        let mut tokenizing = Vec::with_capacity(slices);
+        for first in (0..rows).step_by(per_slice) {
+            let (model, encoder, inputs) =
+                (Arc::clone(self), Arc::clone(task), Arc::clone(&inputs));
+            tokenizing.push(tokio::task::spawn_blocking(move || {
+                let mut windows = Vec::new();
+                for row in first..(first + per_slice).min(inputs.len()) {
+                    let Some(input) = &inputs[row] else { continue };
+                    let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        encoder.encode(input)
+                    }))
+                    .unwrap_or_else(|_| Err("the tokenizer failed on this input".to_string()));
+                    match encoded {
+                        Ok(encodings) => windows.extend(encodings.into_iter().map(|e| (row, e))),
+                        Err(e) => model.row_error(row, &e),
+                    }
                 }
-            }
-            windows
-        })
-        .await
-        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                windows
+            }));
+        }
+        // (row, encoding) for every window, in row order.
+        let mut windows: Vec<(usize, Encoding)> = Vec::new();
+        for slice in futures::future::try_join_all(tokenizing)
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+        {
+            windows.extend(slice);
+        }
         let windows = Arc::new(windows);
 
         let mut order: Vec<usize> = (0..windows.len()).collect();
