@@ -1,8 +1,9 @@
 //! What every text operator shares: reading string columns, batched tokenization, length-sorted
 //! chunking, padding, feeding a model and putting rows back in order.
 //!
-//! A task kind supplies only what differs ([`TextTask`]): how a padded chunk's model outputs
-//! become rows, and how rows become an Arrow array.
+//! A task kind supplies only what differs ([`TextTask`]): how an input becomes model windows
+//! (truncated, paired, or overlapping), how a padded chunk's outputs become per-window results,
+//! how a row's windows combine, and how rows become an Arrow array.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -36,8 +37,8 @@ pub struct TextModel {
     pub operator: String,
     /// The model's tokenizer without truncation or padding; tasks configure their own copy.
     pub tokenizer: Tokenizer,
-    /// The longest input the model takes.
     pub pool: SessionPool,
+    /// The longest input the model takes.
     pub max_length: usize,
     /// Windows per inference call.
     pub batch_size: usize,
