@@ -14,44 +14,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+mod common;
+
+use common::{bench_texts, env_usize, median};
 use ferry::datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
 use ferry::datafusion::datasource::MemTable;
 use ferry::engine::{OperatorSet, session_context};
 use ferry::ops::Operator;
 use ferry::ops::text::TextInput;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn texts(root: &std::path::Path, rows: usize) -> Vec<String> {
-    let out = std::env::temp_dir().join("ferry-bench-operators.jsonl");
-    let status = std::process::Command::new("python3")
-        .arg(root.join("benches/make_bench_texts.py"))
-        .arg(&out)
-        .arg(rows.to_string())
-        .status()
-        .expect("python3 to generate benchmark texts");
-    assert!(status.success());
-    std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
 
 async fn baseline(op: &Operator, inputs: &[TextInput]) -> f64 {
     let model = op.text.clone().unwrap();
@@ -87,7 +57,11 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let texts = texts(&root, rows + 1);
+        let texts = bench_texts(
+            &root,
+            &std::env::temp_dir().join("ferry-bench-operators.jsonl"),
+            rows + 1,
+        );
         let questions: Vec<String> = texts
             .iter()
             .map(|t| t.split_whitespace().take(8).collect::<Vec<_>>().join(" ") + "?")

@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod common;
+
+use common::{bench_texts, env_usize, median};
 use ferry::engine::{OperatorSet, execute, plan};
 use ferry::ops::text::TextModel;
 
@@ -25,28 +28,11 @@ fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-async fn prepare(root: &Path, work: &Path, rows: usize) -> PathBuf {
+/// The benchmark texts, as Parquet (for ferry) and in memory (for the baseline).
+async fn prepare(root: &Path, work: &Path, rows: usize) -> (PathBuf, Vec<String>) {
     std::fs::create_dir_all(work).unwrap();
     let jsonl = work.join("texts.jsonl");
-    let status = std::process::Command::new("python3")
-        .arg(root.join("benches/make_bench_texts.py"))
-        .arg(&jsonl)
-        .arg(rows.to_string())
-        .status()
-        .expect("python3 to generate benchmark texts");
-    assert!(status.success());
+    let texts = bench_texts(root, &jsonl, rows);
     let parquet = work.join("texts.parquet");
     let inputs = ferry::query::QueryInputs {
         tables: vec![("t".into(), jsonl.display().to_string())],
@@ -59,7 +45,7 @@ async fn prepare(root: &Path, work: &Path, rows: usize) -> PathBuf {
     )
     .await
     .unwrap();
-    parquet
+    (parquet, texts)
 }
 
 async fn ferry_run(work: &Path, input: &Path, operators: &mut OperatorSet) -> (u64, f64) {
@@ -128,22 +114,11 @@ fn main() {
     let work = std::env::temp_dir().join("ferry-bench");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let input = prepare(&root, &work, rows).await;
+        let (input, texts) = prepare(&root, &work, rows).await;
         ferry::fetch::fetch("minilm", &root.join("models")).unwrap();
         let mut operators =
             OperatorSet::new(ferry::ops::load_manifests(&root.join("operators")).unwrap());
         let model = operators.get("minilm").unwrap().text.clone().unwrap();
-        let texts: Vec<String> = std::fs::read_to_string(work.join("texts.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
-
         // Warm up both paths once (thread pools, allocator, page cache).
         ferry_run(&work, &input, &mut operators).await;
         baseline(&model, &texts[..texts.len().min(256)]).await;
