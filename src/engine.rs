@@ -267,11 +267,37 @@ pub async fn execute(
     let mut stream = planned.frame.execute_stream().await?;
     let mut writer = SinkWriter::open(sink, schema)?;
     let bar = progress_bar(planned.total_rows, quiet);
+    // Operators work a whole batch (8192 rows) at a time: between batches, show their progress.
+    let ticker = {
+        let bar = bar.clone();
+        let ops: Vec<Operator> = operators.built().cloned().collect();
+        let before: Vec<u64> = ops.iter().map(Operator::progress_rows).collect();
+        tokio::spawn(async move {
+            if ops.is_empty() {
+                return;
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let done: u64 = ops
+                    .iter()
+                    .zip(&before)
+                    .map(|(o, b)| o.progress_rows() - b)
+                    .sum();
+                let inferred = done / ops.len() as u64;
+                if inferred > bar.position() {
+                    bar.set_position(inferred);
+                }
+            }
+        })
+    };
+    let mut written = 0;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         writer.write(&batch)?;
-        bar.inc(batch.num_rows() as u64);
+        written += batch.num_rows() as u64;
+        bar.set_position(bar.position().max(written));
     }
+    ticker.abort();
     let rows = writer.finish()?;
     bar.finish_and_clear();
     let row_errors = operators.built().map(|o| o.row_errors()).sum::<u64>() - errors_before;
@@ -282,6 +308,10 @@ pub async fn execute(
     })
 }
 
+fn rate(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    let _ = write!(w, "{:.0} rows/s", state.per_sec());
+}
+
 fn progress_bar(total: Option<u64>, quiet: bool) -> indicatif::ProgressBar {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
     if quiet {
@@ -290,13 +320,15 @@ fn progress_bar(total: Option<u64>, quiet: bool) -> indicatif::ProgressBar {
     let bar = match total {
         Some(n) => ProgressBar::new(n).with_style(
             ProgressStyle::with_template(
-                "{bar:30} {human_pos}/{human_len} rows  {per_sec}  ETA {eta}",
+                "{bar:30} {human_pos}/{human_len} rows  {rate}  ETA {eta}",
             )
-            .expect("valid template"),
+            .expect("valid template")
+            .with_key("rate", rate),
         ),
         None => ProgressBar::new_spinner().with_style(
-            ProgressStyle::with_template("{spinner} {human_pos} rows  {per_sec}")
-                .expect("valid template"),
+            ProgressStyle::with_template("{spinner} {human_pos} rows  {rate}")
+                .expect("valid template")
+                .with_key("rate", rate),
         ),
     };
     bar.set_draw_target(ProgressDrawTarget::stderr());

@@ -140,6 +140,13 @@ impl std::fmt::Debug for Operator {
 }
 
 impl Operator {
+    /// Rows this operator has inferred since it was loaded.
+    pub fn progress_rows(&self) -> u64 {
+        self.text.as_ref().map_or(0, |t| {
+            t.progress_milli.load(std::sync::atomic::Ordering::Relaxed) / 1000
+        })
+    }
+
     /// Rows that came out null because their input could not be processed.
     pub fn row_errors(&self) -> u64 {
         self.text.as_ref().map_or(0, |t| {

@@ -46,6 +46,9 @@ pub struct TextModel {
     feeds: Vec<(String, Feed, bool)>,
     /// Rows that could not be processed (bad bytes, tokenizer failures) and came out null.
     pub row_errors: AtomicU64,
+    /// Rows inferred so far, in thousandths (a row of n windows counts 1/n per window), so
+    /// that progress moves while a large batch is being processed.
+    pub progress_milli: AtomicU64,
 }
 
 impl std::fmt::Debug for TextModel {
@@ -129,6 +132,7 @@ impl TextModel {
             pad_id,
             feeds,
             row_errors: AtomicU64::new(0),
+            progress_milli: AtomicU64::new(0),
         })
     }
 
@@ -235,6 +239,17 @@ impl TextModel {
             windows.extend(slice);
         }
         let windows = Arc::new(windows);
+        // Each window's share of its row, for progress.
+        let mut per_row_windows = vec![0u64; rows];
+        for (row, _) in windows.iter() {
+            per_row_windows[*row] += 1;
+        }
+        let shares: Arc<Vec<u64>> = Arc::new(
+            windows
+                .iter()
+                .map(|(row, _)| 1000 / per_row_windows[*row].max(1))
+                .collect(),
+        );
 
         let mut order: Vec<usize> = (0..windows.len()).collect();
         order.sort_by_key(|&i| windows[i].1.len());
@@ -250,6 +265,7 @@ impl TextModel {
                 Arc::clone(&windows),
                 chunk.clone(),
             );
+            let shares = Arc::clone(&shares);
             jobs.push(self.pool.run(move |session| {
                 let refs: Vec<&Encoding> = chunk.iter().map(|&i| &windows[i].1).collect();
                 let encoded = model.pad(&refs);
@@ -267,7 +283,10 @@ impl TextModel {
                         .map_err(|e| format!("output '{name}': {e}"))?;
                     views.push(TensorView { name, shape, data });
                 }
-                task.postprocess(&views, &encoded, &refs)
+                let done = task.postprocess(&views, &encoded, &refs);
+                let share: u64 = chunk.iter().map(|&i| shares[i]).sum();
+                model.progress_milli.fetch_add(share, Ordering::Relaxed);
+                done
             }));
         }
         let results = futures::future::try_join_all(jobs)
