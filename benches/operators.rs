@@ -33,10 +33,12 @@ async fn baseline(op: &Operator, inputs: &[TextInput]) -> f64 {
         .flatten()
         .collect();
     windows.sort_by_key(|e| e.len());
-    let chunks: Vec<_> = windows
-        .chunks(model.batch_size)
+    let order: Vec<usize> = (0..windows.len()).collect();
+    let chunks: Vec<_> = model
+        .chunk(&order, |i| windows[i].len())
+        .into_iter()
         .map(|c| {
-            let refs: Vec<_> = c.iter().collect();
+            let refs: Vec<_> = c.iter().map(|&i| &windows[i]).collect();
             model.inputs(&model.pad(&refs)).unwrap()
         })
         .collect();

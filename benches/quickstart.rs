@@ -71,10 +71,12 @@ async fn baseline(model: &Arc<TextModel>, texts: &[String]) -> f64 {
         .map(|t| model.tokenizer.encode(t.as_str(), true).unwrap())
         .collect();
     encodings.sort_by_key(|e| e.len());
-    let chunks: Vec<_> = encodings
-        .chunks(model.batch_size)
+    let order: Vec<usize> = (0..encodings.len()).collect();
+    let chunks: Vec<_> = model
+        .chunk(&order, |i| encodings[i].len())
+        .into_iter()
         .map(|c| {
-            let refs: Vec<_> = c.iter().collect();
+            let refs: Vec<_> = c.iter().map(|&i| &encodings[i]).collect();
             let enc = model.pad(&refs);
             model.inputs(&enc).unwrap()
         })
@@ -101,6 +103,14 @@ fn padded_tokens(model: &TextModel, texts: &[String], sorted: bool) -> usize {
         .collect();
     if sorted {
         lens.sort();
+    }
+    if sorted {
+        let order: Vec<usize> = (0..lens.len()).collect();
+        return model
+            .chunk(&order, |i| lens[i])
+            .iter()
+            .map(|c| c.iter().map(|&i| lens[i]).max().unwrap() * c.len())
+            .sum();
     }
     lens.chunks(model.batch_size)
         .map(|c| c.iter().max().unwrap() * c.len())

@@ -27,13 +27,18 @@ pub struct Manifest {
     /// Rows per inference call.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// At most this many padded tokens (windows x longest window) per inference call: long
+    /// texts run in smaller calls, which bounds memory and is faster on CPU.
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
     /// Where the model runs: `cpu` or `cuda` (falls back to CPU with a warning).
     #[serde(default)]
     pub provider: ExecutionProvider,
-    /// Sessions running in parallel (default: one per core).
+    /// Sessions running in parallel (default 1). More workers raise throughput on short texts
+    /// and small models, at one session's memory each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
-    /// ONNX Runtime intra-op threads per session (default: 1).
+    /// ONNX Runtime intra-op threads per session (default: the number of cores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads_per_worker: Option<usize>,
     /// Task options: see `EmbedOptions`, `ClassifyTextOptions`, `TagTokensOptions` and `AnswerOptions` in this schema.
@@ -59,6 +64,10 @@ fn default_file() -> String {
 
 fn default_batch_size() -> usize {
     32
+}
+
+fn default_max_batch_tokens() -> usize {
+    1024
 }
 
 /// A manifest with where it came from.

@@ -170,7 +170,14 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
         ($opts:ty, $resolve:path) => {{
             let options: $opts = loaded.options()?;
             let pool = SessionPool::open(&model.onnx, m.provider, size)?;
-            let text = TextModel::open(&m.name, task_name, &model, pool, m.batch_size)?;
+            let text = TextModel::open(
+                &m.name,
+                task_name,
+                &model,
+                pool,
+                m.batch_size,
+                m.max_batch_tokens,
+            )?;
             let task = $resolve(&options, &model, &text)?;
             let op = TextOperator::new(&m.name, text, task, m.task.info().arity.clone());
             let output_type = text::TextTask::output_type(op.task.as_ref());

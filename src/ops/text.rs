@@ -42,6 +42,8 @@ pub struct TextModel {
     pub max_length: usize,
     /// Windows per inference call.
     pub batch_size: usize,
+    /// Padded tokens per inference call.
+    pub max_batch_tokens: usize,
     pad_id: u32,
     feeds: Vec<(String, Feed, bool)>,
     /// Rows that could not be processed (bad bytes, tokenizer failures) and came out null.
@@ -80,6 +82,7 @@ impl TextModel {
         model: &ModelDir,
         pool: SessionPool,
         batch_size: usize,
+        max_batch_tokens: usize,
     ) -> Result<Self, OpError> {
         let tokenizer = model.tokenizer(task)?;
         let max_length = model.max_length()?;
@@ -129,6 +132,7 @@ impl TextModel {
             pool,
             max_length,
             batch_size: batch_size.max(1),
+            max_batch_tokens: max_batch_tokens.max(1),
             pad_id,
             feeds,
             row_errors: AtomicU64::new(0),
@@ -184,6 +188,13 @@ impl TextModel {
                 Ok((name.clone(), value))
             })
             .collect()
+    }
+
+    /// Cuts windows (sorted by ascending length) into inference calls of at most `batch_size`
+    /// windows and at most `max_batch_tokens` padded tokens: long texts go in smaller calls,
+    /// which bounds activation memory (attention grows with length squared) and runs faster.
+    pub fn chunk(&self, order: &[usize], len: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+        chunk_windows(order, len, self.batch_size, self.max_batch_tokens)
     }
 
     fn row_error(&self, row: usize, error: &str) {
@@ -253,10 +264,7 @@ impl TextModel {
 
         let mut order: Vec<usize> = (0..windows.len()).collect();
         order.sort_by_key(|&i| windows[i].1.len());
-        let chunks: Vec<Vec<usize>> = order
-            .chunks(self.batch_size)
-            .map(<[usize]>::to_vec)
-            .collect();
+        let chunks = self.chunk(&order, |i| windows[i].1.len());
         let mut jobs = Vec::with_capacity(chunks.len());
         for chunk in &chunks {
             let (model, task, windows, chunk) = (
@@ -332,6 +340,28 @@ impl TextModel {
         }
         Ok(out)
     }
+}
+
+/// See [`TextModel::chunk`].
+pub fn chunk_windows(
+    order: &[usize],
+    len: impl Fn(usize) -> usize,
+    batch_size: usize,
+    max_batch_tokens: usize,
+) -> Vec<Vec<usize>> {
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for &i in order {
+        let padded = (current.len() + 1) * len(i).max(1);
+        if !current.is_empty() && (current.len() == batch_size || padded > max_batch_tokens) {
+            chunks.push(std::mem::take(&mut current));
+        }
+        current.push(i);
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
 }
 
 /// One row's text: a single text, or a pair (sentence pairs; question and context).
@@ -635,5 +665,31 @@ impl<T: TextTask> AsyncScalarUDFImpl for TextOperator<T> {
         };
         let out = self.model.run(&self.task, inputs).await?;
         Ok(ColumnarValue::Array(self.task.to_array(out)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_windows;
+
+    #[test]
+    fn chunks_respect_rows_and_padded_tokens() {
+        // Lengths ascending, as the windows are sorted.
+        let lens = [4, 4, 4, 4, 4, 10, 10, 30, 30, 300];
+        let order: Vec<usize> = (0..lens.len()).collect();
+        let chunks = chunk_windows(&order, |i| lens[i], 3, 40);
+        assert_eq!(
+            chunks,
+            vec![
+                vec![0, 1, 2],
+                vec![3, 4],
+                vec![5, 6],
+                vec![7],
+                vec![8],
+                vec![9]
+            ]
+        );
+        // Every window is in exactly one chunk, in order.
+        assert_eq!(chunks.concat(), order);
     }
 }

@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use ort::session::{Session, builder::GraphOptimizationLevel};
+use ort::session::Session;
+use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
 use ort::value::ValueType;
 use thiserror::Error;
 
@@ -77,15 +78,17 @@ pub struct PoolSize {
 }
 
 impl PoolSize {
-    /// Default: one single-threaded session per core, which keeps every core busy on small
-    /// batches without ONNX Runtime's threads fighting each other.
+    /// Default: one session using every core. Each session holds its own copy of the
+    /// activations (and part of the weights), so one session keeps memory lowest; measured on
+    /// all-MiniLM-L6-v2 over 2,000 paragraphs on 2 cores: 1 x 2 threads ran at 0.93x the rows/s of
+    /// 2 x 1 thread with 0.64x the peak memory. Short texts and tiny models favour more workers.
     pub fn for_machine() -> Self {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
         PoolSize {
-            workers: cores,
-            threads_per_worker: 1,
+            workers: 1,
+            threads_per_worker: cores,
         }
     }
 }
@@ -94,6 +97,7 @@ fn build_session(
     path: &Path,
     provider: ExecutionProvider,
     threads: usize,
+    prepacked: &PrepackedWeights,
 ) -> Result<Session, PoolError> {
     let env = environment()?;
     let err = |e: &dyn std::fmt::Display| PoolError::Session {
@@ -107,7 +111,12 @@ fn build_session(
         .with_intra_threads(threads)
         .map_err(|e| err(&e))?
         .with_inter_threads(1)
+        .map_err(|e| err(&e))?
+        // The workers' sessions share one copy of the weights ONNX Runtime re-lays out.
+        .with_prepacked_weights(prepacked)
         .map_err(|e| err(&e))?;
+    // Input shapes change with every chunk, so a memory plan per shape only costs memory.
+    builder = builder.with_memory_pattern(false).map_err(|e| err(&e))?;
     if provider == ExecutionProvider::Cuda {
         use ort::ep::ExecutionProvider as _;
         let available = ort::ep::CUDA::is_available().unwrap_or(false);
@@ -138,13 +147,12 @@ impl SessionPool {
         size: PoolSize,
     ) -> Result<Self, PoolError> {
         let workers = size.workers.max(1);
+        environment()?;
+        let prepacked = PrepackedWeights::new();
         let mut sessions = Vec::with_capacity(workers);
         for _ in 0..workers {
-            sessions.push(build_session(
-                path,
-                provider,
-                size.threads_per_worker.max(1),
-            )?);
+            let threads = size.threads_per_worker.max(1);
+            sessions.push(build_session(path, provider, threads, &prepacked)?);
         }
         let inputs = sessions[0]
             .inputs()
