@@ -682,8 +682,8 @@ mod tests {
             chunks,
             vec![
                 vec![0, 1, 2],
-                vec![3, 4],
-                vec![5, 6],
+                vec![3, 4, 5], // 3 x 10 padded tokens fit in 40
+                vec![6],       // 2 x 30 would not
                 vec![7],
                 vec![8],
                 vec![9]
