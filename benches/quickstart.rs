@@ -149,9 +149,11 @@ fn main() {
         let base_rps = texts.len() as f64 / median(base_secs);
         println!("texts:                {}", texts.len());
         println!(
-            "workers x threads:    {} x 1, batch size {}",
+            "workers x threads:    {} x {}, batch size {}, max batch tokens {}",
             model.pool.workers(),
-            model.batch_size
+            model.pool.threads_per_worker,
+            model.batch_size,
+            model.max_batch_tokens
         );
         println!("ferry end-to-end:     {ferry_rps:.1} rows/s");
         println!("raw ORT baseline:     {base_rps:.1} rows/s");

@@ -58,6 +58,7 @@ pub struct SessionPool {
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
     pub provider: ExecutionProvider,
+    pub threads_per_worker: usize,
 }
 
 impl std::fmt::Debug for SessionPool {
@@ -186,6 +187,7 @@ impl SessionPool {
             inputs,
             outputs,
             provider,
+            threads_per_worker: size.threads_per_worker.max(1),
         })
     }
 
