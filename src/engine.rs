@@ -268,7 +268,7 @@ pub async fn execute(
     let mut writer = SinkWriter::open(sink, schema)?;
     let bar = progress_bar(planned.total_rows, quiet);
     // Operators work a whole batch (8192 rows) at a time: between batches, show their progress.
-    let ticker = {
+    let _ticker = AbortOnDrop({
         let bar = bar.clone();
         let ops: Vec<Operator> = operators.built().cloned().collect();
         let before: Vec<u64> = ops.iter().map(Operator::progress_rows).collect();
@@ -289,7 +289,7 @@ pub async fn execute(
                 }
             }
         })
-    };
+    });
     let mut written = 0;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
@@ -297,7 +297,6 @@ pub async fn execute(
         written += batch.num_rows() as u64;
         bar.set_position(bar.position().max(written));
     }
-    ticker.abort();
     let rows = writer.finish()?;
     bar.finish_and_clear();
     let row_errors = operators.built().map(|o| o.row_errors()).sum::<u64>() - errors_before;
@@ -306,6 +305,15 @@ pub async fn execute(
         elapsed: start.elapsed(),
         row_errors,
     })
+}
+
+/// Stops a background task when the run ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn rate(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
