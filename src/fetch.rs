@@ -20,7 +20,12 @@ pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
 }];
 
 /// Fetches `name` into `<dir>/<name>` (skipped if already complete). Returns the directory.
+/// Calls in one process are serialized, so concurrent callers download once.
 pub fn fetch(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FETCHING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     match name {
         "minilm" => fetch_minilm(&dir.join("minilm")),
         other => bail!(

@@ -123,8 +123,11 @@ pub fn read_member(archive: &Path, suffix: &str) -> Result<Vec<u8>, WheelError> 
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WheelError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Unique per process and call, so concurrent writers never share a temporary file.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{call}",
         path.file_name().unwrap_or_default().to_string_lossy(),
         std::process::id()
     ));
