@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{OpError, TaskKind};
 use crate::runtime::ExecutionProvider;
 use crate::spec::locate::Locations;
-use crate::spec::{Diagnostic, Diagnostics};
+use crate::spec::{Diagnostic, Diagnostics, deserialize_at};
 
 /// An operator: a model directory run as a task, callable as a SQL function named `name`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -117,16 +117,14 @@ impl LoadedManifest {
     pub fn options<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, OpError> {
         match &self.manifest.options {
             None | Some(serde_yaml::Value::Null) => Ok(T::default()),
-            Some(v) => serde_path_to_error::deserialize(v.clone()).map_err(|e| {
-                let at = self.locations.find(&format!("options.{}", e.path()));
-                OpError::Options(format!(
-                    "{}{}: options.{}: {}",
-                    self.file.display(),
-                    at.map(|p| format!(":{}:{}", p.line, p.column))
-                        .unwrap_or_default(),
-                    e.path(),
-                    e.inner()
-                ))
+            Some(v) => deserialize_at("options", v.clone()).map_err(|(path, message)| {
+                let diagnostic = Diagnostic {
+                    file: self.file.clone(),
+                    position: self.locations.find(&path),
+                    path,
+                    message,
+                };
+                OpError::Options(diagnostic.to_string())
             }),
         }
     }
@@ -177,7 +175,7 @@ pub fn load_manifests(dir: &Path) -> Result<Vec<LoadedManifest>, Diagnostics> {
                 continue;
             }
         };
-        match serde_path_to_error::deserialize::<_, Manifest>(value) {
+        match deserialize_at::<Manifest>("", value) {
             Ok(manifest) => {
                 let valid_name = !manifest.name.is_empty()
                     && manifest
@@ -212,19 +210,7 @@ pub fn load_manifests(dir: &Path) -> Result<Vec<LoadedManifest>, Diagnostics> {
                     locations,
                 });
             }
-            Err(e) => {
-                let mut path = e.path().to_string();
-                let message = e.into_inner().to_string();
-                if let Some(field) = message
-                    .strip_prefix("unknown field `")
-                    .and_then(|r| r.split('`').next())
-                {
-                    if path == "." {
-                        path = field.to_string();
-                    } else if !path.ends_with(field) {
-                        path = format!("{path}.{field}");
-                    }
-                }
+            Err((path, message)) => {
                 problems.push(diag(&file, Some(&locations), &path, message));
             }
         }

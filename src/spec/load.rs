@@ -184,6 +184,39 @@ struct Tagged<T: DeserializeOwned>(
     T,
 );
 
+/// Deserializes `value`, found at the dotted path `prefix` of a file. On failure returns the
+/// path of the offending value (for an unknown key, the key itself rather than its parent) and
+/// serde's message, so that the caller can point at its line.
+pub fn deserialize_at<T: DeserializeOwned>(
+    prefix: &str,
+    value: serde_yaml::Value,
+) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let mut path = prefix.to_string();
+        if inner != "." && !inner.is_empty() {
+            if !inner.starts_with('[') && !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(&inner);
+        }
+        let message = e.into_inner().to_string();
+        if let Some(field) = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+            && path != field
+            && !path.ends_with(&format!(".{field}"))
+        {
+            path = if path.is_empty() {
+                field.to_string()
+            } else {
+                format!("{path}.{field}")
+            };
+        }
+        (path, message)
+    })
+}
+
 struct Checker {
     file: PathBuf,
     locations: Locations,
@@ -202,28 +235,10 @@ impl Checker {
 
     /// Deserializes one section, turning a serde error into a located diagnostic.
     fn typed<T: DeserializeOwned>(&mut self, path: &str, value: serde_yaml::Value) -> Option<T> {
-        match serde_path_to_error::deserialize::<_, T>(value) {
+        match deserialize_at(path, value) {
             Ok(v) => Some(v),
-            Err(e) => {
-                let inner = e.path().to_string();
-                let mut full = path.to_string();
-                if inner != "." && !inner.is_empty() {
-                    if !inner.starts_with('[') {
-                        full.push('.');
-                    }
-                    full.push_str(&inner);
-                }
-                let message = e.into_inner().to_string();
-                // Point at the unknown key itself, not at its parent.
-                if let Some(field) = message
-                    .strip_prefix("unknown field `")
-                    .and_then(|rest| rest.split('`').next())
-                    && !full.ends_with(&format!(".{field}"))
-                    && full != field
-                {
-                    full = format!("{full}.{field}");
-                }
-                self.report(&full, message);
+            Err((at, message)) => {
+                self.report(&at, message);
                 None
             }
         }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use load::{Diagnostic, Diagnostics, LoadedPipeline, load_pipeline};
+pub use load::{Diagnostic, Diagnostics, LoadedPipeline, deserialize_at, load_pipeline};
 
 /// A pipeline: one source, optional SQL and operator steps applied in order, one sink.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
