@@ -7,9 +7,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    ArrayBuilder, ArrayRef, Float64Builder, Int64Builder, ListBuilder, StringBuilder, StructBuilder,
-};
+use datafusion::arrow::array::{ArrayRef, Float64Builder, Int64Builder, StringBuilder};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::Result;
 use schemars::JsonSchema;
@@ -17,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::{Encoding, PostProcessor, TruncationParams, TruncationStrategy};
 
 use super::OpError;
-use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating};
+use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating, struct_column};
 use crate::runtime::ModelDir;
 
 /// Options of an `answer` operator. Defaults are transformers'.
@@ -324,59 +322,19 @@ impl TextTask for AnswerTask {
     }
 
     fn to_array(&self, rows: Vec<Option<Vec<Answer>>>) -> Result<ArrayRef> {
-        let fields = Self::fields();
-        let new_struct = || {
-            StructBuilder::new(
-                fields.clone(),
-                vec![
-                    Box::new(StringBuilder::new()) as Box<dyn ArrayBuilder>,
-                    Box::new(Float64Builder::new()),
-                    Box::new(Int64Builder::new()),
-                    Box::new(Int64Builder::new()),
-                ],
-            )
-        };
-        let append = |b: &mut StructBuilder, a: Option<&Answer>| {
-            let (text, score, start, end) = a.map_or(("", 0.0, 0, 0), |a| {
-                (a.text.as_str(), a.score, a.start, a.end)
-            });
+        struct_column(Self::fields(), &rows, self.top_k.is_none(), |b, a| {
             b.field_builder::<StringBuilder>(0)
                 .expect("answer")
-                .append_value(text);
+                .append_value(&a.text);
             b.field_builder::<Float64Builder>(1)
                 .expect("score")
-                .append_value(score);
+                .append_value(a.score);
             b.field_builder::<Int64Builder>(2)
                 .expect("start")
-                .append_value(start as i64);
+                .append_value(a.start as i64);
             b.field_builder::<Int64Builder>(3)
                 .expect("end")
-                .append_value(end as i64);
-            b.append(a.is_some());
-        };
-        if self.top_k.is_some() {
-            let mut list = ListBuilder::new(new_struct()).with_field(Arc::new(Field::new(
-                "item",
-                DataType::Struct(fields.clone()),
-                true,
-            )));
-            for row in rows {
-                match row {
-                    Some(answers) => {
-                        for a in &answers {
-                            append(list.values(), Some(a));
-                        }
-                        list.append(true);
-                    }
-                    None => list.append(false),
-                }
-            }
-            return Ok(Arc::new(list.finish()));
-        }
-        let mut b = new_struct();
-        for row in rows {
-            append(&mut b, row.as_ref().and_then(|r| r.first()));
-        }
-        Ok(Arc::new(b.finish()))
+                .append_value(a.end as i64);
+        })
     }
 }

@@ -5,9 +5,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    ArrayRef, Float64Builder, ListBuilder, StringBuilder, StructBuilder,
-};
+use datafusion::arrow::array::{ArrayRef, Float64Builder, StringBuilder};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::Result;
 use schemars::JsonSchema;
@@ -16,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::OpError;
 use tokenizers::{Encoding, TruncationParams};
 
-use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating};
+use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating, struct_column};
 use crate::runtime::ModelDir;
 
 /// Options of a `classify_text` operator.
@@ -203,60 +201,18 @@ impl TextTask for ClassifyText {
     }
 
     fn to_array(&self, rows: Vec<Option<Self::Row>>) -> Result<ArrayRef> {
-        let fields = Self::fields();
-        let new_struct = || {
-            StructBuilder::new(
-                fields.clone(),
-                vec![
-                    Box::new(StringBuilder::new())
-                        as Box<dyn datafusion::arrow::array::ArrayBuilder>,
-                    Box::new(Float64Builder::new()),
-                ],
-            )
-        };
-        let append = |b: &mut StructBuilder, label: &str, score: f32| {
-            b.field_builder::<StringBuilder>(0)
-                .expect("label")
-                .append_value(label);
-            b.field_builder::<Float64Builder>(1)
-                .expect("score")
-                .append_value(score as f64);
-            b.append(true);
-        };
-        if self.top_k.is_some() {
-            let mut list = ListBuilder::new(new_struct()).with_field(Arc::new(Field::new(
-                "item",
-                DataType::Struct(fields.clone()),
-                true,
-            )));
-            for row in rows {
-                match row {
-                    Some(ranked) => {
-                        for (id, score) in ranked {
-                            append(list.values(), &self.labels[id], score);
-                        }
-                        list.append(true);
-                    }
-                    None => list.append(false),
-                }
-            }
-            return Ok(Arc::new(list.finish()));
-        }
-        let mut b = new_struct();
-        for row in rows {
-            match row.as_ref().and_then(|r| r.first()) {
-                Some(&(id, score)) => append(&mut b, &self.labels[id], score),
-                None => {
-                    b.field_builder::<StringBuilder>(0)
-                        .expect("label")
-                        .append_value("");
-                    b.field_builder::<Float64Builder>(1)
-                        .expect("score")
-                        .append_value(0.0);
-                    b.append(false);
-                }
-            }
-        }
-        Ok(Arc::new(b.finish()))
+        struct_column(
+            Self::fields(),
+            &rows,
+            self.top_k.is_none(),
+            |b, &(id, score)| {
+                b.field_builder::<StringBuilder>(0)
+                    .expect("label")
+                    .append_value(&self.labels[id]);
+                b.field_builder::<Float64Builder>(1)
+                    .expect("score")
+                    .append_value(score as f64);
+            },
+        )
     }
 }

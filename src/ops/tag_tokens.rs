@@ -6,9 +6,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    ArrayBuilder, ArrayRef, Float32Builder, Int64Builder, ListBuilder, StringBuilder, StructBuilder,
-};
+use datafusion::arrow::array::{ArrayRef, Float32Builder, Int64Builder, StringBuilder};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::Result;
 use schemars::JsonSchema;
@@ -17,7 +15,7 @@ use tokenizers::models::ModelWrapper;
 use tokenizers::{Decoder, Encoding, Tokenizer, TruncationParams};
 
 use super::OpError;
-use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating};
+use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating, struct_column};
 use crate::runtime::ModelDir;
 
 /// Options of a `tag_tokens` operator.
@@ -459,49 +457,22 @@ impl TextTask for TagTokens {
     }
 
     fn to_array(&self, rows: Vec<Option<Vec<Entity>>>) -> Result<ArrayRef> {
-        let fields = self.fields();
-        let values = StructBuilder::new(
-            fields.clone(),
-            vec![
-                Box::new(StringBuilder::new()) as Box<dyn ArrayBuilder>,
-                Box::new(Float32Builder::new()),
-                Box::new(StringBuilder::new()),
-                Box::new(Int64Builder::new()),
-                Box::new(Int64Builder::new()),
-            ],
-        );
-        let mut list = ListBuilder::new(values).with_field(Arc::new(Field::new(
-            "item",
-            DataType::Struct(fields),
-            true,
-        )));
-        for row in rows {
-            match row {
-                None => list.append(false),
-                Some(entities) => {
-                    let b = list.values();
-                    for e in entities {
-                        b.field_builder::<StringBuilder>(0)
-                            .expect("label")
-                            .append_value(&e.label);
-                        b.field_builder::<Float32Builder>(1)
-                            .expect("score")
-                            .append_value(e.score);
-                        b.field_builder::<StringBuilder>(2)
-                            .expect("word")
-                            .append_value(&e.word);
-                        b.field_builder::<Int64Builder>(3)
-                            .expect("start")
-                            .append_value(e.start as i64);
-                        b.field_builder::<Int64Builder>(4)
-                            .expect("end")
-                            .append_value(e.end as i64);
-                        b.append(true);
-                    }
-                    list.append(true);
-                }
-            }
-        }
-        Ok(Arc::new(list.finish()))
+        struct_column(self.fields(), &rows, false, |b, e| {
+            b.field_builder::<StringBuilder>(0)
+                .expect("label")
+                .append_value(&e.label);
+            b.field_builder::<Float32Builder>(1)
+                .expect("score")
+                .append_value(e.score);
+            b.field_builder::<StringBuilder>(2)
+                .expect("word")
+                .append_value(&e.word);
+            b.field_builder::<Int64Builder>(3)
+                .expect("start")
+                .append_value(e.start as i64);
+            b.field_builder::<Int64Builder>(4)
+                .expect("end")
+                .append_value(e.end as i64);
+        })
     }
 }

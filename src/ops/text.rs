@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, ArrayRef, AsArray};
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, ListBuilder, StructBuilder, UInt32Array};
+use datafusion::arrow::compute::take;
+use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::{DataFusionError, Result, exec_err, plan_err};
 use datafusion::logical_expr::async_udf::AsyncScalarUDFImpl;
 use datafusion::logical_expr::{
@@ -340,6 +341,40 @@ impl TextModel {
         }
         Ok(out)
     }
+}
+
+/// The column of a task whose rows are lists of structs (labels, entities, answers):
+/// `List<Struct<fields>>`, or with `first_only` each row's first item as `Struct<fields>`, null
+/// where the row is null or empty. `append` fills one item's fields.
+pub fn struct_column<T>(
+    fields: Fields,
+    rows: &[Option<Vec<T>>],
+    first_only: bool,
+    mut append: impl FnMut(&mut StructBuilder, &T),
+) -> Result<ArrayRef> {
+    let item = Arc::new(Field::new("item", DataType::Struct(fields.clone()), true));
+    let mut list = ListBuilder::new(StructBuilder::from_fields(fields, 0)).with_field(item);
+    for row in rows {
+        match row {
+            Some(items) => {
+                for it in items {
+                    append(list.values(), it);
+                    list.values().append(true);
+                }
+                list.append(true);
+            }
+            None => list.append(false),
+        }
+    }
+    let list = list.finish();
+    if !first_only {
+        return Ok(Arc::new(list));
+    }
+    let offsets = list.value_offsets();
+    let firsts: UInt32Array = (0..list.len())
+        .map(|i| (list.is_valid(i) && offsets[i + 1] > offsets[i]).then_some(offsets[i] as u32))
+        .collect();
+    Ok(take(list.values().as_ref(), &firsts, None)?)
 }
 
 /// See [`TextModel::chunk`].
