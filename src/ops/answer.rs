@@ -108,7 +108,8 @@ impl AnswerTask {
                 strategy: TruncationStrategy::OnlySecond,
                 ..Default::default()
             },
-        )?;
+        )?
+        .with_char_offsets();
         let cls_id = ["[CLS]", "<s>", "<cls>"]
             .iter()
             .find_map(|t| text.tokenizer.token_to_id(t));

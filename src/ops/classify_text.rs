@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use super::OpError;
 use tokenizers::{Encoding, TruncationParams};
 
-use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating, struct_column};
+use super::text::{
+    Encoded, TensorView, TextInput, TextModel, TextTask, Truncating, only_window, struct_column,
+};
 use crate::runtime::ModelDir;
 
 /// Options of a `classify_text` operator.
@@ -170,12 +172,8 @@ impl TextTask for ClassifyText {
         self.encoder.encode(input, false)
     }
 
-    fn finish(
-        &self,
-        _input: &TextInput,
-        mut windows: Vec<Self::Window>,
-    ) -> Result<Self::Row, String> {
-        windows.pop().ok_or_else(|| "no window".to_string())
+    fn finish(&self, _input: &TextInput, windows: Vec<Self::Window>) -> Result<Self::Row, String> {
+        only_window(windows)
     }
 
     fn postprocess(

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::OpError;
 use tokenizers::{Encoding, TruncationParams};
 
-use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating};
+use super::text::{Encoded, TensorView, TextInput, TextModel, TextTask, Truncating, only_window};
 use crate::runtime::ModelDir;
 
 /// Options of an `embed` operator.
@@ -187,12 +187,8 @@ impl TextTask for Embed {
         self.encoder.encode(input, false)
     }
 
-    fn finish(
-        &self,
-        _input: &TextInput,
-        mut windows: Vec<Self::Window>,
-    ) -> Result<Self::Row, String> {
-        windows.pop().ok_or_else(|| "no window".to_string())
+    fn finish(&self, _input: &TextInput, windows: Vec<Self::Window>) -> Result<Self::Row, String> {
+        only_window(windows)
     }
 
     fn postprocess(

@@ -142,7 +142,8 @@ impl TagTokens {
                 stride,
                 ..Default::default()
             },
-        )?;
+        )?
+        .with_char_offsets();
         let has_subword_prefix = match text.tokenizer.get_model() {
             ModelWrapper::WordPiece(wp) => !wp.continuing_subword_prefix.is_empty(),
             ModelWrapper::BPE(bpe) => bpe

@@ -419,6 +419,9 @@ impl std::fmt::Debug for Truncating {
 #[derive(Clone)]
 pub struct Truncating {
     tokenizer: Tokenizer,
+    /// Character offsets (Python's) cost a pass over each text; only tasks that report spans
+    /// need them.
+    char_offsets: bool,
 }
 
 impl Truncating {
@@ -427,7 +430,16 @@ impl Truncating {
         tokenizer
             .with_truncation(Some(params))
             .map_err(|e| OpError::Model(format!("tokenizer truncation: {e}")))?;
-        Ok(Truncating { tokenizer })
+        Ok(Truncating {
+            tokenizer,
+            char_offsets: false,
+        })
+    }
+
+    /// Report offsets in characters, as transformers does, instead of bytes.
+    pub fn with_char_offsets(mut self) -> Self {
+        self.char_offsets = true;
+        self
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -436,11 +448,14 @@ impl Truncating {
 
     /// The encoding of `input`, plus its overflowing windows when `keep_overflow`.
     pub fn encode(&self, input: &TextInput, keep_overflow: bool) -> Result<Vec<Encoding>, String> {
-        let mut encoding = match input {
-            TextInput::One(t) => self.tokenizer.encode_char_offsets(t.as_str(), true),
-            TextInput::Pair(a, b) => self
-                .tokenizer
-                .encode_char_offsets((a.as_str(), b.as_str()), true),
+        let input: tokenizers::EncodeInput = match input {
+            TextInput::One(t) => t.as_str().into(),
+            TextInput::Pair(a, b) => (a.as_str(), b.as_str()).into(),
+        };
+        let mut encoding = if self.char_offsets {
+            self.tokenizer.encode_char_offsets(input, true)
+        } else {
+            self.tokenizer.encode(input, true)
         }
         .map_err(|e| e.to_string())?;
         let overflow = encoding.take_overflowing();
@@ -449,6 +464,14 @@ impl Truncating {
             out.extend(overflow);
         }
         Ok(out)
+    }
+}
+
+/// [`TextTask::finish`] for tasks whose rows are their one window.
+pub fn only_window<W>(mut windows: Vec<W>) -> Result<W, String> {
+    match (windows.pop(), windows.is_empty()) {
+        (Some(w), true) => Ok(w),
+        _ => Err("expected exactly one window per row".to_string()),
     }
 }
 
