@@ -108,14 +108,6 @@ fn operators_with(manifest: &str) -> tempfile::TempDir {
     dir
 }
 
-fn fixture_model(name: &str) -> String {
-    root()
-        .join("tests/fixtures/models")
-        .join(name)
-        .display()
-        .to_string()
-}
-
 #[tokio::test]
 async fn missing_model_directory_and_model_file() {
     let yaml = format!(

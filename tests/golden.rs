@@ -249,18 +249,10 @@ fn context_with_manifests(
     (ctx, dir)
 }
 
-fn fixture_model_path(name: &str) -> String {
-    root()
-        .join("tests/fixtures/models")
-        .join(name)
-        .display()
-        .to_string()
-}
-
 #[tokio::test]
 async fn tag_tokens_matches_transformers_for_every_strategy_and_stride() {
     let g = golden("tiny-bert-ner");
-    let model = fixture_model_path("tiny-bert-ner");
+    let model = fixture_model("tiny-bert-ner");
     let mut variants: Vec<(String, String)> = Vec::new();
     for s in ["none", "simple", "first", "average", "max"] {
         variants.push((s.to_string(), format!("aggregation_strategy: {s}")));
@@ -353,7 +345,7 @@ async fn answer_matches_transformers_with_every_option() {
     use ferry::datafusion::datasource::MemTable;
     use std::sync::Arc;
     let g = golden("tiny-bert-qa");
-    let model = fixture_model_path("tiny-bert-qa");
+    let model = fixture_model("tiny-bert-qa");
     let variants = [
         ("default", ""),
         ("top3", "options:\n  top_k: 3\n"),

@@ -17,6 +17,15 @@ pub fn fixture_operators() -> PathBuf {
     root().join("tests/fixtures/operators")
 }
 
+/// The path of a fixture model directory, for manifests written by tests.
+pub fn fixture_model(name: &str) -> String {
+    root()
+        .join("tests/fixtures/models")
+        .join(name)
+        .display()
+        .to_string()
+}
+
 pub fn golden(name: &str) -> serde_json::Value {
     let path = root().join(format!("tests/fixtures/golden/{name}.json"));
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
