@@ -116,14 +116,8 @@ pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Pla
             &format!("source.{}.path", spec.source.kind()),
             df_message(&e),
         ));
-        // Later steps cannot be checked without the source's columns; still check operators.
-        for (i, step) in spec.steps.iter().enumerate() {
-            if let Some(name) = &step.operator
-                && let Err(e) = operators.get(name)
-            {
-                problems.push(diag_of(p, &format!("steps[{i}].operator"), e));
-            }
-        }
+        // Steps cannot be checked without the source's columns; still check their operators.
+        problems.extend(check_operators(p, operators, 0));
         return Err(Diagnostics(problems));
     }
     let total_rows = source::row_count(&ctx, "source", &spec.source).await;
@@ -153,14 +147,7 @@ pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Pla
             Ok(f) => frame = f,
             Err(d) => {
                 problems.push(d);
-                // Keep checking the later steps' operators exist and load.
-                for (j, later) in spec.steps.iter().enumerate().skip(i + 1) {
-                    if let Some(name) = &later.operator
-                        && let Err(e) = operators.get(name)
-                    {
-                        problems.push(diag_of(p, &format!("steps[{j}].operator"), e));
-                    }
-                }
+                problems.extend(check_operators(p, operators, i + 1));
                 return Err(Diagnostics(problems));
             }
         }
@@ -181,6 +168,23 @@ pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Pla
         frame,
         total_rows,
     })
+}
+
+/// Checks that the operators of steps `from..` exist and load, for when planning stopped early.
+fn check_operators(
+    p: &LoadedPipeline,
+    operators: &mut OperatorSet,
+    from: usize,
+) -> Vec<Diagnostic> {
+    let mut problems = Vec::new();
+    for (i, step) in p.pipeline.steps.iter().enumerate().skip(from) {
+        if let Some(name) = &step.operator
+            && let Err(e) = operators.get(name)
+        {
+            problems.push(diag_of(p, &format!("steps[{i}].operator"), e));
+        }
+    }
+    problems
 }
 
 async fn sql_step(

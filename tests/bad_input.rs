@@ -81,8 +81,15 @@ async fn missing_column_and_wrong_column_type() {
 
 #[tokio::test]
 async fn missing_source_file() {
-    let yaml = format!("name: t\nsource:\n  parquet:\n    path: /nonexistent/data.parquet\n{SINK}");
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: /nonexistent/data.parquet\nsteps:\n  - operator: nope\n    inputs: [text]\n{SINK}"
+    );
     let err = validate(&yaml, &fixture_operators()).await;
+    // The steps' operators are still checked.
+    assert!(
+        err.contains("p.yaml:6:5: steps[0].operator: unknown operator 'nope'"),
+        "{err}"
+    );
     assert!(
         err.contains(
             "p.yaml:4:5: source.parquet.path: no such file or directory: /nonexistent/data.parquet"

@@ -175,12 +175,24 @@ async fn classify_struct_fields_are_usable_in_sql() {
     );
     let batches = sql(
         &ctx,
-        "SELECT id, tiny_sentiment(text)['label'] AS label, tiny_sentiment(text)['score'] AS score FROM t ORDER BY id",
+        "SELECT id, tiny_sentiment(text)['label'] AS label, tiny_sentiment(text)['score'] AS score, tiny_sentiment(text) AS s FROM t ORDER BY id",
     )
     .await;
-    assert_eq!(batches[0].num_rows(), 2);
-    let scores = batches[0].column(2).as_primitive::<Float64Type>();
-    assert!(scores.values().iter().all(|s| (0.0..=1.0).contains(s)));
+    let b = &batches[0];
+    assert_eq!(b.num_rows(), 2);
+    let (labels, scores) = (
+        b.column(1).as_string::<i32>(),
+        b.column(2).as_primitive::<Float64Type>(),
+    );
+    let whole = b.column(3).as_struct();
+    for i in 0..2 {
+        // The fields are the struct's own values.
+        assert_eq!(
+            (labels.value(i).to_string(), scores.value(i)),
+            label_score(whole, i)
+        );
+        assert!(["negative", "neutral", "positive"].contains(&labels.value(i)));
+    }
 }
 
 #[tokio::test]
