@@ -36,9 +36,18 @@ enum Command {
     /// Run a pipeline to completion.
     Run {
         pipeline: PathBuf,
-        /// No progress bar.
+        /// No progress bar or status line.
         #[arg(short, long)]
         quiet: bool,
+        /// Streams: stop after this many records (drained, flushed and committed).
+        #[arg(long, value_name = "N")]
+        max_records: Option<u64>,
+        /// Streams: stop once no record has arrived for this long (e.g. 5s).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        until_idle: Option<std::time::Duration>,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Check pipelines (syntax, keys, operators, models, columns, types) without running them.
     Validate {
@@ -101,6 +110,7 @@ fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -117,8 +127,41 @@ pub fn run() -> anyhow::Result<ExitCode> {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { pipeline, quiet } => {
-            let summary = engine::run_file(&pipeline, &cli.operators, quiet).await?;
+        Command::Run {
+            pipeline,
+            quiet,
+            max_records,
+            until_idle,
+            metrics,
+        } => {
+            if let Some(addr) = metrics {
+                let bound = crate::stream::metrics::serve(&addr)
+                    .await
+                    .with_context(|| format!("serving metrics on {addr}"))?;
+                eprintln!("metrics on http://{bound}/metrics");
+            }
+            let options = crate::stream::StreamOptions {
+                max_records,
+                until_idle,
+                quiet,
+            };
+            let summary = match engine::run_any(&pipeline, &cli.operators, options).await? {
+                engine::Finished::Batch(s) => s,
+                engine::Finished::Stream(s) => {
+                    eprintln!(
+                        "{}: {} records in, {} rows out, {} dead-lettered, {} skipped, {} batches in {:.2}s ({:.0} records/s)",
+                        pipeline.display(),
+                        s.records_in,
+                        s.rows_out,
+                        s.dead_lettered,
+                        s.skipped,
+                        s.batches,
+                        s.elapsed.as_secs_f64(),
+                        s.records_in as f64 / s.elapsed.as_secs_f64().max(1e-9)
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+            };
             eprintln!(
                 "{}: {} rows in {:.2}s ({:.0} rows/s)",
                 pipeline.display(),

@@ -111,11 +111,11 @@ pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Pla
     let spec = &p.pipeline;
     let mut problems = Vec::new();
     if let Err(e) = source::register(&ctx, "source", &spec.source).await {
-        problems.push(diag_of(
-            p,
-            &format!("source.{}.path", spec.source.kind()),
-            df_message(&e),
-        ));
+        let at = match &spec.source {
+            crate::spec::Source::Kafka(_) => "source.kafka".to_string(),
+            other => format!("source.{}.path", other.kind()),
+        };
+        problems.push(diag_of(p, &at, df_message(&e)));
         // Steps cannot be checked without the source's columns; still check their operators.
         problems.extend(check_operators(p, operators, 0));
         return Err(Diagnostics(problems));
@@ -136,7 +136,7 @@ pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Pla
                 Err(e) => Err(diag_of(p, &format!("{at}.operator"), e)),
                 Ok(op) => {
                     let output = step.output.clone().unwrap_or_else(|| name.clone());
-                    operator_step(frame.clone(), op, &step.inputs, &output)
+                    operator_step(frame.clone(), op, &step.inputs, &output, spec.is_stream())
                         .map_err(|e| diag_of(p, &format!("{at}.inputs"), e))
                 }
             }
@@ -159,6 +159,9 @@ pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Pla
             &format!("sink.{}", spec.sink.format()),
             df_message(&e),
         ));
+    }
+    for (at, message) in crate::stream::check(spec, &schema) {
+        problems.push(diag_of(p, &at, message));
     }
     if !problems.is_empty() {
         return Err(Diagnostics(problems));
@@ -204,6 +207,7 @@ fn operator_step(
     op: &Operator,
     inputs: &[String],
     output: &str,
+    stream: bool,
 ) -> Result<DataFrame, String> {
     let schema = frame.schema();
     let arity = &op.task.info().arity;
@@ -229,6 +233,17 @@ fn operator_step(
         })?;
         ops::text::check_text_arg(&op.name, i, field.data_type()).map_err(|e| df_message(&e))?;
         args.push(Expr::Column(column));
+    }
+    // A stream passes each row's source record, so a row the operator cannot process can be
+    // dead-lettered (when a SQL step dropped the lineage columns, it cannot).
+    if stream {
+        use crate::stream::decode::{OFFSET, PARTITION, TOPIC};
+        let lineage = [TOPIC, PARTITION, OFFSET].map(Column::from_name);
+        if lineage.iter().all(|c| schema.field_from_column(c).is_ok()) {
+            args.extend(lineage.into_iter().map(Expr::Column));
+        } else {
+            tracing::warn!(operator = %op.name, "a SQL step dropped the lineage columns (_topic, _partition, _offset): rows this operator cannot process will be null instead of dead-lettered");
+        }
     }
     let call = op.udf.call(args);
     let frame = frame
@@ -359,6 +374,55 @@ pub async fn run_file(
     let planned = plan(&loaded, &mut operators).await?;
     let summary = execute(planned, &loaded.pipeline.sink, &operators, quiet).await?;
     Ok(summary)
+}
+
+/// How a `ferry run` ended.
+pub enum Finished {
+    Batch(RunSummary),
+    Stream(crate::stream::StreamSummary),
+}
+
+/// Loads, plans and runs a pipeline, bounded or streaming. A stream runs until SIGINT/SIGTERM
+/// (then drains, flushes and commits) or the bounds in `options`.
+pub async fn run_any(
+    file: &Path,
+    operators_dir: &Path,
+    options: crate::stream::StreamOptions,
+) -> anyhow::Result<Finished> {
+    let loaded = crate::spec::load_pipeline(file)?;
+    let mut operators = load_operator_set(operators_dir, &loaded)?;
+    let planned = plan(&loaded, &mut operators).await?;
+    if !loaded.pipeline.is_stream() {
+        let summary = execute(planned, &loaded.pipeline.sink, &operators, options.quiet).await?;
+        return Ok(Finished::Batch(summary));
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _signals = AbortOnDrop(tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("stopping: draining in-flight records, flushing, committing");
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }));
+    let handle = tokio::runtime::Handle::current();
+    let pipeline = loaded.pipeline.clone();
+    let summary = tokio::task::spawn_blocking(move || {
+        crate::stream::run(&pipeline, planned.frame, &operators, &options, handle, stop)
+    })
+    .await?
+    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    Ok(Finished::Stream(summary))
 }
 
 /// Manifests for a pipeline. A missing operators directory is only an error when a step needs it.

@@ -5,6 +5,7 @@
 //! - [`ops`]: operator manifests and task kinds (model-backed SQL functions).
 //! - [`runtime`]: ONNX Runtime loading, model directories and the session pool.
 //! - [`engine`]: planning and running a pipeline; [`query`]: `ferry query`.
+//! - [`stream`]: Kafka sources and streaming sinks, micro-batches, commits, metrics.
 
 pub mod cli;
 pub mod engine;
@@ -16,5 +17,7 @@ pub mod schemas;
 pub mod sink;
 pub mod source;
 pub mod spec;
+pub mod stream;
 
 pub use datafusion;
+pub use rdkafka;

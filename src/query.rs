@@ -40,12 +40,22 @@ pub async fn register_pipeline_outputs(ctx: &SessionContext, dir: &Path) -> Vec<
             tracing::debug!(file = %file.display(), "skipping invalid pipeline");
             continue;
         };
-        let out = p.pipeline.sink.path();
+        let (out, src) = match &p.pipeline.sink {
+            crate::spec::Sink::RollingParquet(r) => (
+                r.dir.clone(),
+                Ok(crate::spec::Source::Parquet(crate::spec::FileSource {
+                    path: r.dir.to_string_lossy().into_owned(),
+                })),
+            ),
+            sink => match sink.path() {
+                Some(out) => (out.clone(), source::source_for_path(&out.to_string_lossy())),
+                None => continue,
+            },
+        };
         if !out.exists() {
             continue;
         }
-        let path = out.to_string_lossy().into_owned();
-        let registered = match source::source_for_path(&path) {
+        let registered = match src {
             Ok(src) => source::register(ctx, &p.pipeline.name, &src).await,
             Err(e) => Err(e),
         };

@@ -61,7 +61,12 @@ fn io_err(path: &Path, e: std::io::Error) -> DataFusionError {
 impl SinkWriter {
     pub fn open(sink: &Sink, schema: SchemaRef) -> Result<Self> {
         check_schema(sink, &schema)?;
-        let path = sink.path().clone();
+        let path = sink
+            .path()
+            .ok_or_else(|| {
+                DataFusionError::Plan(format!("sink {} takes a stream, not a file", sink.format()))
+            })?
+            .clone();
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -91,6 +96,9 @@ impl SinkWriter {
             Sink::Ipc(_) => Writer::Ipc(FileWriter::try_new(file, &schema)?),
             Sink::Jsonl(_) => Writer::Jsonl(LineDelimitedWriter::new(file)),
             Sink::Csv(_) => Writer::Csv(csv::WriterBuilder::new().with_header(true).build(file)),
+            Sink::Kafka(_) | Sink::RollingParquet(_) => {
+                unreachable!("streaming sinks have no path")
+            }
         };
         Ok(SinkWriter {
             writer: Some(writer),

@@ -73,6 +73,14 @@ pub async fn register(ctx: &SessionContext, name: &str, source: &Source) -> Resu
                 .file_extension(&ext);
             ctx.register_csv(name, &c.path, options).await
         }
+        Source::Kafka(k) => {
+            let decoder = crate::stream::decode::Decoder::new(k).map_err(DataFusionError::Plan)?;
+            ctx.register_table(
+                name,
+                std::sync::Arc::new(crate::stream::table::MicroBatchTable::new(decoder.schema())),
+            )?;
+            Ok(())
+        }
         Source::Jsonl(f) => {
             check_exists(&f.path)?;
             let ext = extension(&f.path, ".jsonl");

@@ -8,3 +8,4 @@ mod golden;
 mod pipeline;
 mod quickstart;
 mod spec;
+mod stream;

@@ -110,6 +110,15 @@ impl TaskKind {
     }
 }
 
+/// A row an operator could not process, with its source record when the row has one.
+#[derive(Debug, Clone)]
+pub struct RowFailure {
+    pub operator: String,
+    /// (topic, partition, offset) of the record the row came from.
+    pub source: Option<(String, i32, i64)>,
+    pub message: String,
+}
+
 /// A loaded operator: its SQL function and what `ferry operators` shows about it.
 #[derive(Clone)]
 pub struct Operator {
@@ -144,6 +153,13 @@ impl Operator {
     pub fn progress_rows(&self) -> u64 {
         self.text.as_ref().map_or(0, |t| {
             t.progress_milli.load(std::sync::atomic::Ordering::Relaxed) / 1000
+        })
+    }
+
+    /// Takes the failures of rows with a known source record (streams) recorded so far.
+    pub fn take_failures(&self) -> Vec<RowFailure> {
+        self.text.as_ref().map_or_else(Vec::new, |t| {
+            std::mem::take(&mut *t.failures.lock().expect("failures"))
         })
     }
 

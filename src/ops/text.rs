@@ -49,6 +49,8 @@ pub struct TextModel {
     feeds: Vec<(String, Feed, bool)>,
     /// Rows that could not be processed (bad bytes, tokenizer failures) and came out null.
     pub row_errors: AtomicU64,
+    /// Failures of rows whose source record is known (streams), for the dead-letter sink.
+    pub failures: std::sync::Mutex<Vec<super::RowFailure>>,
     /// Rows inferred so far, in thousandths (a row of n windows counts 1/n per window), so
     /// that progress moves while a large batch is being processed.
     pub progress_milli: AtomicU64,
@@ -137,6 +139,7 @@ impl TextModel {
             pad_id,
             feeds,
             row_errors: AtomicU64::new(0),
+            failures: Default::default(),
             progress_milli: AtomicU64::new(0),
         })
     }
@@ -198,9 +201,31 @@ impl TextModel {
         chunk_windows(order, len, self.batch_size, self.max_batch_tokens)
     }
 
-    fn row_error(&self, row: usize, error: &str) {
-        self.row_errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(operator = %self.operator, row, error, "row cannot be processed; output is null");
+    /// Counts and reports the rows of one call that could not be processed. With the rows'
+    /// lineage (a stream), the failures are also kept for the dead-letter sink.
+    fn report(&self, errors: RowErrors, lineage: Option<&Lineage>) {
+        let errors = errors.0.into_inner().expect("row errors");
+        if errors.is_empty() {
+            return;
+        }
+        self.row_errors
+            .fetch_add(errors.len() as u64, Ordering::Relaxed);
+        let mut failures = self.failures.lock().expect("failures");
+        for (row, message) in errors {
+            match lineage.map(|l| l.at(row)) {
+                Some((topic, partition, offset)) => {
+                    tracing::debug!(operator = %self.operator, topic, partition, offset, error = %message, "record cannot be processed");
+                    failures.push(super::RowFailure {
+                        operator: self.operator.clone(),
+                        source: Some((topic.to_string(), partition, offset)),
+                        message,
+                    });
+                }
+                None => {
+                    tracing::warn!(operator = %self.operator, row, error = %message, "row cannot be processed; output is null");
+                }
+            }
+        }
     }
 
     /// Runs `task` over `inputs` (None = null row) and returns one row per input, in order.
@@ -213,6 +238,7 @@ impl TextModel {
         self: &Arc<Self>,
         task: &Arc<T>,
         inputs: Vec<Option<TextInput>>,
+        errors: &Arc<RowErrors>,
     ) -> Result<Vec<Option<T::Row>>> {
         let rows = inputs.len();
         let inputs = Arc::new(inputs);
@@ -224,8 +250,8 @@ impl TextModel {
         let per_slice = rows.div_ceil(slices).max(1);
         let mut tokenizing = Vec::with_capacity(slices);
         for first in (0..rows).step_by(per_slice) {
-            let (model, encoder, inputs) =
-                (Arc::clone(self), Arc::clone(task), Arc::clone(&inputs));
+            let (encoder, inputs, errors) =
+                (Arc::clone(task), Arc::clone(&inputs), Arc::clone(errors));
             tokenizing.push(tokio::task::spawn_blocking(move || {
                 let mut windows = Vec::new();
                 for row in first..(first + per_slice).min(inputs.len()) {
@@ -236,7 +262,7 @@ impl TextModel {
                     .unwrap_or_else(|_| Err("the tokenizer failed on this input".to_string()));
                     match encoded {
                         Ok(encodings) => windows.extend(encodings.into_iter().map(|e| (row, e))),
-                        Err(e) => model.row_error(row, &e),
+                        Err(e) => errors.push(row, e),
                     }
                 }
                 windows
@@ -332,7 +358,7 @@ impl TextModel {
                 Some(input) if !windows.is_empty() => match task.finish(input, windows) {
                     Ok(r) => Some(r),
                     Err(e) => {
-                        self.row_error(row, &e);
+                        errors.push(row, e);
                         None
                     }
                 },
@@ -562,13 +588,42 @@ pub fn check_text_arg(function: &str, index: usize, t: &DataType) -> Result<Data
     }
 }
 
-/// Reads a text column into owned strings. Binary values that are not UTF-8 become None with a
-/// warning naming the row and field.
+/// The rows of one call that could not be processed, with the reason.
+#[derive(Debug, Default)]
+pub struct RowErrors(std::sync::Mutex<Vec<(usize, String)>>);
+
+impl RowErrors {
+    pub fn push(&self, row: usize, message: String) {
+        self.0.lock().expect("row errors").push((row, message));
+    }
+}
+
+/// Each row's source record (topic, partition, offset), passed by streams as three trailing
+/// arguments so that a row an operator cannot process can be dead-lettered.
+pub struct Lineage {
+    topic: ArrayRef,
+    partition: ArrayRef,
+    offset: ArrayRef,
+}
+
+impl Lineage {
+    fn at(&self, row: usize) -> (&str, i32, i64) {
+        use datafusion::arrow::datatypes::{Int32Type, Int64Type};
+        (
+            self.topic.as_string::<i32>().value(row),
+            self.partition.as_primitive::<Int32Type>().value(row),
+            self.offset.as_primitive::<Int64Type>().value(row),
+        )
+    }
+}
+
+/// Reads a text column into owned strings. Binary values that are not UTF-8 become None and are
+/// reported in `errors` with the field.
 pub fn read_texts(
     operator: &str,
     field: &str,
     array: &ArrayRef,
-    errors: &AtomicU64,
+    errors: &RowErrors,
 ) -> Result<Vec<Option<String>>> {
     fn owned<'a>(it: impl Iterator<Item = Option<&'a str>>) -> Vec<Option<String>> {
         it.map(|v| v.map(str::to_string)).collect()
@@ -580,8 +635,7 @@ pub fn read_texts(
                 match std::str::from_utf8(v) {
                     Ok(s) => Some(s.to_string()),
                     Err(e) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(operator, field, row, error = %e, "value is not valid UTF-8; output is null");
+                        errors.push(row, format!("field '{field}' is not valid UTF-8: {e}"));
                         None
                     }
                 }
@@ -603,24 +657,32 @@ pub fn read_texts(
 /// `n` text arguments of any string type (or binary holding UTF-8). Volatile, so that DataFusion
 /// never tries to fold a call with literal arguments at plan time (async functions cannot run
 /// synchronously).
+///
+/// Streams add three trailing lineage arguments (topic, partition, offset), see [`Lineage`].
 pub fn text_signature(arity: std::ops::RangeInclusive<usize>) -> Signature {
-    use datafusion::common::types::logical_string;
+    use datafusion::common::types::{logical_int32, logical_int64, logical_string};
     use datafusion::logical_expr::{Coercion, TypeSignature, TypeSignatureClass};
+    let string = || Coercion::new_exact(TypeSignatureClass::Native(logical_string()));
+    let binary = || Coercion::new_exact(TypeSignatureClass::Binary);
+    let lineage = || {
+        vec![
+            Coercion::new_exact(TypeSignatureClass::Native(logical_string())),
+            Coercion::new_exact(TypeSignatureClass::Native(logical_int32())),
+            Coercion::new_exact(TypeSignatureClass::Native(logical_int64())),
+        ]
+    };
     let mut variants = Vec::new();
-    for n in arity {
-        // Strings of any encoding, without implicit casts from numbers; or binary.
-        variants.push(TypeSignature::Coercible(vec![
-            Coercion::new_exact(
-                TypeSignatureClass::Native(logical_string())
-            );
-            n
-        ]));
-        variants.push(TypeSignature::Coercible(vec![
-            Coercion::new_exact(
-                TypeSignatureClass::Binary
-            );
-            n
-        ]));
+    for with_lineage in [false, true] {
+        for n in arity.clone() {
+            // Strings of any encoding, without implicit casts from numbers; or binary.
+            for text in [string, binary] {
+                let mut args = vec![text(); n];
+                if with_lineage {
+                    args.extend(lineage());
+                }
+                variants.push(TypeSignature::Coercible(args));
+            }
+        }
     }
     Signature::one_of(variants, Volatility::Volatile)
 }
@@ -629,6 +691,7 @@ pub fn text_signature(arity: std::ops::RangeInclusive<usize>) -> Signature {
 pub struct TextOperator<T: TextTask> {
     name: String,
     signature: Signature,
+    max_arity: usize,
     pub model: Arc<TextModel>,
     pub task: Arc<T>,
 }
@@ -642,6 +705,7 @@ impl<T: TextTask> TextOperator<T> {
     ) -> Self {
         TextOperator {
             name: name.to_string(),
+            max_arity: *arity.end(),
             signature: text_signature(arity),
             model: Arc::new(model),
             task: Arc::new(task),
@@ -695,21 +759,31 @@ impl<T: TextTask> ScalarUDFImpl for TextOperator<T> {
 #[async_trait]
 impl<T: TextTask> AsyncScalarUDFImpl for TextOperator<T> {
     async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let started = std::time::Instant::now();
         let rows = args.number_rows;
-        let mut columns = Vec::with_capacity(args.args.len());
-        for (i, arg) in args.args.iter().enumerate() {
+        let errors = Arc::new(RowErrors::default());
+        let (text_args, lineage_args) = if args.args.len() > self.max_arity {
+            args.args.split_at(args.args.len() - 3)
+        } else {
+            (&args.args[..], &[][..])
+        };
+        let lineage = match lineage_args {
+            [t, p, o] => Some(Lineage {
+                topic: datafusion::arrow::compute::cast(&t.to_array(rows)?, &DataType::Utf8)?,
+                partition: p.to_array(rows)?,
+                offset: o.to_array(rows)?,
+            }),
+            _ => None,
+        };
+        let mut columns = Vec::with_capacity(text_args.len());
+        for (i, arg) in text_args.iter().enumerate() {
             let array = arg.to_array(rows)?;
             let field = args
                 .arg_fields
                 .get(i)
                 .map(|f| f.name().to_string())
                 .unwrap_or_default();
-            columns.push(read_texts(
-                &self.name,
-                &field,
-                &array,
-                &self.model.row_errors,
-            )?);
+            columns.push(read_texts(&self.name, &field, &array, &errors)?);
         }
         let mut columns = columns.into_iter();
         let first = columns.next().unwrap_or_default();
@@ -721,7 +795,11 @@ impl<T: TextTask> AsyncScalarUDFImpl for TextOperator<T> {
                 .map(|(a, b)| Some(TextInput::Pair(a?, b?)))
                 .collect(),
         };
-        let out = self.model.run(&self.task, inputs).await?;
+        let out = self.model.run(&self.task, inputs, &errors).await?;
+        let errors = Arc::try_unwrap(errors).unwrap_or_default();
+        self.model.report(errors, lineage.as_ref());
+        crate::stream::metrics::metrics()
+            .operator_latency(&self.name, started.elapsed().as_secs_f64());
         Ok(ColumnarValue::Array(self.task.to_array(out)?))
     }
 }

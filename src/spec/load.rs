@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use super::locate::{Locations, Position};
-use super::{Pipeline, Sink, Source, Step};
+use super::{DeadLetter, Delivery, OnError, Pipeline, Sink, Source, Step};
 
 /// One problem in a file, with where it is.
 #[derive(Debug, Clone)]
@@ -118,6 +118,9 @@ pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnos
     let mut source = None;
     let mut steps = Vec::new();
     let mut sink = None;
+    let mut on_error = None;
+    let mut dead_letter = None;
+    let mut delivery = None;
     for (key, value) in map {
         let Some(key) = key.as_str().map(str::to_string) else {
             cx.report("", format!("keys must be strings, found {key:?}"));
@@ -128,6 +131,13 @@ pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnos
             "description" => description = cx.typed::<String>("description", value),
             "source" => source = cx.typed::<Tagged<Source>>("source", value).map(|t| t.0),
             "sink" => sink = cx.typed::<Tagged<Sink>>("sink", value).map(|t| t.0),
+            "on_error" => on_error = cx.typed::<OnError>("on_error", value),
+            "dead_letter" => {
+                dead_letter = cx
+                    .typed::<Tagged<DeadLetter>>("dead_letter", value)
+                    .map(|t| t.0)
+            }
+            "delivery" => delivery = cx.typed::<Delivery>("delivery", value),
             "steps" => match value {
                 serde_yaml::Value::Sequence(items) => {
                     for (i, item) in items.into_iter().enumerate() {
@@ -144,7 +154,7 @@ pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnos
             other => cx.report(
                 other,
                 format!(
-                    "unknown key `{other}`; a pipeline has name, description, source, steps and sink"
+                    "unknown key `{other}`; a pipeline has name, description, source, steps, sink, on_error, dead_letter and delivery"
                 ),
             ),
         }
@@ -167,6 +177,9 @@ pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnos
                 source,
                 steps,
                 sink,
+                on_error,
+                dead_letter,
+                delivery: delivery.unwrap_or_default(),
             },
             locations: cx.locations,
         }),

@@ -4,6 +4,7 @@
 mod load;
 pub mod locate;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use schemars::JsonSchema;
@@ -32,9 +33,87 @@ pub struct Pipeline {
     #[serde(with = "serde_yaml::with::singleton_map")]
     #[schemars(with = "Sink")]
     pub sink: Sink,
+    /// Streams only: what happens to a record that cannot be decoded, does not match the
+    /// declared columns, or that an operator cannot process. Default: `dead_letter` when a
+    /// `dead_letter` sink is given, otherwise `skip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<OnError>,
+    /// Streams only: where bad records go, with the reason, their source topic, partition and
+    /// offset, and the raw payload.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "serde_yaml::with::singleton_map"
+    )]
+    #[schemars(with = "Option<DeadLetter>")]
+    pub dead_letter: Option<DeadLetter>,
+    /// Streams only: the delivery guarantee.
+    #[serde(default)]
+    pub delivery: Delivery,
 }
 
-/// A bounded source: files read as one table. Paths are relative to the current directory.
+impl Pipeline {
+    /// Whether the source is an unbounded stream.
+    pub fn is_stream(&self) -> bool {
+        matches!(self.source, Source::Kafka(_))
+    }
+}
+
+/// What to do with a record that cannot be processed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Stop the pipeline with an error; nothing from the failing batch is committed.
+    Fail,
+    /// Leave the record out, log a warning and count it (`ferry_dead_letters_total` stays 0).
+    Skip,
+    /// Send the record to the `dead_letter` sink and go on.
+    DeadLetter,
+}
+
+/// Delivery guarantees of a stream.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Source offsets are committed only after the sink durably holds what they cover; after a
+    /// crash, the uncommitted tail is processed again (duplicates, never losses).
+    #[default]
+    AtLeastOnce,
+    /// Kafka sink: each micro-batch and its source offsets are one Kafka transaction.
+    /// `rolling_parquet` sink: files record the offset ranges they hold and ferry resumes from
+    /// them. A crash at any point neither loses nor duplicates a record.
+    ExactlyOnce,
+}
+
+/// A dead-letter sink.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DeadLetter {
+    /// A Kafka topic: value = the raw payload, key = the original key, headers
+    /// `ferry.error`, `ferry.source.topic`, `ferry.source.partition`, `ferry.source.offset`.
+    Kafka(KafkaDeadLetter),
+    /// A JSON Lines file, appended to and synced after every batch: one object per record with
+    /// `reason`, `topic`, `partition`, `offset`, `timestamp`, `key` and `payload` (or
+    /// `payload_base64` when the payload is not UTF-8).
+    Jsonl(FileSink),
+}
+
+/// A dead-letter topic.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaDeadLetter {
+    /// Bootstrap brokers; default: the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    /// The topic.
+    pub topic: String,
+    /// librdkafka producer properties.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Where rows come from: files read as one bounded table (paths relative to the current
+/// directory), or an unbounded Kafka stream.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Source {
@@ -46,6 +125,9 @@ pub enum Source {
     Csv(CsvSource),
     /// JSON Lines: one JSON object per line.
     Jsonl(FileSource),
+    /// Kafka topics, consumed in micro-batches. Besides the payload's columns, every row has the
+    /// lineage columns `_topic`, `_partition`, `_offset` and `_timestamp`.
+    Kafka(KafkaSource),
 }
 
 impl Source {
@@ -56,8 +138,85 @@ impl Source {
             Source::Ipc(_) => "ipc",
             Source::Csv(_) => "csv",
             Source::Jsonl(_) => "jsonl",
+            Source::Kafka(_) => "kafka",
         }
     }
+}
+
+/// A Kafka source.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSource {
+    /// Bootstrap brokers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Topics to read; an entry starting with `^` is a regular expression over topic names.
+    pub topics: Vec<String>,
+    /// Consumer group. Processes in one group share the topics' partitions.
+    pub group_id: String,
+    /// Where to start in a partition the group has no committed offset for. Committed offsets
+    /// (and, for exactly-once Parquet, the offsets recorded in the output files) always win.
+    #[serde(default, with = "serde_yaml::with::singleton_map")]
+    #[schemars(with = "StartPosition")]
+    pub start: StartPosition,
+    /// How record values are decoded.
+    #[serde(default)]
+    pub format: PayloadFormat,
+    /// Columns of `json` / `ipc` payloads, in order: name → type (`string`, `int64`, `float64`,
+    /// `bool`, `binary`, `timestamp_ms`, `list<float32>`, ... or an Arrow type name). Fields
+    /// of a JSON object that are not listed are ignored; a listed field that is missing is null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<BTreeMap<String, String>>")]
+    pub columns: Option<serde_yaml::Mapping>,
+    /// A JSON Schema file (an object with `properties`; `required` fields are non-null) giving
+    /// the columns instead of `columns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<PathBuf>,
+    /// A micro-batch closes at this many records ...
+    #[serde(default = "default_max_batch_rows")]
+    pub max_batch_rows: usize,
+    /// ... or this long after its first record arrived (`200ms`, `1s`), whichever comes first.
+    #[serde(default = "default_max_batch_wait")]
+    pub max_batch_wait: String,
+    /// librdkafka consumer properties passed through (e.g. `session.timeout.ms`,
+    /// `security.protocol`). ferry sets `enable.auto.commit=false`: it commits itself.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_max_batch_rows() -> usize {
+    1024
+}
+
+fn default_max_batch_wait() -> String {
+    "500ms".to_string()
+}
+
+/// Where a consumer starts in a partition without a committed offset.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPosition {
+    /// The group's committed offset, else the earliest record.
+    #[default]
+    Committed,
+    /// The earliest record still held by the broker.
+    Earliest,
+    /// Only records produced after the consumer joined.
+    Latest,
+    /// The first record at or after this time (RFC 3339, e.g. `2026-11-26T12:00:00Z`).
+    Timestamp(String),
+}
+
+/// Encoding of Kafka record values.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// One JSON object per record.
+    #[default]
+    Json,
+    /// An Arrow IPC stream per record (schema message + record batches); many rows per record.
+    Ipc,
+    /// No decoding: columns `key`, `value` (binary) and `headers` (list of key/value).
+    Raw,
 }
 
 /// Files of one format.
@@ -125,13 +284,19 @@ pub enum Sink {
     Jsonl(FileSink),
     /// One CSV file with a header. Only flat columns (no lists or structs) can be written.
     Csv(FileSink),
+    /// Streams: a Kafka topic, one record per row.
+    Kafka(KafkaSink),
+    /// Streams: Parquet files in a directory, rolled by rows, bytes or age.
+    RollingParquet(RollingParquetSink),
 }
 
 impl Sink {
-    pub fn path(&self) -> &PathBuf {
+    /// The file a bounded sink writes (`None` for streaming sinks).
+    pub fn path(&self) -> Option<&PathBuf> {
         match self {
-            Sink::Parquet(s) => &s.path,
-            Sink::Ipc(s) | Sink::Jsonl(s) | Sink::Csv(s) => &s.path,
+            Sink::Parquet(s) => Some(&s.path),
+            Sink::Ipc(s) | Sink::Jsonl(s) | Sink::Csv(s) => Some(&s.path),
+            Sink::Kafka(_) | Sink::RollingParquet(_) => None,
         }
     }
 
@@ -141,8 +306,94 @@ impl Sink {
             Sink::Ipc(_) => "ipc",
             Sink::Jsonl(_) => "jsonl",
             Sink::Csv(_) => "csv",
+            Sink::Kafka(_) => "kafka",
+            Sink::RollingParquet(_) => "rolling_parquet",
         }
     }
+
+    /// Whether this sink takes an unbounded stream.
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Sink::Kafka(_) | Sink::RollingParquet(_))
+    }
+}
+
+/// A Kafka sink.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSink {
+    /// Bootstrap brokers; default: the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    /// The output topic.
+    pub topic: String,
+    /// Column whose value is the record key (strings and binary as they are, numbers as their
+    /// decimal text); records with one key go to one partition. Default: no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// How each row becomes a record value.
+    #[serde(default)]
+    pub format: SinkFormat,
+    /// For `raw`: the binary or string column written as the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Add lineage headers `ferry.source.topic`, `ferry.source.partition`,
+    /// `ferry.source.offset` from the row's lineage columns (when a SQL step kept them).
+    #[serde(default = "yes")]
+    pub lineage_headers: bool,
+    /// librdkafka producer properties (e.g. `compression.type`, `linger.ms`). The producer is
+    /// always idempotent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Encoding of Kafka sink record values.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkFormat {
+    /// One JSON object per row, without the lineage columns (they go to headers).
+    #[default]
+    Json,
+    /// One Arrow IPC stream (schema + one single-row batch) per row.
+    Ipc,
+    /// The `value` column's bytes.
+    Raw,
+}
+
+/// Parquet files rolled in a directory. Each file is written as `.<name>.inprogress-<pid>` and
+/// renamed into place when complete; its footer metadata `ferry.offsets` records the Kafka
+/// offset ranges it holds.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollingParquetSink {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Roll when a file holds this many rows.
+    #[serde(default = "default_roll_rows")]
+    pub max_rows: u64,
+    /// Roll when a file reaches about this many bytes.
+    #[serde(default = "default_roll_bytes")]
+    pub max_bytes: u64,
+    /// Roll when a file is this old (`30s`, `5m`), even if the stream is idle.
+    #[serde(default = "default_roll_age")]
+    pub max_age: String,
+    /// A column whose value picks a subdirectory `<column>=<value>` (Hive style).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_by: Option<String>,
+    /// Column compression.
+    #[serde(default)]
+    pub compression: ParquetCompression,
+}
+
+fn default_roll_rows() -> u64 {
+    1_000_000
+}
+
+fn default_roll_bytes() -> u64 {
+    128 * 1024 * 1024
+}
+
+fn default_roll_age() -> String {
+    "60s".to_string()
 }
 
 /// A file sink.

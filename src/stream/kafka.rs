@@ -1,0 +1,371 @@
+//! Kafka clients: the producer behind the Kafka sink and the dead-letter topic, and the encoding
+//! of output rows into records.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::ipc::writer::StreamWriter;
+use datafusion::arrow::json::WriterBuilder;
+use datafusion::arrow::json::writer::LineDelimited;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+
+use super::decode::{LINEAGE, OFFSET, PARTITION, Record, TOPIC};
+use crate::spec::{KafkaSink, SinkFormat};
+
+/// How long to wait for the broker on flushes and transactions before failing the batch.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Counts failed deliveries, so a batch is committed only when all its records are acknowledged.
+#[derive(Default)]
+pub struct DeliveryContext {
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            let mut first = self.first_error.lock().expect("delivery error slot");
+            first.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+pub type Producer_ = BaseProducer<DeliveryContext>;
+
+/// An idempotent producer (transactional when `transactional_id` is given).
+pub fn producer(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    transactional_id: Option<&str>,
+) -> Result<Producer_, String> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000");
+    if let Some(id) = transactional_id {
+        config.set("transactional.id", id);
+    }
+    for (k, v) in properties {
+        config.set(k, v);
+    }
+    let producer: Producer_ = config
+        .create_with_context(DeliveryContext::default())
+        .map_err(|e| format!("creating the Kafka producer for {brokers}: {e}"))?;
+    if transactional_id.is_some() {
+        producer
+            .init_transactions(BROKER_TIMEOUT)
+            .map_err(|e| format!("initialising Kafka transactions on {brokers}: {e}"))?;
+    }
+    Ok(producer)
+}
+
+/// Enqueues one record, waiting for room in the producer's queue when it is full.
+pub fn send(producer: &Producer_, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), String> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                producer.poll(Duration::from_millis(50));
+                record = r;
+            }
+            Err((e, r)) => return Err(format!("producing to topic '{}': {e}", r.topic)),
+        }
+    }
+}
+
+/// Waits until every enqueued record is acknowledged; fails if any was not.
+pub fn flush(producer: &Producer_) -> Result<(), String> {
+    producer
+        .flush(BROKER_TIMEOUT)
+        .map_err(|e| format!("waiting for Kafka acknowledgements: {e}"))?;
+    let ctx = producer.context();
+    let failed = ctx.failed.swap(0, Ordering::Relaxed);
+    if failed > 0 {
+        let first = ctx
+            .first_error
+            .lock()
+            .expect("delivery error slot")
+            .take()
+            .unwrap_or_default();
+        return Err(format!("{failed} record(s) were not delivered: {first}"));
+    }
+    Ok(())
+}
+
+/// Turns output rows into Kafka records for one sink.
+pub struct RecordEncoder {
+    topic: String,
+    key: Option<String>,
+    format: SinkFormat,
+    value: Option<String>,
+    lineage_headers: bool,
+}
+
+/// One encoded record.
+pub struct Encoded {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl RecordEncoder {
+    /// Checks the sink against the output schema at plan time.
+    pub fn new(
+        sink: &KafkaSink,
+        schema: &datafusion::arrow::datatypes::Schema,
+    ) -> Result<Self, String> {
+        if let Some(k) = &sink.key {
+            schema
+                .index_of(k)
+                .map_err(|_| format!("key: no column '{k}' in the output"))?;
+        }
+        match (sink.format, &sink.value) {
+            (SinkFormat::Raw, None) => {
+                return Err(
+                    "format raw needs `value: <column>` (a binary or string column)".into(),
+                );
+            }
+            (SinkFormat::Raw, Some(v)) => {
+                let f = schema
+                    .field_with_name(v)
+                    .map_err(|_| format!("value: no column '{v}' in the output"))?;
+                if !matches!(
+                    f.data_type(),
+                    DataType::Binary
+                        | DataType::LargeBinary
+                        | DataType::BinaryView
+                        | DataType::Utf8
+                        | DataType::LargeUtf8
+                        | DataType::Utf8View
+                ) {
+                    return Err(format!(
+                        "value: column '{v}' is {}, raw values must be binary or string",
+                        f.data_type()
+                    ));
+                }
+            }
+            (_, Some(_)) => return Err("value is only for format raw".into()),
+            _ => {}
+        }
+        Ok(RecordEncoder {
+            topic: sink.topic.clone(),
+            key: sink.key.clone(),
+            format: sink.format,
+            value: sink.value.clone(),
+            lineage_headers: sink.lineage_headers,
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Encodes every row of `batch`.
+    pub fn encode(&self, batch: &RecordBatch) -> Result<Vec<Encoded>, String> {
+        let n = batch.num_rows();
+        let values: Vec<Vec<u8>> = match self.format {
+            SinkFormat::Json => {
+                let payload = without_lineage(batch);
+                let mut writer = WriterBuilder::new()
+                    .with_explicit_nulls(true)
+                    .build::<_, LineDelimited>(Vec::new());
+                writer
+                    .write(&payload)
+                    .map_err(|e| format!("encoding JSON: {e}"))?;
+                writer.finish().map_err(|e| format!("encoding JSON: {e}"))?;
+                let buf = writer.into_inner();
+                buf.split(|&b| b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .map(<[u8]>::to_vec)
+                    .collect()
+            }
+            SinkFormat::Ipc => {
+                let payload = without_lineage(batch);
+                (0..n)
+                    .map(|i| {
+                        let mut w = StreamWriter::try_new(Vec::new(), &payload.schema())
+                            .map_err(|e| e.to_string())?;
+                        w.write(&payload.slice(i, 1)).map_err(|e| e.to_string())?;
+                        w.into_inner().map_err(|e| e.to_string())
+                    })
+                    .collect::<Result<_, String>>()?
+            }
+            SinkFormat::Raw => {
+                let col = batch
+                    .column_by_name(self.value.as_deref().expect("checked at plan time"))
+                    .expect("checked at plan time");
+                bytes_of(col.as_ref())?
+                    .into_iter()
+                    .map(Option::unwrap_or_default)
+                    .collect()
+            }
+        };
+        if values.len() != n {
+            return Err(format!("encoded {} values for {n} rows", values.len()));
+        }
+        let keys: Vec<Option<Vec<u8>>> = match &self.key {
+            None => vec![None; n],
+            Some(k) => bytes_of(batch.column_by_name(k).expect("checked").as_ref())?,
+        };
+        let lineage = if self.lineage_headers {
+            match (
+                batch.column_by_name(TOPIC),
+                batch.column_by_name(PARTITION),
+                batch.column_by_name(OFFSET),
+            ) {
+                (Some(t), Some(p), Some(o)) => Some((
+                    ArrayFormatter::try_new(t.as_ref(), &FormatOptions::default())
+                        .map_err(|e| e.to_string())?,
+                    ArrayFormatter::try_new(p.as_ref(), &FormatOptions::default())
+                        .map_err(|e| e.to_string())?,
+                    ArrayFormatter::try_new(o.as_ref(), &FormatOptions::default())
+                        .map_err(|e| e.to_string())?,
+                )),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        Ok(values
+            .into_iter()
+            .zip(keys)
+            .enumerate()
+            .map(|(i, (value, key))| Encoded {
+                key,
+                value,
+                headers: match &lineage {
+                    Some((t, p, o)) => vec![
+                        ("ferry.source.topic", t.value(i).to_string()),
+                        ("ferry.source.partition", p.value(i).to_string()),
+                        ("ferry.source.offset", o.value(i).to_string()),
+                    ],
+                    None => vec![],
+                },
+            })
+            .collect())
+    }
+}
+
+/// Enqueues encoded records on `producer`.
+pub fn produce(producer: &Producer_, topic: &str, records: &[Encoded]) -> Result<(), String> {
+    for r in records {
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record = BaseRecord::to(topic).payload(&r.value[..]).headers(headers);
+        if let Some(k) = &r.key {
+            record = record.key(&k[..]);
+        }
+        send(producer, record)?;
+    }
+    Ok(())
+}
+
+/// Bytes of each value: strings and binary as they are, anything else as its display text.
+fn bytes_of(array: &dyn Array) -> Result<Vec<Option<Vec<u8>>>, String> {
+    let n = array.len();
+    let valid = |i: usize| array.is_valid(i);
+    Ok(match array.data_type() {
+        DataType::Binary => {
+            let a = array.as_binary::<i32>();
+            (0..n)
+                .map(|i| valid(i).then(|| a.value(i).to_vec()))
+                .collect()
+        }
+        DataType::LargeBinary => {
+            let a = array.as_binary::<i64>();
+            (0..n)
+                .map(|i| valid(i).then(|| a.value(i).to_vec()))
+                .collect()
+        }
+        DataType::BinaryView => {
+            let a = array.as_binary_view();
+            (0..n)
+                .map(|i| valid(i).then(|| a.value(i).to_vec()))
+                .collect()
+        }
+        _ => {
+            let f = ArrayFormatter::try_new(array, &FormatOptions::default())
+                .map_err(|e| e.to_string())?;
+            (0..n)
+                .map(|i| valid(i).then(|| f.value(i).to_string().into_bytes()))
+                .collect()
+        }
+    })
+}
+
+fn without_lineage(batch: &RecordBatch) -> RecordBatch {
+    let keep: Vec<usize> = batch
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| !LINEAGE.contains(&f.name().as_str()))
+        .map(|(i, _)| i)
+        .collect();
+    batch.project(&keep).expect("indices in range")
+}
+
+/// A dead-letter record as the JSON Lines sink writes it.
+pub fn dead_letter_json(record: &Record, reason: &str) -> serde_json::Value {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let mut v = serde_json::json!({
+        "reason": reason,
+        "topic": &*record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp": record.timestamp,
+    });
+    let o = v.as_object_mut().expect("object");
+    match record.key.as_deref().map(std::str::from_utf8) {
+        None => {
+            o.insert("key".into(), serde_json::Value::Null);
+        }
+        Some(Ok(k)) => {
+            o.insert("key".into(), k.into());
+        }
+        Some(Err(_)) => {
+            o.insert(
+                "key_base64".into(),
+                b64(record.key.as_deref().unwrap()).into(),
+            );
+        }
+    }
+    match record.payload.as_deref().map(std::str::from_utf8) {
+        None => {
+            o.insert("payload".into(), serde_json::Value::Null);
+        }
+        Some(Ok(p)) => {
+            o.insert("payload".into(), p.into());
+        }
+        Some(Err(_)) => {
+            o.insert(
+                "payload_base64".into(),
+                b64(record.payload.as_deref().unwrap()).into(),
+            );
+        }
+    }
+    v
+}

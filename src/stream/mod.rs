@@ -1,0 +1,945 @@
+//! Streams: a Kafka source consumed in micro-batches, each run through the pipeline's plan (the
+//! same SQL steps and operator projections as a file source), written to a streaming sink, and
+//! only then committed.
+//!
+//! One thread polls the consumer, closes micro-batches by rows or wait, runs the plan, writes
+//! the sink and commits, in that order. Consumption therefore never runs ahead of the model:
+//! librdkafka's prefetch queue (bounded by `queued.max.messages.kbytes`) is the only buffer,
+//! and memory stays flat however slow the operators are.
+
+pub mod decode;
+pub mod devbroker;
+pub mod kafka;
+pub mod metrics;
+pub mod rolling;
+pub mod table;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Int32Type, Int64Type, Schema};
+use datafusion::dataframe::DataFrame;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext};
+
+use crate::engine::OperatorSet;
+use crate::spec::{
+    DeadLetter, Delivery, KafkaSource, OnError, Pipeline, Sink, Source, StartPosition,
+};
+use decode::{Decoder, Record};
+use kafka::{Producer_, RecordEncoder};
+use metrics::metrics;
+use rolling::{Ranges, RollingWriter};
+
+/// Bounds on a stream run, for tests and backfills.
+#[derive(Debug, Clone, Default)]
+pub struct StreamOptions {
+    /// Stop after this many records (the last micro-batch is cut there).
+    pub max_records: Option<u64>,
+    /// Stop when no record has arrived for this long (counted from the first assignment).
+    pub until_idle: Option<Duration>,
+    /// No status line.
+    pub quiet: bool,
+}
+
+/// What a finished stream run did.
+#[derive(Debug, Clone, Default)]
+pub struct StreamSummary {
+    pub records_in: u64,
+    pub rows_out: u64,
+    pub batches: u64,
+    pub dead_lettered: u64,
+    pub skipped: u64,
+    pub elapsed: Duration,
+}
+
+/// What `on_error` resolves to.
+pub fn on_error(p: &Pipeline) -> OnError {
+    p.on_error.unwrap_or(if p.dead_letter.is_some() {
+        OnError::DeadLetter
+    } else {
+        OnError::Skip
+    })
+}
+
+fn parse_duration(what: &str, s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{what} '{s}': {e} (e.g. 500ms, 2s, 1m)"))
+}
+
+fn parse_start(s: &StartPosition) -> Result<Option<i64>, String> {
+    match s {
+        StartPosition::Timestamp(t) => humantime::parse_rfc3339_weak(t)
+            .map(|t| {
+                Some(
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64),
+                )
+            })
+            .map_err(|e| {
+                format!("start timestamp '{t}': {e} (use RFC 3339, e.g. 2026-11-26T12:00:00Z)")
+            }),
+        _ => Ok(None),
+    }
+}
+
+/// Plan-time checks of a stream pipeline against its output schema: (YAML path, message).
+pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    let stream_sink = p.sink.is_stream();
+    let Source::Kafka(k) = &p.source else {
+        if stream_sink {
+            problems.push((
+                format!("sink.{}", p.sink.format()),
+                "this sink takes a stream: use a kafka source, or a file sink (parquet, ipc, jsonl, csv)".into(),
+            ));
+        }
+        for (key, set) in [
+            ("on_error", p.on_error.is_some()),
+            ("dead_letter", p.dead_letter.is_some()),
+            ("delivery", p.delivery != Delivery::AtLeastOnce),
+        ] {
+            if set {
+                problems.push((
+                    key.to_string(),
+                    format!("{key} applies to kafka sources; a file source writes null where an operator cannot process a row"),
+                ));
+            }
+        }
+        return problems;
+    };
+    if !stream_sink {
+        problems.push((
+            format!("sink.{}", p.sink.format()),
+            "a kafka source needs a streaming sink: kafka or rolling_parquet".into(),
+        ));
+    }
+    if k.max_batch_rows == 0 {
+        problems.push((
+            "source.kafka.max_batch_rows".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    if let Err(e) = parse_duration("max_batch_wait", &k.max_batch_wait) {
+        problems.push(("source.kafka.max_batch_wait".into(), e));
+    }
+    if let Err(e) = parse_start(&k.start) {
+        problems.push(("source.kafka.start".into(), e));
+    }
+    if k.topics.is_empty() {
+        problems.push((
+            "source.kafka.topics".into(),
+            "give at least one topic".into(),
+        ));
+    }
+    match &p.sink {
+        Sink::Kafka(s) => {
+            if let Err(e) = RecordEncoder::new(s, output) {
+                problems.push(("sink.kafka".into(), e));
+            }
+        }
+        Sink::RollingParquet(r) => {
+            if let Err(e) = parse_duration("max_age", &r.max_age) {
+                problems.push(("sink.rolling_parquet.max_age".into(), e));
+            }
+            if let Some(col) = &r.partition_by {
+                if output.index_of(col).is_err() {
+                    problems.push((
+                        "sink.rolling_parquet.partition_by".into(),
+                        format!("no column '{col}' in the output"),
+                    ));
+                }
+                if p.delivery == Delivery::ExactlyOnce {
+                    problems.push((
+                        "sink.rolling_parquet.partition_by".into(),
+                        "exactly_once needs one file per roll: remove partition_by or use at_least_once".into(),
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+    if on_error(p) == OnError::DeadLetter && p.dead_letter.is_none() {
+        problems.push((
+            "on_error".into(),
+            "on_error: dead_letter needs a dead_letter sink (kafka topic or jsonl file)".into(),
+        ));
+    }
+    problems
+}
+
+enum Output {
+    Kafka {
+        producer: Producer_,
+        encoder: RecordEncoder,
+        transactional: bool,
+    },
+    Rolling(RollingWriter),
+}
+
+enum DeadLetters {
+    Kafka { producer: Producer_, topic: String },
+    Jsonl { file: std::fs::File, path: PathBuf },
+}
+
+impl DeadLetters {
+    fn open(d: &DeadLetter, source: &KafkaSource) -> Result<Self, String> {
+        Ok(match d {
+            DeadLetter::Kafka(k) => DeadLetters::Kafka {
+                producer: kafka::producer(
+                    k.brokers.as_deref().unwrap_or(&source.brokers),
+                    &k.properties,
+                    None,
+                )?,
+                topic: k.topic.clone(),
+            },
+            DeadLetter::Jsonl(f) => {
+                if let Some(dir) = f.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&f.path)
+                    .map_err(|e| format!("dead letters {}: {e}", f.path.display()))?;
+                DeadLetters::Jsonl {
+                    file,
+                    path: f.path.clone(),
+                }
+            }
+        })
+    }
+
+    /// Writes the records and makes them durable.
+    fn write(&mut self, records: &[(&Record, String)]) -> Result<(), String> {
+        match self {
+            DeadLetters::Kafka { producer, topic } => {
+                for (r, reason) in records {
+                    let partition = r.partition.to_string();
+                    let offset = r.offset.to_string();
+                    let headers = rdkafka::message::OwnedHeaders::new()
+                        .insert(rdkafka::message::Header {
+                            key: "ferry.error",
+                            value: Some(reason.as_bytes()),
+                        })
+                        .insert(rdkafka::message::Header {
+                            key: "ferry.source.topic",
+                            value: Some(r.topic.as_bytes()),
+                        })
+                        .insert(rdkafka::message::Header {
+                            key: "ferry.source.partition",
+                            value: Some(partition.as_bytes()),
+                        })
+                        .insert(rdkafka::message::Header {
+                            key: "ferry.source.offset",
+                            value: Some(offset.as_bytes()),
+                        });
+                    let mut rec =
+                        rdkafka::producer::BaseRecord::<[u8], [u8]>::to(topic).headers(headers);
+                    if let Some(p) = &r.payload {
+                        rec = rec.payload(&p[..]);
+                    }
+                    if let Some(k) = &r.key {
+                        rec = rec.key(&k[..]);
+                    }
+                    kafka::send(producer, rec)?;
+                }
+                kafka::flush(producer)
+            }
+            DeadLetters::Jsonl { file, path } => {
+                let mut buf = Vec::new();
+                for (r, reason) in records {
+                    serde_json::to_writer(&mut buf, &kafka::dead_letter_json(r, reason))
+                        .expect("JSON values serialize");
+                    buf.push(b'\n');
+                }
+                file.write_all(&buf)
+                    .and_then(|_| file.sync_data())
+                    .map_err(|e| format!("dead letters {}: {e}", path.display()))
+            }
+        }
+    }
+}
+
+/// State the rebalance callback shares with the loop: it flushes and commits before partitions
+/// are revoked.
+struct Shared {
+    output: Output,
+    /// Next offset to commit per partition, for records whose output is durable or pending.
+    uncommitted: BTreeMap<(String, i32), i64>,
+    /// Bumped on every rebalance, so the loop drops buffered records of revoked partitions.
+    generation: u64,
+    first_assigned: Option<Instant>,
+    /// Exactly-once Parquet: resume from the offsets recorded in the files.
+    resume_dir: Option<PathBuf>,
+    start_timestamp: Option<i64>,
+}
+
+impl Shared {
+    /// Whether everything consumed so far is durably written.
+    fn durable(&self) -> bool {
+        match &self.output {
+            Output::Kafka { .. } => true,
+            Output::Rolling(w) => w.durable(),
+        }
+    }
+}
+
+fn tpl_of(offsets: &BTreeMap<(String, i32), i64>) -> KafkaResult<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), next) in offsets {
+        tpl.add_partition_offset(t, *p, Offset::Offset(*next))?;
+    }
+    Ok(tpl)
+}
+
+fn commit<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    offsets: &mut BTreeMap<(String, i32), i64>,
+) -> Result<(), String> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let tpl = tpl_of(offsets).map_err(|e| e.to_string())?;
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .map_err(|e| format!("committing offsets: {e}"))?;
+    metrics().commits.inc();
+    offsets.clear();
+    Ok(())
+}
+
+struct StreamContext {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl ClientContext for StreamContext {
+    fn stats(&self, stats: Statistics) {
+        let lag: i64 = stats
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|p| p.consumer_lag)
+            .sum();
+        metrics().consumer_lag.set(lag);
+    }
+}
+
+impl StreamContext {
+    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let mut shared = self.shared.lock().expect("stream state");
+        shared.generation += 1;
+        shared.first_assigned.get_or_insert_with(Instant::now);
+        let needs_committed = shared.resume_dir.is_some() || shared.start_timestamp.is_some();
+        if needs_committed && tpl.count() > 0 {
+            let committed = match consumer.committed_offsets(tpl.clone(), kafka::BROKER_TIMEOUT) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading committed offsets on assignment");
+                    return;
+                }
+            };
+            let committed: HashMap<(String, i32), i64> = committed
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                    _ => None,
+                })
+                .collect();
+            if let Some(dir) = &shared.resume_dir {
+                match rolling::recorded_next_offsets(dir) {
+                    Ok(files) => {
+                        let assigned: Vec<(String, i32)> = tpl
+                            .elements()
+                            .iter()
+                            .map(|e| (e.topic().to_string(), e.partition()))
+                            .collect();
+                        for tp in assigned {
+                            if let Some(&f) = files.get(&tp)
+                                && committed.get(&tp).is_none_or(|&c| f > c)
+                            {
+                                tracing::info!(
+                                    topic = tp.0,
+                                    partition = tp.1,
+                                    offset = f,
+                                    "resuming from the offsets recorded in the output files"
+                                );
+                                let _ = tpl.set_partition_offset(&tp.0, tp.1, Offset::Offset(f));
+                            }
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "reading offsets from output files"),
+                }
+            } else if let Some(ts) = shared.start_timestamp {
+                let mut query = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    if !committed.contains_key(&(e.topic().to_string(), e.partition())) {
+                        let _ = query.add_partition_offset(
+                            e.topic(),
+                            e.partition(),
+                            Offset::Offset(ts),
+                        );
+                    }
+                }
+                if query.count() > 0 {
+                    match consumer.offsets_for_times(query, kafka::BROKER_TIMEOUT) {
+                        Ok(found) => {
+                            for e in found.elements() {
+                                let _ =
+                                    tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "looking up offsets for the start timestamp")
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!(partitions = ?tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect::<Vec<_>>(), "assigned");
+    }
+
+    fn on_revoke(&self, consumer: &BaseConsumer<Self>) {
+        let mut guard = self.shared.lock().expect("stream state");
+        let shared = &mut *guard;
+        shared.generation += 1;
+        // Flush before the partitions go: roll open files, then commit what they hold.
+        if let Output::Rolling(w) = &mut shared.output
+            && !w.durable()
+            && let Err(e) = w.roll()
+        {
+            tracing::error!(error = %e, "rolling files before a rebalance; their records will be read again");
+            shared.uncommitted.clear();
+            return;
+        }
+        if let Err(e) = commit(consumer, &mut shared.uncommitted) {
+            tracing::warn!(error = %e, "committing before a rebalance");
+        }
+        tracing::info!("partitions revoked");
+    }
+}
+
+impl ConsumerContext for StreamContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(consumer, tpl);
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke(consumer);
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance failed");
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "applying a rebalance");
+        }
+    }
+}
+
+fn record_of<M: Message>(m: &M, topics: &mut HashMap<String, Arc<str>>) -> Record {
+    let topic = topics
+        .entry(m.topic().to_string())
+        .or_insert_with(|| Arc::from(m.topic()))
+        .clone();
+    Record {
+        topic,
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp: m.timestamp().to_millis(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        headers: m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// Consumed offset ranges of `records`.
+fn ranges_of(records: &[Record]) -> Ranges {
+    let mut r = Ranges::new();
+    for rec in records {
+        r.entry((rec.topic.to_string(), rec.partition))
+            .and_modify(|(f, l)| {
+                *f = (*f).min(rec.offset);
+                *l = (*l).max(rec.offset);
+            })
+            .or_insert((rec.offset, rec.offset));
+    }
+    r
+}
+
+/// Runs a planned stream pipeline until stopped (`stop`), `max_records`, or idle.
+/// Blocking: call it from a thread that may block (it drives async work with `runtime`).
+pub fn run(
+    pipeline: &Pipeline,
+    frame: DataFrame,
+    operators: &OperatorSet,
+    options: &StreamOptions,
+    runtime: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+) -> Result<StreamSummary, String> {
+    let started = Instant::now();
+    let Source::Kafka(source) = &pipeline.source else {
+        return Err("not a stream pipeline".into());
+    };
+    let decoder = Decoder::new(source)?;
+    let slot = table_slot(&frame)?;
+    let output_schema = Arc::new(frame.schema().as_arrow().clone());
+    let policy = on_error(pipeline);
+    let exactly_once = pipeline.delivery == Delivery::ExactlyOnce;
+    let max_rows = source.max_batch_rows.max(1);
+    let max_wait = parse_duration("max_batch_wait", &source.max_batch_wait)?;
+
+    let output = match &pipeline.sink {
+        Sink::Kafka(s) => {
+            let brokers = s.brokers.as_deref().unwrap_or(&source.brokers);
+            let txn_id = exactly_once.then(|| {
+                format!(
+                    "ferry-{}-{}-{}",
+                    source.group_id,
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos())
+                )
+            });
+            Output::Kafka {
+                producer: kafka::producer(brokers, &s.properties, txn_id.as_deref())?,
+                encoder: RecordEncoder::new(s, &output_schema)?,
+                transactional: exactly_once,
+            }
+        }
+        Sink::RollingParquet(r) => Output::Rolling(RollingWriter::new(r, output_schema.clone())?),
+        other => return Err(format!("sink {} cannot take a stream", other.format())),
+    };
+    let resume_dir = match (&pipeline.sink, exactly_once) {
+        (Sink::RollingParquet(r), true) => Some(r.dir.clone()),
+        _ => None,
+    };
+    let mut dead = match (&pipeline.dead_letter, policy) {
+        (Some(d), OnError::DeadLetter) => Some(DeadLetters::open(d, source)?),
+        _ => None,
+    };
+    let shared = Arc::new(Mutex::new(Shared {
+        output,
+        uncommitted: BTreeMap::new(),
+        generation: 0,
+        first_assigned: None,
+        resume_dir,
+        start_timestamp: parse_start(&source.start)?,
+    }));
+
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &source.brokers)
+        .set("group.id", &source.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "auto.offset.reset",
+            if source.start == StartPosition::Latest {
+                "latest"
+            } else {
+                "earliest"
+            },
+        )
+        .set("queued.max.messages.kbytes", "16384")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in &source.properties {
+        config.set(k, v);
+    }
+    let consumer: BaseConsumer<StreamContext> = config
+        .create_with_context(StreamContext {
+            shared: Arc::clone(&shared),
+        })
+        .map_err(|e| format!("creating the Kafka consumer for {}: {e}", source.brokers))?;
+    let topics: Vec<&str> = source.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| format!("subscribing to {}: {e}", source.topics.join(", ")))?;
+    tracing::info!(topics = ?source.topics, group = %source.group_id, "consuming");
+
+    let status = status_line(options.quiet);
+    let mut summary = StreamSummary::default();
+    let mut topic_names = HashMap::new();
+    let mut pending: Vec<Record> = Vec::new();
+    let mut first_at: Option<Instant> = None;
+    let mut last_record: Option<Instant> = None;
+    let mut seen_generation = 0;
+    let mut last_status = Instant::now();
+    let ctx = Batcher {
+        pipeline,
+        frame: &frame,
+        slot: &slot,
+        decoder: &decoder,
+        operators,
+        policy,
+        runtime: &runtime,
+        consumer: &consumer,
+        shared: &shared,
+    };
+    loop {
+        let cap_reached = options
+            .max_records
+            .is_some_and(|m| summary.records_in + pending.len() as u64 >= m);
+        if stop.load(Ordering::Relaxed) || cap_reached {
+            break;
+        }
+        let wait = first_at
+            .map_or(Duration::from_millis(100), |t| {
+                max_wait.saturating_sub(t.elapsed())
+            })
+            .min(Duration::from_millis(100));
+        match consumer.poll(wait) {
+            Some(Ok(m)) => {
+                pending.push(record_of(&m, &mut topic_names));
+                first_at.get_or_insert_with(Instant::now);
+                last_record = Some(Instant::now());
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer");
+            }
+            None => {}
+        }
+        let generation = shared.lock().expect("stream state").generation;
+        if generation != seen_generation {
+            seen_generation = generation;
+            if !pending.is_empty() {
+                let assigned: HashSet<(String, i32)> = consumer
+                    .assignment()
+                    .map(|a| {
+                        a.elements()
+                            .iter()
+                            .map(|e| (e.topic().to_string(), e.partition()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let before = pending.len();
+                pending.retain(|r| assigned.contains(&(r.topic.to_string(), r.partition)));
+                if pending.len() < before {
+                    tracing::info!(
+                        dropped = before - pending.len(),
+                        "buffered records of revoked partitions left to their new owner"
+                    );
+                }
+                if pending.is_empty() {
+                    first_at = None;
+                }
+            }
+        }
+        let full = pending.len() >= max_rows
+            || options
+                .max_records
+                .is_some_and(|m| summary.records_in + pending.len() as u64 >= m);
+        let due = first_at.is_some_and(|t| t.elapsed() >= max_wait);
+        if full || due {
+            let records = std::mem::take(&mut pending);
+            first_at = None;
+            ctx.process(records, &mut dead, &mut summary)?;
+        } else if pending.is_empty() {
+            // Idle: roll old files (and commit what they hold).
+            let mut guard = shared.lock().expect("stream state");
+            let s = &mut *guard;
+            if let Output::Rolling(w) = &mut s.output
+                && w.roll_if_old()?
+            {
+                commit(&consumer, &mut s.uncommitted)?;
+            }
+            let idle_since = last_record.or(s.first_assigned);
+            drop(guard);
+            if let (Some(limit), Some(since)) = (options.until_idle, idle_since)
+                && since.elapsed() >= limit
+            {
+                tracing::info!("idle for {limit:?}; stopping");
+                break;
+            }
+        }
+        if last_status.elapsed() >= Duration::from_millis(250) {
+            last_status = Instant::now();
+            status.set_message(format!(
+                "{} records in, {} rows out, {} dead-lettered, {} skipped, lag {}  ({:.0} records/s)",
+                summary.records_in,
+                summary.rows_out,
+                summary.dead_lettered,
+                summary.skipped,
+                metrics().consumer_lag.get(),
+                summary.records_in as f64 / started.elapsed().as_secs_f64().max(1e-9)
+            ));
+        }
+    }
+    // Drain: what is buffered, then flush and commit.
+    if !pending.is_empty() {
+        ctx.process(std::mem::take(&mut pending), &mut dead, &mut summary)?;
+    }
+    {
+        let mut guard = shared.lock().expect("stream state");
+        let s = &mut *guard;
+        if let Output::Rolling(w) = &mut s.output {
+            w.roll()?;
+        }
+        commit(&consumer, &mut s.uncommitted)?;
+    }
+    status.finish_and_clear();
+    drop(consumer);
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+/// The micro-batch slot of the plan's source table.
+fn table_slot(frame: &DataFrame) -> Result<Arc<Mutex<Vec<RecordBatch>>>, String> {
+    use datafusion::common::tree_node::TreeNode;
+    use datafusion::logical_expr::LogicalPlan;
+    let mut found = None;
+    frame
+        .logical_plan()
+        .apply(|node| {
+            if let LogicalPlan::TableScan(scan) = node
+                && let Ok(provider) = datafusion::datasource::source_as_provider(&scan.source)
+                && let Some(t) = provider.downcast_ref::<table::MicroBatchTable>()
+            {
+                found = Some(t.slot());
+                return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        })
+        .map_err(|e| e.to_string())?;
+    found.ok_or_else(|| "the plan does not read the stream's table".to_string())
+}
+
+fn status_line(quiet: bool) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner()
+        .with_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
+    bar.set_draw_target(ProgressDrawTarget::stderr());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Everything one micro-batch needs.
+struct Batcher<'a> {
+    pipeline: &'a Pipeline,
+    frame: &'a DataFrame,
+    slot: &'a Arc<Mutex<Vec<RecordBatch>>>,
+    decoder: &'a Decoder,
+    operators: &'a OperatorSet,
+    policy: OnError,
+    runtime: &'a tokio::runtime::Handle,
+    consumer: &'a BaseConsumer<StreamContext>,
+    shared: &'a Arc<Mutex<Shared>>,
+}
+
+impl Batcher<'_> {
+    /// Decode → plan → dead letters → sink → commit, for one micro-batch.
+    fn process(
+        &self,
+        records: Vec<Record>,
+        dead: &mut Option<DeadLetters>,
+        summary: &mut StreamSummary,
+    ) -> Result<(), String> {
+        let t0 = Instant::now();
+        let m = metrics();
+        let (batch, bad) = self.decoder.decode(&records);
+        let mut failed: Vec<(usize, String)> = bad
+            .into_iter()
+            .map(|b| {
+                m.error("decode");
+                (b.index, b.reason)
+            })
+            .collect();
+        *self.slot.lock().expect("micro-batch slot") = vec![batch];
+        let result = self.runtime.block_on(self.frame.clone().collect());
+        self.slot.lock().expect("micro-batch slot").clear();
+        let mut outputs =
+            result.map_err(|e| format!("running the pipeline on a micro-batch: {e}"))?;
+
+        // Rows an operator could not process, located by their lineage.
+        let index: HashMap<(&str, i32, i64), usize> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((&*r.topic, r.partition, r.offset), i))
+            .collect();
+        let mut failed_rows: HashSet<(String, i32, i64)> = HashSet::new();
+        for op in self.operators.built() {
+            for f in op.take_failures() {
+                m.error("operator");
+                if let Some((t, p, o)) = f.source
+                    && let Some(&i) = index.get(&(t.as_str(), p, o))
+                {
+                    failed.push((i, format!("operator '{}': {}", f.operator, f.message)));
+                    failed_rows.insert((t, p, o));
+                }
+            }
+        }
+        failed.sort_by_key(|(i, _)| *i);
+        failed.dedup_by_key(|(i, _)| *i);
+        if !failed.is_empty() {
+            match self.policy {
+                OnError::Fail => {
+                    let (i, reason) = &failed[0];
+                    let r = &records[*i];
+                    return Err(format!(
+                        "record {}[{}]@{}: {reason} (on_error: fail; {} bad record(s) in this batch, nothing from it was committed)",
+                        r.topic,
+                        r.partition,
+                        r.offset,
+                        failed.len()
+                    ));
+                }
+                OnError::Skip => {
+                    for (i, reason) in &failed {
+                        let r = &records[*i];
+                        tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, reason, "record skipped");
+                    }
+                    summary.skipped += failed.len() as u64;
+                }
+                OnError::DeadLetter => {
+                    let letters: Vec<(&Record, String)> = failed
+                        .iter()
+                        .map(|(i, reason)| (&records[*i], reason.clone()))
+                        .collect();
+                    dead.as_mut()
+                        .expect("dead_letter sink checked at plan time")
+                        .write(&letters)?;
+                    summary.dead_lettered += letters.len() as u64;
+                    m.dead_letters.inc_by(letters.len() as u64);
+                }
+            }
+            if !failed_rows.is_empty() {
+                outputs = outputs
+                    .iter()
+                    .map(|b| drop_failed_rows(b, &failed_rows))
+                    .collect();
+            }
+        }
+
+        let consumed = ranges_of(&records);
+        let rows: u64 = outputs.iter().map(|b| b.num_rows() as u64).sum();
+        let mut guard = self.shared.lock().expect("stream state");
+        let s = &mut *guard;
+        for ((t, p), (_, last)) in &consumed {
+            s.uncommitted.insert((t.clone(), *p), last + 1);
+        }
+        match &mut s.output {
+            Output::Kafka {
+                producer,
+                encoder,
+                transactional,
+            } => {
+                use rdkafka::producer::Producer;
+                if *transactional {
+                    producer
+                        .begin_transaction()
+                        .map_err(|e| format!("beginning a Kafka transaction: {e}"))?;
+                }
+                let sent = (|| {
+                    for b in &outputs {
+                        kafka::produce(producer, encoder.topic(), &encoder.encode(b)?)?;
+                    }
+                    if *transactional {
+                        let tpl = tpl_of(&s.uncommitted).map_err(|e| e.to_string())?;
+                        let group = self
+                            .consumer
+                            .group_metadata()
+                            .ok_or("the consumer has no group metadata")?;
+                        producer
+                            .send_offsets_to_transaction(&tpl, &group, kafka::BROKER_TIMEOUT)
+                            .map_err(|e| format!("adding offsets to the transaction: {e}"))?;
+                        producer
+                            .commit_transaction(kafka::BROKER_TIMEOUT)
+                            .map_err(|e| format!("committing the Kafka transaction: {e}"))
+                    } else {
+                        kafka::flush(producer)
+                    }
+                })();
+                if let Err(e) = sent {
+                    if *transactional {
+                        let _ = producer.abort_transaction(kafka::BROKER_TIMEOUT);
+                        return Err(format!("{e}; the transaction was aborted"));
+                    }
+                    return Err(e);
+                }
+                if *transactional {
+                    s.uncommitted.clear();
+                    m.commits.inc();
+                }
+            }
+            Output::Rolling(w) => {
+                w.write(&outputs, &consumed)?;
+            }
+        }
+        if s.durable() {
+            commit(self.consumer, &mut s.uncommitted)?;
+        }
+        drop(guard);
+        summary.records_in += records.len() as u64;
+        summary.rows_out += rows;
+        summary.batches += 1;
+        m.records_in.inc_by(records.len() as u64);
+        m.records_out.inc_by(rows);
+        m.batches.inc();
+        m.batch_seconds.observe(t0.elapsed().as_secs_f64());
+        let _ = self.pipeline;
+        Ok(())
+    }
+}
+
+/// `batch` without the rows whose lineage is in `failed` (when it still has lineage columns).
+fn drop_failed_rows(batch: &RecordBatch, failed: &HashSet<(String, i32, i64)>) -> RecordBatch {
+    let (Some(t), Some(p), Some(o)) = (
+        batch.column_by_name(decode::TOPIC),
+        batch.column_by_name(decode::PARTITION),
+        batch.column_by_name(decode::OFFSET),
+    ) else {
+        return batch.clone();
+    };
+    let (t, p, o) = (
+        t.as_string::<i32>(),
+        p.as_primitive::<Int32Type>(),
+        o.as_primitive::<Int64Type>(),
+    );
+    let drop: HashSet<usize> = (0..batch.num_rows())
+        .filter(|&i| failed.contains(&(t.value(i).to_string(), p.value(i), o.value(i))))
+        .collect();
+    decode::without_rows(batch, &drop)
+}
