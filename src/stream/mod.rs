@@ -877,6 +877,8 @@ impl Batcher<'_> {
                         kafka::produce(producer, encoder.topic(), &encoder.encode(b)?)?;
                     }
                     if *transactional {
+                        // Delivery errors surface before the offsets join the transaction.
+                        kafka::flush(producer)?;
                         let tpl = tpl_of(&s.uncommitted).map_err(|e| e.to_string())?;
                         let group = self
                             .consumer
@@ -894,8 +896,12 @@ impl Batcher<'_> {
                 })();
                 if let Err(e) = sent {
                     if *transactional {
-                        let _ = producer.abort_transaction(kafka::BROKER_TIMEOUT);
-                        return Err(format!("{e}; the transaction was aborted"));
+                        return Err(match producer.abort_transaction(kafka::BROKER_TIMEOUT) {
+                            Ok(()) => format!("{e}; the transaction was aborted"),
+                            Err(a) => format!(
+                                "{e}; aborting the transaction failed too ({a}): the broker aborts it when it times out"
+                            ),
+                        });
                     }
                     return Err(e);
                 }
@@ -912,6 +918,13 @@ impl Batcher<'_> {
             commit(self.consumer, &mut s.uncommitted)?;
         }
         drop(guard);
+        tracing::debug!(
+            records = records.len(),
+            rows,
+            bad = failed.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "micro-batch done"
+        );
         summary.records_in += records.len() as u64;
         summary.rows_out += rows;
         summary.batches += 1;
