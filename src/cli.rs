@@ -79,6 +79,12 @@ enum Command {
         #[arg(default_value = "schemas")]
         dir: PathBuf,
     },
+    /// Run a throwaway Kafka-compatible broker (tansu, in memory) on 127.0.0.1 until Ctrl-C,
+    /// for trying streams out.
+    DevBroker {
+        #[arg(long, default_value_t = 19092)]
+        port: u16,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,6 +234,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Command::DevBroker { port } => {
+            let broker = tokio::task::spawn_blocking(move || {
+                crate::stream::devbroker::DevBroker::start_on(Some(port))
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!(e))?;
+            println!("broker on {} (in memory; Ctrl-C stops it)", broker.addr);
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            drop(broker);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema { dir } => {
             crate::schemas::write(&dir)?;
             println!("wrote schemas to {}", dir.display());

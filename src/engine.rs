@@ -284,7 +284,7 @@ pub async fn execute(
     let errors_before: u64 = operators.built().map(|o| o.row_errors()).sum();
     let schema = Arc::new(planned.frame.schema().as_arrow().clone());
     let mut stream = planned.frame.execute_stream().await?;
-    let mut writer = SinkWriter::open(sink, schema)?;
+    let mut writer = BatchOutput::open(sink, schema)?;
     let bar = progress_bar(planned.total_rows, quiet);
     // Operators work a whole batch (8192 rows) at a time: between batches, show their progress.
     let _ticker = AbortOnDrop({
@@ -324,6 +324,88 @@ pub async fn execute(
         elapsed: start.elapsed(),
         row_errors,
     })
+}
+
+/// Where a bounded run writes: a file, or (batch into a stream) a Kafka topic or rolled files.
+enum BatchOutput {
+    File(SinkWriter),
+    Kafka {
+        producer: crate::stream::kafka::Producer_,
+        encoder: crate::stream::kafka::RecordEncoder,
+        rows: u64,
+    },
+    Rolling(crate::stream::rolling::RollingWriter, u64),
+}
+
+impl BatchOutput {
+    fn open(
+        sink: &crate::spec::Sink,
+        schema: Arc<datafusion::arrow::datatypes::Schema>,
+    ) -> Result<Self, DataFusionError> {
+        use crate::spec::Sink;
+        use crate::stream::kafka;
+        Ok(match sink {
+            Sink::Kafka(k) => {
+                let brokers = k.brokers.as_deref().ok_or_else(|| {
+                    DataFusionError::Plan("sink.kafka.brokers: give the brokers (a file source has none to default to)".into())
+                })?;
+                BatchOutput::Kafka {
+                    producer: kafka::producer(brokers, &k.properties, None)
+                        .map_err(DataFusionError::Execution)?,
+                    encoder: kafka::RecordEncoder::new(k, &schema)
+                        .map_err(DataFusionError::Plan)?,
+                    rows: 0,
+                }
+            }
+            Sink::RollingParquet(r) => BatchOutput::Rolling(
+                crate::stream::rolling::RollingWriter::new(r, schema)
+                    .map_err(DataFusionError::Plan)?,
+                0,
+            ),
+            file => BatchOutput::File(SinkWriter::open(file, schema)?),
+        })
+    }
+
+    fn write(
+        &mut self,
+        batch: &datafusion::arrow::record_batch::RecordBatch,
+    ) -> Result<(), DataFusionError> {
+        use crate::stream::kafka;
+        match self {
+            BatchOutput::File(w) => w.write(batch),
+            BatchOutput::Kafka {
+                producer,
+                encoder,
+                rows,
+            } => {
+                let records = encoder.encode(batch).map_err(DataFusionError::Execution)?;
+                kafka::produce(producer, encoder.topic(), &records)
+                    .map_err(DataFusionError::Execution)?;
+                *rows += batch.num_rows() as u64;
+                Ok(())
+            }
+            BatchOutput::Rolling(w, rows) => {
+                w.write(std::slice::from_ref(batch), &Default::default())
+                    .map_err(DataFusionError::Execution)?;
+                *rows += batch.num_rows() as u64;
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(self) -> Result<u64, DataFusionError> {
+        match self {
+            BatchOutput::File(w) => w.finish(),
+            BatchOutput::Kafka { producer, rows, .. } => {
+                crate::stream::kafka::flush(&producer).map_err(DataFusionError::Execution)?;
+                Ok(rows)
+            }
+            BatchOutput::Rolling(mut w, rows) => {
+                w.roll().map_err(DataFusionError::Execution)?;
+                Ok(rows)
+            }
+        }
+    }
 }
 
 /// Stops a background task when the run ends, however it ends.

@@ -42,13 +42,25 @@ pub fn tansu_path() -> Result<PathBuf, String> {
 impl DevBroker {
     /// Starts a broker on a free port and waits until it accepts connections.
     pub fn start() -> Result<DevBroker, String> {
+        Self::start_on(None)
+    }
+
+    /// Starts a broker on `port` (or a free one) and waits until it accepts connections.
+    pub fn start_on(port: Option<u16>) -> Result<DevBroker, String> {
         let bin = tansu_path()?;
         let mut last = String::new();
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map_err(|e| e.to_string())?
-                .port();
+            let port = match port {
+                Some(p) => {
+                    TcpListener::bind(("127.0.0.1", p))
+                        .map_err(|e| format!("port {p} is not free: {e}"))?;
+                    p
+                }
+                None => TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map_err(|e| e.to_string())?
+                    .port(),
+            };
             let addr = format!("127.0.0.1:{port}");
             let url = format!("tcp://{addr}");
             let mut child = Command::new(&bin)

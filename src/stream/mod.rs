@@ -61,6 +61,8 @@ pub struct StreamSummary {
     pub dead_lettered: u64,
     pub skipped: u64,
     pub elapsed: Duration,
+    /// From the first record's arrival to the end (without the group join before it).
+    pub active: Duration,
 }
 
 /// What `on_error` resolves to.
@@ -95,13 +97,25 @@ fn parse_start(s: &StartPosition) -> Result<Option<i64>, String> {
 /// Plan-time checks of a stream pipeline against its output schema: (YAML path, message).
 pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
     let mut problems = Vec::new();
-    let stream_sink = p.sink.is_stream();
     let Source::Kafka(k) = &p.source else {
-        if stream_sink {
-            problems.push((
-                format!("sink.{}", p.sink.format()),
-                "this sink takes a stream: use a kafka source, or a file sink (parquet, ipc, jsonl, csv)".into(),
-            ));
+        match &p.sink {
+            Sink::Kafka(s) => {
+                if s.brokers.is_none() {
+                    problems.push((
+                        "sink.kafka".into(),
+                        "give `brokers:` (only a kafka source has brokers to default to)".into(),
+                    ));
+                }
+                if let Err(e) = RecordEncoder::new(s, output) {
+                    problems.push(("sink.kafka".into(), e));
+                }
+            }
+            Sink::RollingParquet(r) => {
+                if let Err(e) = parse_duration("max_age", &r.max_age) {
+                    problems.push(("sink.rolling_parquet.max_age".into(), e));
+                }
+            }
+            _ => {}
         }
         for (key, set) in [
             ("on_error", p.on_error.is_some()),
@@ -117,7 +131,7 @@ pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
         }
         return problems;
     };
-    if !stream_sink {
+    if !p.sink.is_stream() {
         problems.push((
             format!("sink.{}", p.sink.format()),
             "a kafka source needs a streaming sink: kafka or rolling_parquet".into(),
@@ -605,6 +619,7 @@ pub fn run(
     let mut last_record: Option<Instant> = None;
     let mut seen_generation = 0;
     let mut last_status = Instant::now();
+    let mut first_record: Option<Instant> = None;
     let ctx = Batcher {
         pipeline,
         frame: &frame,
@@ -632,6 +647,7 @@ pub fn run(
             Some(Ok(m)) => {
                 pending.push(record_of(&m, &mut topic_names));
                 first_at.get_or_insert_with(Instant::now);
+                first_record.get_or_insert_with(Instant::now);
                 last_record = Some(Instant::now());
             }
             Some(Err(e)) => {
@@ -720,6 +736,7 @@ pub fn run(
     status.finish_and_clear();
     drop(consumer);
     summary.elapsed = started.elapsed();
+    summary.active = first_record.map_or(Duration::ZERO, |t| t.elapsed());
     Ok(summary)
 }
 
