@@ -522,6 +522,61 @@ mod tests {
     }
 
     #[test]
+    fn ipc_payloads_match_columns_by_name() {
+        use datafusion::arrow::array::{Int64Array, StringArray};
+        use datafusion::arrow::ipc::writer::StreamWriter;
+        let src: KafkaSource = serde_yaml::from_str(
+            "{brokers: x, topics: [t], group_id: g, format: ipc, columns: {id: int64, text: string}}",
+        )
+        .unwrap();
+        let d = Decoder::new(&src).unwrap();
+        let ipc = |batch: RecordBatch| {
+            let mut w = StreamWriter::try_new(Vec::new(), &batch.schema()).unwrap();
+            w.write(&batch).unwrap();
+            w.into_inner().unwrap()
+        };
+        // Two rows, columns in another order plus an extra one.
+        let good = RecordBatch::try_from_iter(vec![
+            (
+                "text",
+                Arc::new(StringArray::from(vec!["a", "b"])) as ArrayRef,
+            ),
+            ("extra", Arc::new(Int64Array::from(vec![7, 8]))),
+            ("id", Arc::new(Int64Array::from(vec![1, 2]))),
+        ])
+        .unwrap();
+        let wrong = RecordBatch::try_from_iter(vec![(
+            "id",
+            Arc::new(StringArray::from(vec!["x"])) as ArrayRef,
+        )])
+        .unwrap();
+        let records = vec![
+            record(0, &ipc(good)),
+            record(1, &ipc(wrong)),
+            record(2, b"junk"),
+        ];
+        let (batch, bad) = d.decode(&records);
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(batch.schema().field(0).name(), "id");
+        let offsets = batch
+            .column_by_name(OFFSET)
+            .unwrap()
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+        assert_eq!(offsets.values(), &[0, 0], "both rows come from record 0");
+        assert_eq!(bad.len(), 2);
+        assert!(
+            bad[0].reason.contains("column 'id' is Utf8"),
+            "{}",
+            bad[0].reason
+        );
+        assert!(
+            bad[1].reason.contains("not an Arrow IPC stream"),
+            "{}",
+            bad[1].reason
+        );
+    }
+
+    #[test]
     fn types_parse() {
         assert!(
             matches!(parse_type("list<float32>").unwrap(), DataType::List(f) if f.data_type() == &DataType::Float32)
