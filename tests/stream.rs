@@ -958,3 +958,49 @@ sink:
         assert!(stderr.contains(want), "{want}: {stderr}");
     }
 }
+
+#[test]
+fn on_error_fail_stops_before_the_bad_batch_is_written_or_committed() {
+    let broker = DevBroker::start().unwrap();
+    let (input, output) = (unique("in"), unique("out"));
+    create_topic(&broker.addr, &input, 1);
+    create_topic(&broker.addr, &output, 1);
+    let mut records = json_texts(6);
+    records[3].1 = b"[1, 2]".to_vec();
+    produce(&broker.addr, &input, &records);
+    let dir = tempfile::tempdir().unwrap();
+    let group = unique("g");
+    let pipeline = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"
+name: strict
+on_error: fail
+source:
+  kafka:
+    brokers: {brokers}
+    topics: [{input}]
+    group_id: {group}
+    columns: {{id: int64, text: string}}
+    max_batch_wait: 1s
+    properties:
+      {FAST_GROUP}
+sink:
+  kafka:
+    topic: {output}
+"#,
+            brokers = broker.addr,
+        ),
+    );
+    let out = ferry(&pipeline, &["--until-idle", "3s"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "record {input}[0]@3: payload does not match the declared columns"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing from it was committed"), "{stderr}");
+    assert!(consume(&broker.addr, &output, 1, Duration::from_secs(2), &[]).is_empty());
+}

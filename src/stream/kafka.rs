@@ -57,7 +57,8 @@ pub fn producer(
     config
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        // Each micro-batch is flushed as soon as it is produced: lingering only adds latency.
+        .set("linger.ms", "0")
         .set("message.timeout.ms", "30000");
     if let Some(id) = transactional_id {
         config.set("transactional.id", id);
@@ -92,9 +93,20 @@ pub fn send(producer: &Producer_, mut record: BaseRecord<'_, [u8], [u8]>) -> Res
 
 /// Waits until every enqueued record is acknowledged; fails if any was not.
 pub fn flush(producer: &Producer_) -> Result<(), String> {
-    producer
-        .flush(BROKER_TIMEOUT)
-        .map_err(|e| format!("waiting for Kafka acknowledgements: {e}"))?;
+    // rdkafka's `flush` sleeps up to 100 ms between checks; a micro-batch should not wait for
+    // that. A zero-timeout flush sends what lingers now; then serve delivery reports until none
+    // is in flight.
+    let _ = producer.flush(Duration::ZERO);
+    let deadline = std::time::Instant::now() + BROKER_TIMEOUT;
+    while producer.in_flight_count() > 0 {
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "waiting for Kafka acknowledgements: {} record(s) still in flight after {BROKER_TIMEOUT:?}",
+                producer.in_flight_count()
+            ));
+        }
+        producer.poll(Duration::from_millis(1));
+    }
     let ctx = producer.context();
     let failed = ctx.failed.swap(0, Ordering::Relaxed);
     if failed > 0 {

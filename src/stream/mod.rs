@@ -797,6 +797,7 @@ impl Batcher<'_> {
         let t0 = Instant::now();
         let m = metrics();
         let (batch, bad) = self.decoder.decode(&records);
+        let t_decode = t0.elapsed();
         let mut failed: Vec<(usize, String)> = bad
             .into_iter()
             .map(|b| {
@@ -809,6 +810,7 @@ impl Batcher<'_> {
         self.slot.lock().expect("micro-batch slot").clear();
         let mut outputs =
             result.map_err(|e| format!("running the pipeline on a micro-batch: {e}"))?;
+        let t_plan = t0.elapsed();
 
         // Rows an operator could not process, located by their lineage.
         let index: HashMap<(&str, i32, i64), usize> = records
@@ -931,6 +933,7 @@ impl Batcher<'_> {
                 w.write(&outputs, &consumed)?;
             }
         }
+        let t_sink = t0.elapsed();
         if s.durable() {
             commit(self.consumer, &mut s.uncommitted)?;
         }
@@ -939,7 +942,10 @@ impl Batcher<'_> {
             records = records.len(),
             rows,
             bad = failed.len(),
-            ms = t0.elapsed().as_millis() as u64,
+            decode_us = t_decode.as_micros() as u64,
+            plan_us = (t_plan - t_decode).as_micros() as u64,
+            sink_us = (t_sink - t_plan).as_micros() as u64,
+            commit_us = (t0.elapsed() - t_sink).as_micros() as u64,
             "micro-batch done"
         );
         summary.records_in += records.len() as u64;
