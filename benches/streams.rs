@@ -111,6 +111,52 @@ fn plain_loop(brokers: &str, topic: &str, n: usize, copy_to: Option<&str>) -> f6
     n as f64 / first.unwrap().elapsed().as_secs_f64()
 }
 
+/// A plain rdkafka loop doing the work of the Kafka → Parquet pipeline by hand: consume `n`
+/// records, decode their JSON in blocks of 1,024 with arrow-json, write them to one Parquet file.
+fn plain_parquet_loop(brokers: &str, topic: &str, n: usize, out: &Path) -> f64 {
+    use ferry::datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use ferry::datafusion::arrow::json::ReaderBuilder;
+    use ferry::datafusion::parquet::arrow::ArrowWriter;
+    use std::sync::Arc;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new("text", DataType::Utf8, true),
+    ]));
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("plain-pq"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(out).unwrap(), schema.clone(), None).unwrap();
+    let mut decoder = ReaderBuilder::new(schema.clone())
+        .with_batch_size(1024)
+        .build_decoder()
+        .unwrap();
+    let mut first = None;
+    let mut seen = 0;
+    while seen < n {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            first.get_or_insert_with(Instant::now);
+            decoder.decode(m.payload().unwrap()).unwrap();
+            seen += 1;
+            if seen % 1024 == 0 {
+                if let Some(b) = decoder.flush().unwrap() {
+                    writer.write(&b).unwrap();
+                }
+            }
+        }
+    }
+    if let Some(b) = decoder.flush().unwrap() {
+        writer.write(&b).unwrap();
+    }
+    writer.close().unwrap();
+    n as f64 / first.unwrap().elapsed().as_secs_f64()
+}
+
 async fn ferry_stream(root: &Path, pipeline: &Path, n: usize) -> f64 {
     let options = StreamOptions {
         max_records: Some(n as u64),
@@ -169,6 +215,7 @@ fn main() {
     create_topic(&b, &copy, 2);
     let plain_kk = plain_loop(&b, &input, n, Some(&copy));
     let plain_consume = plain_loop(&b, &input, n, None);
+    let plain_parquet = plain_parquet_loop(&b, &input, n, &work.join("plain.parquet"));
 
     let out = unique("bench-out");
     create_topic(&b, &out, 2);
@@ -200,6 +247,11 @@ fn main() {
     println!(
         "ferry kafka->parquet:    {ferry_kp:.0} records/s  (ratio {:.2})",
         ferry_kp / plain_consume
+    );
+    println!("plain decode+parquet:    {plain_parquet:.0} records/s");
+    println!(
+        "ferry kafka->parquet vs plain decode+parquet loop: ratio {:.2}",
+        ferry_kp / plain_parquet
     );
 
     // 3: embeddings, stream vs batch job over the same texts.

@@ -621,7 +621,6 @@ pub fn run(
     let mut last_status = Instant::now();
     let mut first_record: Option<Instant> = None;
     let ctx = Batcher {
-        pipeline,
         frame: &frame,
         slot: &slot,
         decoder: &decoder,
@@ -775,7 +774,6 @@ fn status_line(quiet: bool) -> indicatif::ProgressBar {
 
 /// Everything one micro-batch needs.
 struct Batcher<'a> {
-    pipeline: &'a Pipeline,
     frame: &'a DataFrame,
     slot: &'a Arc<Mutex<Vec<RecordBatch>>>,
     decoder: &'a Decoder,
@@ -955,7 +953,6 @@ impl Batcher<'_> {
         m.records_out.inc_by(rows);
         m.batches.inc();
         m.batch_seconds.observe(t0.elapsed().as_secs_f64());
-        let _ = self.pipeline;
         Ok(())
     }
 }
