@@ -1004,3 +1004,42 @@ sink:
     assert!(stderr.contains("nothing from it was committed"), "{stderr}");
     assert!(consume(&broker.addr, &output, 1, Duration::from_secs(2), &[]).is_empty());
 }
+
+#[test]
+fn topics_can_be_a_regular_expression() {
+    let broker = DevBroker::start().unwrap();
+    let prefix = unique("logs");
+    for (suffix, n) in [("eu", 3), ("us", 4)] {
+        let topic = format!("{prefix}-{suffix}");
+        create_topic(&broker.addr, &topic, 1);
+        produce(&broker.addr, &topic, &json_texts(n));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let pipeline = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"
+name: regex
+source:
+  kafka:
+    brokers: {brokers}
+    topics: ["^{prefix}-.*"]
+    group_id: {group}
+    start: earliest
+    columns: {{id: int64, text: string}}
+    properties:
+      {FAST_GROUP}
+sink:
+  rolling_parquet:
+    dir: {out}
+"#,
+            brokers = broker.addr,
+            group = unique("g"),
+            out = out.display(),
+        ),
+    );
+    let output = run_ok(&pipeline, &["--until-idle", "3s"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("7 records in, 7 rows out"), "{stderr}");
+}
