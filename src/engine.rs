@@ -379,7 +379,7 @@ impl BatchOutput {
                 rows,
             } => {
                 let records = encoder.encode(batch).map_err(DataFusionError::Execution)?;
-                kafka::produce(producer, encoder.topic(), &records)
+                kafka::produce(producer, encoder.topic(), &records, 0)
                     .map_err(DataFusionError::Execution)?;
                 *rows += batch.num_rows() as u64;
                 Ok(())

@@ -24,23 +24,62 @@ use crate::spec::{KafkaSink, SinkFormat};
 /// How long to wait for the broker on flushes and transactions before failing the batch.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Counts failed deliveries, so a batch is committed only when all its records are acknowledged.
+/// Counts acknowledged records per micro-batch (the delivery opaque; 0 = not tracked) and failed
+/// deliveries, so a batch is committed only when all its records are acknowledged.
 #[derive(Default)]
 pub struct DeliveryContext {
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
+    acked: Mutex<std::collections::HashMap<usize, u64>>,
+}
+
+impl DeliveryContext {
+    /// Records of batch `id` acknowledged so far.
+    pub fn acked(&self, id: usize) -> u64 {
+        self.acked
+            .lock()
+            .expect("acks")
+            .get(&id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Forgets batch `id`.
+    pub fn forget(&self, id: usize) {
+        self.acked.lock().expect("acks").remove(&id);
+    }
+
+    /// The first delivery failure since the last call, with the count.
+    pub fn take_failure(&self) -> Option<String> {
+        let failed = self.failed.swap(0, Ordering::Relaxed);
+        (failed > 0).then(|| {
+            let first = self
+                .first_error
+                .lock()
+                .expect("delivery error slot")
+                .take()
+                .unwrap_or_default();
+            format!("{failed} record(s) were not delivered: {first}")
+        })
+    }
 }
 
 impl ClientContext for DeliveryContext {}
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            let mut first = self.first_error.lock().expect("delivery error slot");
-            first.get_or_insert_with(|| e.to_string());
+    fn delivery(&self, result: &DeliveryResult<'_>, batch: usize) {
+        match result {
+            Err((e, _)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let mut first = self.first_error.lock().expect("delivery error slot");
+                first.get_or_insert_with(|| e.to_string());
+            }
+            Ok(_) if batch != 0 => {
+                *self.acked.lock().expect("acks").entry(batch).or_insert(0) += 1;
+            }
+            Ok(_) => {}
         }
     }
 }
@@ -78,7 +117,10 @@ pub fn producer(
 }
 
 /// Enqueues one record, waiting for room in the producer's queue when it is full.
-pub fn send(producer: &Producer_, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), String> {
+pub fn send(
+    producer: &Producer_,
+    mut record: BaseRecord<'_, [u8], [u8], usize>,
+) -> Result<(), String> {
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
@@ -107,18 +149,10 @@ pub fn flush(producer: &Producer_) -> Result<(), String> {
         }
         producer.poll(Duration::from_millis(1));
     }
-    let ctx = producer.context();
-    let failed = ctx.failed.swap(0, Ordering::Relaxed);
-    if failed > 0 {
-        let first = ctx
-            .first_error
-            .lock()
-            .expect("delivery error slot")
-            .take()
-            .unwrap_or_default();
-        return Err(format!("{failed} record(s) were not delivered: {first}"));
+    match producer.context().take_failure() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Turns output rows into Kafka records for one sink.
@@ -275,8 +309,13 @@ impl RecordEncoder {
     }
 }
 
-/// Enqueues encoded records on `producer`.
-pub fn produce(producer: &Producer_, topic: &str, records: &[Encoded]) -> Result<(), String> {
+/// Enqueues encoded records on `producer`, tagged with micro-batch `batch` (0: untracked).
+pub fn produce(
+    producer: &Producer_,
+    topic: &str,
+    records: &[Encoded],
+    batch: usize,
+) -> Result<(), String> {
     for r in records {
         let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
         for (k, v) in &r.headers {
@@ -285,7 +324,9 @@ pub fn produce(producer: &Producer_, topic: &str, records: &[Encoded]) -> Result
                 value: Some(v.as_bytes()),
             });
         }
-        let mut record = BaseRecord::to(topic).payload(&r.value[..]).headers(headers);
+        let mut record = BaseRecord::with_opaque_to(topic, batch)
+            .payload(&r.value[..])
+            .headers(headers);
         if let Some(k) = &r.key {
             record = record.key(&k[..]);
         }

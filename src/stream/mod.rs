@@ -258,7 +258,10 @@ impl DeadLetters {
                             value: Some(offset.as_bytes()),
                         });
                     let mut rec =
-                        rdkafka::producer::BaseRecord::<[u8], [u8]>::to(topic).headers(headers);
+                        rdkafka::producer::BaseRecord::<[u8], [u8], usize>::with_opaque_to(
+                            topic, 0,
+                        )
+                        .headers(headers);
                     if let Some(p) = &r.payload {
                         rec = rec.payload(&p[..]);
                     }
@@ -288,6 +291,10 @@ impl DeadLetters {
 /// are revoked.
 struct Shared {
     output: Output,
+    /// Kafka sink, at-least-once: micro-batches produced but not yet all acknowledged, oldest
+    /// first, with the offsets they cover. Their offsets join `uncommitted` once acknowledged.
+    in_flight: std::collections::VecDeque<InFlight>,
+    next_batch: usize,
     /// Next offset to commit per partition, for records whose output is durable or pending.
     uncommitted: BTreeMap<(String, i32), i64>,
     /// Bumped on every rebalance, so the loop drops buffered records of revoked partitions.
@@ -298,9 +305,59 @@ struct Shared {
     start_timestamp: Option<i64>,
 }
 
+/// A produced micro-batch waiting for its acknowledgements.
+struct InFlight {
+    id: usize,
+    rows: u64,
+    offsets: Vec<((String, i32), i64)>,
+}
+
+/// Micro-batches a Kafka sink may have unacknowledged while the next ones are processed.
+const MAX_IN_FLIGHT: usize = 3;
+
 impl Shared {
-    /// Whether everything consumed so far is durably written.
-    fn durable(&self) -> bool {
+    /// Moves the offsets of fully acknowledged batches (oldest first) to `uncommitted`, waiting
+    /// until at most `max_in_flight` batches remain unacknowledged. Fails on a failed delivery.
+    fn settle(&mut self, max_in_flight: usize) -> Result<(), String> {
+        use rdkafka::producer::Producer;
+        let Shared {
+            output,
+            in_flight,
+            uncommitted,
+            ..
+        } = self;
+        let Output::Kafka { producer, .. } = output else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + kafka::BROKER_TIMEOUT;
+        loop {
+            producer.poll(Duration::ZERO);
+            if let Some(e) = producer.context().take_failure() {
+                return Err(e);
+            }
+            while let Some(f) = in_flight.front()
+                && producer.context().acked(f.id) >= f.rows
+            {
+                let f = in_flight.pop_front().expect("front exists");
+                producer.context().forget(f.id);
+                uncommitted.extend(f.offsets);
+            }
+            if in_flight.len() <= max_in_flight {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "waiting for Kafka acknowledgements: {} batch(es) unacknowledged after {:?}",
+                    in_flight.len(),
+                    kafka::BROKER_TIMEOUT
+                ));
+            }
+            producer.poll(Duration::from_millis(1));
+        }
+    }
+
+    /// Whether `uncommitted` may be committed now (it only holds durable batches).
+    fn can_commit(&self) -> bool {
         match &self.output {
             Output::Kafka { .. } => true,
             Output::Rolling(w) => w.durable(),
@@ -428,7 +485,12 @@ impl StreamContext {
         let mut guard = self.shared.lock().expect("stream state");
         let shared = &mut *guard;
         shared.generation += 1;
-        // Flush before the partitions go: roll open files, then commit what they hold.
+        // Flush before the partitions go: wait for every acknowledgement / roll open files,
+        // then commit what they hold.
+        if let Err(e) = shared.settle(0) {
+            tracing::error!(error = %e, "flushing before a rebalance; unacknowledged records will be read again");
+            return;
+        }
         if let Output::Rolling(w) = &mut shared.output
             && !w.durable()
             && let Err(e) = w.roll()
@@ -574,6 +636,8 @@ pub fn run(
     };
     let shared = Arc::new(Mutex::new(Shared {
         output,
+        in_flight: Default::default(),
+        next_batch: 1,
         uncommitted: BTreeMap::new(),
         generation: 0,
         first_assigned: None,
@@ -693,9 +757,11 @@ pub fn run(
             // Idle: roll old files (and commit what they hold).
             let mut guard = shared.lock().expect("stream state");
             let s = &mut *guard;
-            if let Output::Rolling(w) = &mut s.output
-                && w.roll_if_old()?
-            {
+            s.settle(usize::MAX)?;
+            if let Output::Rolling(w) = &mut s.output {
+                w.roll_if_old()?;
+            }
+            if s.can_commit() {
                 commit(&consumer, &mut s.uncommitted)?;
             }
             let idle_since = last_record.or(s.first_assigned);
@@ -727,6 +793,7 @@ pub fn run(
     {
         let mut guard = shared.lock().expect("stream state");
         let s = &mut *guard;
+        s.settle(0)?;
         if let Output::Rolling(w) = &mut s.output {
             w.roll()?;
         }
@@ -874,9 +941,22 @@ impl Batcher<'_> {
         let rows: u64 = outputs.iter().map(|b| b.num_rows() as u64).sum();
         let mut guard = self.shared.lock().expect("stream state");
         let s = &mut *guard;
-        for ((t, p), (_, last)) in &consumed {
-            s.uncommitted.insert((t.clone(), *p), last + 1);
+        let next_offsets: Vec<((String, i32), i64)> = consumed
+            .iter()
+            .map(|((t, p), (_, last))| ((t.clone(), *p), last + 1))
+            .collect();
+        let pipelined = matches!(
+            s.output,
+            Output::Kafka {
+                transactional: false,
+                ..
+            }
+        );
+        if !pipelined {
+            s.uncommitted.extend(next_offsets.iter().cloned());
         }
+        let seq = s.next_batch;
+        s.next_batch += 1;
         match &mut s.output {
             Output::Kafka {
                 producer,
@@ -891,7 +971,7 @@ impl Batcher<'_> {
                 }
                 let sent = (|| {
                     for b in &outputs {
-                        kafka::produce(producer, encoder.topic(), &encoder.encode(b)?)?;
+                        kafka::produce(producer, encoder.topic(), &encoder.encode(b)?, seq)?;
                     }
                     if *transactional {
                         // Delivery errors surface before the offsets join the transaction.
@@ -908,7 +988,8 @@ impl Batcher<'_> {
                             .commit_transaction(kafka::BROKER_TIMEOUT)
                             .map_err(|e| format!("committing the Kafka transaction: {e}"))
                     } else {
-                        kafka::flush(producer)
+                        // Acknowledgements are collected while the next batches run.
+                        Ok(())
                     }
                 })();
                 if let Err(e) = sent {
@@ -931,8 +1012,16 @@ impl Batcher<'_> {
                 w.write(&outputs, &consumed)?;
             }
         }
+        if pipelined {
+            s.in_flight.push_back(InFlight {
+                id: seq,
+                rows,
+                offsets: next_offsets,
+            });
+            s.settle(MAX_IN_FLIGHT)?;
+        }
         let t_sink = t0.elapsed();
-        if s.durable() {
+        if s.can_commit() {
             commit(self.consumer, &mut s.uncommitted)?;
         }
         drop(guard);
