@@ -143,10 +143,10 @@ fn plain_parquet_loop(brokers: &str, topic: &str, n: usize, out: &Path) -> f64 {
             first.get_or_insert_with(Instant::now);
             decoder.decode(m.payload().unwrap()).unwrap();
             seen += 1;
-            if seen % 1024 == 0 {
-                if let Some(b) = decoder.flush().unwrap() {
-                    writer.write(&b).unwrap();
-                }
+            if seen % 1024 == 0
+                && let Some(b) = decoder.flush().unwrap()
+            {
+                writer.write(&b).unwrap();
             }
         }
     }

@@ -10,8 +10,6 @@ use datafusion::arrow::json::LineDelimitedWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result, plan_err};
 use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::basic::{Compression, ZstdLevel};
-use datafusion::parquet::file::properties::WriterProperties;
 
 use crate::spec::{ParquetCompression, Sink};
 
@@ -82,17 +80,11 @@ impl SinkWriter {
         let tmp = dir.join(format!(".{name}.inprogress-{}", std::process::id()));
         let file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
         let writer = match sink {
-            Sink::Parquet(p) => {
-                let compression = match p.compression {
-                    ParquetCompression::None => Compression::UNCOMPRESSED,
-                    ParquetCompression::Snappy => Compression::SNAPPY,
-                    ParquetCompression::Zstd => Compression::ZSTD(ZstdLevel::default()),
-                };
-                let props = WriterProperties::builder()
-                    .set_compression(compression)
-                    .build();
-                Writer::Parquet(ArrowWriter::try_new(file, schema, Some(props))?)
-            }
+            Sink::Parquet(p) => Writer::Parquet(ArrowWriter::try_new(
+                file,
+                schema,
+                Some(p.compression.writer_properties()),
+            )?),
             Sink::Ipc(_) => Writer::Ipc(FileWriter::try_new(file, &schema)?),
             Sink::Jsonl(_) => Writer::Jsonl(LineDelimitedWriter::new(file)),
             Sink::Csv(_) => Writer::Csv(csv::WriterBuilder::new().with_header(true).build(file)),

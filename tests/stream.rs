@@ -866,6 +866,16 @@ sink:
     );
 }
 
+fn validate(pipeline: &Path) -> Output {
+    Command::new(ferry_bin())
+        .arg("--operators")
+        .arg(fixture_operators())
+        .arg("validate")
+        .arg(pipeline)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn stream_pipelines_are_checked_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -885,13 +895,7 @@ sink:
     path: out.parquet
 "#,
     );
-    let out = Command::new(ferry_bin())
-        .arg("--operators")
-        .arg(fixture_operators())
-        .arg("validate")
-        .arg(&pipeline)
-        .output()
-        .unwrap();
+    let out = validate(&pipeline);
     let stderr = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(
@@ -914,13 +918,7 @@ sink:
     path: out.parquet
 "#,
     );
-    let out = Command::new(ferry_bin())
-        .arg("--operators")
-        .arg(fixture_operators())
-        .arg("validate")
-        .arg(&pipeline)
-        .output()
-        .unwrap();
+    let out = validate(&pipeline);
     let stderr = String::from_utf8_lossy(&out.stdout);
     assert!(
         stderr.contains("column 'text': unknown column type 'strnig'"),
@@ -943,13 +941,7 @@ sink:
     path: out.parquet
 "#,
     );
-    let out = Command::new(ferry_bin())
-        .arg("--operators")
-        .arg(fixture_operators())
-        .arg("validate")
-        .arg(&pipeline)
-        .output()
-        .unwrap();
+    let out = validate(&pipeline);
     let stderr = String::from_utf8_lossy(&out.stdout);
     for want in [
         "a kafka source needs a streaming sink",

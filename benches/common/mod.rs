@@ -1,4 +1,5 @@
-//! Helpers the benchmarks share.
+//! Helpers the benchmarks share (each bench uses some of them).
+#![allow(dead_code)]
 
 use std::path::Path;
 

@@ -424,3 +424,18 @@ pub enum ParquetCompression {
     #[default]
     Zstd,
 }
+
+impl ParquetCompression {
+    /// The writer properties for this codec.
+    pub fn writer_properties(self) -> datafusion::parquet::file::properties::WriterProperties {
+        use datafusion::parquet::basic::{Compression, ZstdLevel};
+        let codec = match self {
+            ParquetCompression::None => Compression::UNCOMPRESSED,
+            ParquetCompression::Snappy => Compression::SNAPPY,
+            ParquetCompression::Zstd => Compression::ZSTD(ZstdLevel::default()),
+        };
+        datafusion::parquet::file::properties::WriterProperties::builder()
+            .set_compression(codec)
+            .build()
+    }
+}

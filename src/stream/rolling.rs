@@ -12,12 +12,11 @@ use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
 
-use crate::spec::{ParquetCompression, RollingParquetSink};
+use crate::spec::RollingParquetSink;
 
 /// Footer key holding the offsets a file covers: `{"topic": {"partition": [first, last]}}`.
 pub const OFFSETS_KEY: &str = "ferry.offsets";
@@ -90,20 +89,13 @@ impl RollingWriter {
         {
             return Err(format!("partition_by: no column '{col}' in the output"));
         }
-        let compression = match cfg.compression {
-            ParquetCompression::None => Compression::UNCOMPRESSED,
-            ParquetCompression::Snappy => Compression::SNAPPY,
-            ParquetCompression::Zstd => Compression::ZSTD(ZstdLevel::default()),
-        };
         std::fs::create_dir_all(&cfg.dir).map_err(|e| format!("{}: {e}", cfg.dir.display()))?;
         remove_stale_temporaries(&cfg.dir);
         Ok(RollingWriter {
             cfg: cfg.clone(),
             max_age,
             schema,
-            props: WriterProperties::builder()
-                .set_compression(compression)
-                .build(),
+            props: cfg.compression.writer_properties(),
             open: HashMap::new(),
             ranges: Ranges::new(),
             seq: 0,
