@@ -189,6 +189,33 @@ fn logs(pipeline: &Path) -> String {
     out
 }
 
+/// A free `127.0.0.1:PORT` for `--metrics`.
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// The metrics page served on `addr` (empty while nothing listens).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut page = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let _ = s.read_to_string(&mut page);
+    }
+    page
+}
+
+/// The value of an unlabelled metric on a scraped page.
+fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 fn header(m: &OwnedMessage, key: &str) -> Option<String> {
     m.headers()?
         .iter()
@@ -301,12 +328,7 @@ sink:
             group = unique("g"),
         ),
     );
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let metrics_addr = free_addr();
     let mut child = spawn(
         &pipeline,
         &["--until-idle", "4s", "--metrics", &metrics_addr],
@@ -318,13 +340,8 @@ sink:
         &pipeline,
         Duration::from_secs(60),
         || {
-            if let Ok(mut s) = std::net::TcpStream::connect(&metrics_addr) {
-                use std::io::{Read, Write};
-                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-                scraped.clear();
-                let _ = s.read_to_string(&mut scraped);
-            }
-            scraped.contains(&format!("ferry_records_in_total {n}"))
+            scraped = scrape(&metrics_addr);
+            metric(&scraped, "ferry_records_in_total") == Some(n as f64)
         },
     );
     assert!(
@@ -485,25 +502,28 @@ sink:
             group = unique("g"),
         ),
     );
-    let mut child = spawn(&pipeline, &[]);
-    // Kill once some, not all, records are out.
-    let probe: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.addr)
-        .set("group.id", unique("probe"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    probe.subscribe(&[&output]).unwrap();
-    let mut seen = 0;
+    let metrics_addr = free_addr();
+    let mut child = spawn(&pipeline, &["--metrics", &metrics_addr]);
+    // Kill once some, not all, records are out (the metrics count them as they go).
     wait_for("some output", &pipeline, Duration::from_secs(60), || {
-        if let Some(Ok(_)) = probe.poll(Duration::from_millis(50)) {
-            seen += 1;
-        }
-        seen >= 500
+        metric(&scrape(&metrics_addr), "ferry_records_out_total").is_some_and(|v| v >= 500.0)
     });
     kill9(&mut child);
     let mut child = spawn(&pipeline, &["--until-idle", "3s"]);
     assert!(child.wait().unwrap().success(), "{}", logs(&pipeline));
+    let redone = logs(&pipeline)
+        .lines()
+        .find_map(|l| {
+            l.split_once(": ")
+                .and_then(|(_, r)| r.split_once(" records in"))
+        })
+        .map(|(n, _)| n.parse::<u64>().unwrap())
+        .unwrap();
+    assert!(
+        redone > 0,
+        "the crash must come mid-stream (the restart found nothing to do)\n{}",
+        logs(&pipeline)
+    );
     let got = consume(&broker.addr, &output, n, Duration::from_secs(60), &[]);
     let mut per_id: HashMap<i64, usize> = HashMap::new();
     for m in &got {
@@ -879,9 +899,30 @@ fn validate(pipeline: &Path) -> Output {
 #[test]
 fn stream_pipelines_are_checked_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = write_pipeline(
-        dir.path(),
-        r#"
+    // (source lines after group_id, what `ferry validate` must say)
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "    max_batch_wait: soon",
+            &["pipeline.yaml:5:3: source.kafka: format json needs its columns"],
+        ),
+        (
+            "    columns: {id: int64, text: strnig}",
+            &["column 'text': unknown column type 'strnig'"],
+        ),
+        (
+            "    columns: {id: int64, text: string}\n    max_batch_wait: soon",
+            &[
+                "a kafka source needs a streaming sink",
+                "max_batch_wait 'soon'",
+                "on_error: dead_letter needs a dead_letter sink",
+            ],
+        ),
+    ];
+    for (extra, wants) in cases {
+        let pipeline = write_pipeline(
+            dir.path(),
+            &format!(
+                r#"
 name: bad-stream
 on_error: dead_letter
 source:
@@ -889,66 +930,19 @@ source:
     brokers: 127.0.0.1:1
     topics: [t]
     group_id: g
-    max_batch_wait: soon
+{extra}
 sink:
   parquet:
     path: out.parquet
-"#,
-    );
-    let out = validate(&pipeline);
-    let stderr = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("pipeline.yaml:5:3: source.kafka: format json needs its columns"),
-        "{stderr}"
-    );
-    let pipeline = write_pipeline(
-        dir.path(),
-        r#"
-name: bad-stream
-on_error: dead_letter
-source:
-  kafka:
-    brokers: 127.0.0.1:1
-    topics: [t]
-    group_id: g
-    columns: {id: int64, text: strnig}
-sink:
-  parquet:
-    path: out.parquet
-"#,
-    );
-    let out = validate(&pipeline);
-    let stderr = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stderr.contains("column 'text': unknown column type 'strnig'"),
-        "{stderr}"
-    );
-    let pipeline = write_pipeline(
-        dir.path(),
-        r#"
-name: bad-stream
-on_error: dead_letter
-source:
-  kafka:
-    brokers: 127.0.0.1:1
-    topics: [t]
-    group_id: g
-    columns: {id: int64, text: string}
-    max_batch_wait: soon
-sink:
-  parquet:
-    path: out.parquet
-"#,
-    );
-    let out = validate(&pipeline);
-    let stderr = String::from_utf8_lossy(&out.stdout);
-    for want in [
-        "a kafka source needs a streaming sink",
-        "max_batch_wait 'soon'",
-        "on_error: dead_letter needs a dead_letter sink",
-    ] {
-        assert!(stderr.contains(want), "{want}: {stderr}");
+"#
+            ),
+        );
+        let out = validate(&pipeline);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{stdout}");
+        for want in wants {
+            assert!(stdout.contains(want), "{want}: {stdout}");
+        }
     }
 }
 

@@ -97,26 +97,41 @@ fn parse_start(s: &StartPosition) -> Result<Option<i64>, String> {
 /// Plan-time checks of a stream pipeline against its output schema: (YAML path, message).
 pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
     let mut problems = Vec::new();
-    let Source::Kafka(k) = &p.source else {
-        match &p.sink {
-            Sink::Kafka(s) => {
-                if s.brokers.is_none() {
+    // The streaming sinks, whatever the source.
+    match &p.sink {
+        Sink::Kafka(s) => {
+            if s.brokers.is_none() && !p.is_stream() {
+                problems.push((
+                    "sink.kafka".into(),
+                    "give `brokers:` (only a kafka source has brokers to default to)".into(),
+                ));
+            }
+            if let Err(e) = RecordEncoder::new(s, output) {
+                problems.push(("sink.kafka".into(), e));
+            }
+        }
+        Sink::RollingParquet(r) => {
+            if let Err(e) = parse_duration("max_age", &r.max_age) {
+                problems.push(("sink.rolling_parquet.max_age".into(), e));
+            }
+            if let Some(col) = &r.partition_by {
+                if output.index_of(col).is_err() {
                     problems.push((
-                        "sink.kafka".into(),
-                        "give `brokers:` (only a kafka source has brokers to default to)".into(),
+                        "sink.rolling_parquet.partition_by".into(),
+                        format!("no column '{col}' in the output"),
                     ));
                 }
-                if let Err(e) = RecordEncoder::new(s, output) {
-                    problems.push(("sink.kafka".into(), e));
+                if p.delivery == Delivery::ExactlyOnce {
+                    problems.push((
+                        "sink.rolling_parquet.partition_by".into(),
+                        "exactly_once needs one file per roll: remove partition_by or use at_least_once".into(),
+                    ));
                 }
             }
-            Sink::RollingParquet(r) => {
-                if let Err(e) = parse_duration("max_age", &r.max_age) {
-                    problems.push(("sink.rolling_parquet.max_age".into(), e));
-                }
-            }
-            _ => {}
         }
+        _ => {}
+    }
+    let Source::Kafka(k) = &p.source else {
         for (key, set) in [
             ("on_error", p.on_error.is_some()),
             ("dead_letter", p.dead_letter.is_some()),
@@ -154,33 +169,6 @@ pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
             "source.kafka.topics".into(),
             "give at least one topic".into(),
         ));
-    }
-    match &p.sink {
-        Sink::Kafka(s) => {
-            if let Err(e) = RecordEncoder::new(s, output) {
-                problems.push(("sink.kafka".into(), e));
-            }
-        }
-        Sink::RollingParquet(r) => {
-            if let Err(e) = parse_duration("max_age", &r.max_age) {
-                problems.push(("sink.rolling_parquet.max_age".into(), e));
-            }
-            if let Some(col) = &r.partition_by {
-                if output.index_of(col).is_err() {
-                    problems.push((
-                        "sink.rolling_parquet.partition_by".into(),
-                        format!("no column '{col}' in the output"),
-                    ));
-                }
-                if p.delivery == Delivery::ExactlyOnce {
-                    problems.push((
-                        "sink.rolling_parquet.partition_by".into(),
-                        "exactly_once needs one file per roll: remove partition_by or use at_least_once".into(),
-                    ));
-                }
-            }
-        }
-        _ => {}
     }
     if on_error(p) == OnError::DeadLetter && p.dead_letter.is_none() {
         problems.push((
@@ -546,10 +534,14 @@ impl ConsumerContext for StreamContext {
 }
 
 fn record_of<M: Message>(m: &M, topics: &mut HashMap<String, Arc<str>>) -> Record {
-    let topic = topics
-        .entry(m.topic().to_string())
-        .or_insert_with(|| Arc::from(m.topic()))
-        .clone();
+    let topic = match topics.get(m.topic()) {
+        Some(t) => Arc::clone(t),
+        None => {
+            let t: Arc<str> = Arc::from(m.topic());
+            topics.insert(m.topic().to_string(), Arc::clone(&t));
+            t
+        }
+    };
     Record {
         topic,
         partition: m.partition(),
@@ -878,14 +870,19 @@ impl Batcher<'_> {
         let t_plan = t0.elapsed();
 
         // Rows an operator could not process, located by their lineage.
-        let index: HashMap<(&str, i32, i64), usize> = records
-            .iter()
-            .enumerate()
-            .map(|(i, r)| ((&*r.topic, r.partition, r.offset), i))
+        let failures: Vec<_> = self
+            .operators
+            .built()
+            .flat_map(|op| op.take_failures())
             .collect();
         let mut failed_rows: HashSet<(String, i32, i64)> = HashSet::new();
-        for op in self.operators.built() {
-            for f in op.take_failures() {
+        if !failures.is_empty() {
+            let index: HashMap<(&str, i32, i64), usize> = records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| ((&*r.topic, r.partition, r.offset), i))
+                .collect();
+            for f in failures {
                 m.error("operator");
                 if let Some((t, p, o)) = f.source
                     && let Some(&i) = index.get(&(t.as_str(), p, o))
