@@ -21,35 +21,13 @@ use ferry::datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
 use ferry::datafusion::datasource::MemTable;
 use ferry::engine::{OperatorSet, session_context};
 use ferry::ops::Operator;
-use ferry::ops::text::TextInput;
 
-async fn baseline(op: &Operator, inputs: &[TextInput]) -> f64 {
-    let model = op.text.clone().unwrap();
-    let encode = op.windows.clone().unwrap();
-    // Rows the operator cannot process (null outputs) are skipped here too.
-    let mut windows: Vec<_> = inputs
-        .iter()
-        .filter_map(|i| encode(i).ok())
-        .flatten()
-        .collect();
-    windows.sort_by_key(|e| e.len());
-    let order: Vec<usize> = (0..windows.len()).collect();
-    let chunks: Vec<_> = model
-        .chunk(&order, |i| windows[i].len())
-        .into_iter()
-        .map(|c| {
-            let refs: Vec<_> = c.iter().map(|&i| &windows[i]).collect();
-            model.inputs(&model.pad(&refs)).unwrap()
-        })
-        .collect();
+/// The operator's own calls over the same argument columns (same windows, same chunks),
+/// prepared outside the timing: only `Session::run` is timed.
+async fn baseline(op: &Operator, args: &[ArrayRef]) -> f64 {
+    let calls = op.baseline.prepare_calls(args).unwrap();
     let start = Instant::now();
-    let jobs = chunks.into_iter().map(|inputs| {
-        model.pool.run(move |session| {
-            let out = session.run(inputs).unwrap();
-            out.len()
-        })
-    });
-    futures::future::try_join_all(jobs).await.unwrap();
+    op.baseline.run_calls(calls).await.unwrap();
     start.elapsed().as_secs_f64()
 }
 
@@ -105,19 +83,18 @@ fn main() {
                 Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch.clone()]]).unwrap()),
             )
             .unwrap();
-            let inputs: Vec<TextInput> = if args.contains(',') {
-                questions[..rows]
-                    .iter()
-                    .zip(&contexts[..rows])
-                    .map(|(q, c)| TextInput::Pair(q.clone(), c.clone()))
-                    .collect()
-            } else {
-                texts.iter().map(|t| TextInput::One(t.clone())).collect()
-            };
+            let inputs: Vec<ArrayRef> = args
+                .split(", ")
+                .map(|a| batch.column_by_name(a).unwrap().clone())
+                .collect();
+            let few: Vec<ArrayRef> = inputs
+                .iter()
+                .map(|a| a.slice(0, a.len().min(128)))
+                .collect();
             let sql = format!("SELECT {name}({args}) FROM t");
             // Warm up once.
             ctx.sql(&sql).await.unwrap().collect().await.unwrap();
-            baseline(&op, &inputs[..inputs.len().min(128)]).await;
+            baseline(&op, &few).await;
             let mut ferry_secs = Vec::new();
             let mut base_secs = Vec::new();
             for _ in 0..runs {

@@ -16,8 +16,9 @@ use std::time::Instant;
 mod common;
 
 use common::{bench_texts, env_usize, median};
+use ferry::datafusion::arrow::array::{ArrayRef, StringArray};
 use ferry::engine::{OperatorSet, execute, plan};
-use ferry::ops::text::TextModel;
+use ferry::ops::Operator;
 
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -65,56 +66,38 @@ async fn ferry_run(work: &Path, input: &Path, operators: &mut OperatorSet) -> (u
     (summary.rows, start.elapsed().as_secs_f64())
 }
 
-async fn baseline(model: &Arc<TextModel>, texts: &[String]) -> f64 {
-    let mut encodings: Vec<_> = texts
-        .iter()
-        .map(|t| model.tokenizer.encode(t.as_str(), true).unwrap())
-        .collect();
-    encodings.sort_by_key(|e| e.len());
-    let order: Vec<usize> = (0..encodings.len()).collect();
-    let chunks: Vec<_> = model
-        .chunk(&order, |i| encodings[i].len())
-        .into_iter()
-        .map(|c| {
-            let refs: Vec<_> = c.iter().map(|&i| &encodings[i]).collect();
-            let enc = model.pad(&refs);
-            model.inputs(&enc).unwrap()
-        })
-        .collect();
+/// The operator's own calls (same truncation, same length-sorted chunks), prepared outside the
+/// timing: only `Session::run` is timed.
+async fn baseline(op: &Operator, texts: &[String]) -> f64 {
+    let column: ArrayRef = Arc::new(StringArray::from(texts.to_vec()));
+    let calls = op.baseline.prepare_calls(&[column]).unwrap();
     let start = Instant::now();
-    let jobs = chunks.into_iter().map(|inputs| {
-        model.pool.run(move |session| {
-            let out = session.run(inputs).unwrap();
-            let (shape, _) = out["last_hidden_state"]
-                .try_extract_tensor::<f32>()
-                .unwrap();
-            shape[0]
-        })
-    });
-    let done = futures::future::try_join_all(jobs).await.unwrap();
-    assert_eq!(done.iter().sum::<i64>() as usize, texts.len());
+    op.baseline.run_calls(calls).await.unwrap();
     start.elapsed().as_secs_f64()
 }
 
-fn padded_tokens(model: &TextModel, texts: &[String], sorted: bool) -> usize {
-    let mut lens: Vec<usize> = texts
-        .iter()
-        .map(|t| model.tokenizer.encode(t.as_str(), true).unwrap().len())
-        .collect();
-    if sorted {
-        lens.sort();
-    }
-    if sorted {
-        let order: Vec<usize> = (0..lens.len()).collect();
-        return model
-            .chunk(&order, |i| lens[i])
+/// Padded tokens of the operator's calls, length-sorted, and of calls in file order.
+fn padded_tokens(op: &Operator, texts: &[String], batch_size: usize) -> (usize, usize) {
+    let padded = |calls: Vec<Vec<ferry::runtime::tensor::Input>>| -> Vec<usize> {
+        calls
             .iter()
-            .map(|c| c.iter().map(|&i| lens[i]).max().unwrap() * c.len())
-            .sum();
-    }
-    lens.chunks(model.batch_size)
+            .map(|c| (c[0].shape[0] * c[0].shape[1]) as usize)
+            .collect()
+    };
+    let column: ArrayRef = Arc::new(StringArray::from(texts.to_vec()));
+    let sorted = padded(op.baseline.prepare_calls(&[column]).unwrap());
+    let lens: Vec<usize> = texts
+        .iter()
+        .map(|t| {
+            let one: ArrayRef = Arc::new(StringArray::from(vec![t.clone()]));
+            padded(op.baseline.prepare_calls(&[one]).unwrap())[0]
+        })
+        .collect();
+    let file_order = lens
+        .chunks(batch_size)
         .map(|c| c.iter().max().unwrap() * c.len())
-        .sum()
+        .sum();
+    (file_order, sorted.iter().sum())
 }
 
 fn main() {
@@ -128,10 +111,17 @@ fn main() {
         ferry::fetch::fetch("minilm", &root.join("models")).unwrap();
         let mut operators =
             OperatorSet::new(ferry::ops::load_manifests(&root.join("operators")).unwrap());
-        let model = operators.get("minilm").unwrap().text.clone().unwrap();
+        let op = operators.get("minilm").unwrap().clone();
+        let manifest = operators
+            .manifests()
+            .iter()
+            .find(|m| m.manifest.name == "minilm")
+            .unwrap()
+            .manifest
+            .clone();
         // Warm up both paths once (thread pools, allocator, page cache).
         ferry_run(&work, &input, &mut operators).await;
-        baseline(&model, &texts[..texts.len().min(256)]).await;
+        baseline(&op, &texts[..texts.len().min(256)]).await;
 
         let mut ferry_secs = Vec::new();
         let mut n = 0;
@@ -143,26 +133,25 @@ fn main() {
         let rss = peak_rss_mb();
         let mut base_secs = Vec::new();
         for _ in 0..runs {
-            base_secs.push(baseline(&model, &texts).await);
+            base_secs.push(baseline(&op, &texts).await);
         }
         let ferry_rps = n as f64 / median(ferry_secs);
         let base_rps = texts.len() as f64 / median(base_secs);
         println!("texts:                {}", texts.len());
         println!(
             "workers x threads:    {} x {}, batch size {}, max batch tokens {}",
-            model.pool.workers(),
-            model.pool.threads_per_worker,
-            model.batch_size,
-            model.max_batch_tokens
+            op.pool.workers(),
+            op.pool.threads_per_worker,
+            manifest.batch_size,
+            manifest
+                .max_batch_cost
+                .unwrap_or(op.task.info().default_max_batch_cost)
         );
         println!("ferry end-to-end:     {ferry_rps:.1} rows/s");
         println!("raw ORT baseline:     {base_rps:.1} rows/s");
         println!("ratio ferry/baseline: {:.3}", ferry_rps / base_rps);
         println!("peak RSS (ferry):     {rss:.0} MB");
-        println!(
-            "padded tokens:        {} in file order, {} length-sorted",
-            padded_tokens(&model, &texts, false),
-            padded_tokens(&model, &texts, true)
-        );
+        let (file_order, sorted) = padded_tokens(&op, &texts, manifest.batch_size);
+        println!("padded tokens:        {file_order} in file order, {sorted} length-sorted");
     });
 }

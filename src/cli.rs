@@ -67,6 +67,31 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Draw operator results on their images as PNGs: boxes with labels and scores, masks as
+    /// coloured overlays, depth as a colour map, labels as a caption.
+    Render {
+        /// A query whose rows hold an image and a result, e.g.
+        /// "SELECT path, detections FROM photos".
+        sql: String,
+        /// The column with the image: encoded bytes or a path.
+        #[arg(long, default_value = "path")]
+        image: String,
+        /// The column with the operator's result.
+        #[arg(long)]
+        result: String,
+        /// A column to name each PNG by (default: the row number).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to write the PNGs.
+        #[arg(short, long, default_value = "out/render")]
+        out: PathBuf,
+        /// Extra tables: NAME=PATH (format from the extension).
+        #[arg(long = "table", value_parser = parse_table)]
+        tables: Vec<(String, String)>,
+        /// Directory of pipelines whose outputs are registered as tables (by pipeline name).
+        #[arg(long, default_value = "pipelines")]
+        pipelines: PathBuf,
+    },
     /// List operators: name, task, model, input and output types.
     Operators,
     /// Models that can be fetched from PyPI packages.
@@ -215,6 +240,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Render {
+            sql,
+            image,
+            result,
+            name,
+            out,
+            tables,
+            pipelines,
+        } => {
+            let inputs = QueryInputs {
+                tables,
+                pipelines_dir: Some(pipelines),
+                operators_dir: Some(cli.operators),
+            };
+            let job = crate::render::RenderJob {
+                sql: &sql,
+                inputs: &inputs,
+                image: &image,
+                result: &result,
+                name: name.as_deref(),
+                out: &out,
+            };
+            let written = crate::render::render(&job).await?;
+            println!("wrote {} pictures to {}", written.len(), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Operators => {
             let manifests = crate::ops::load_manifests(&cli.operators)?;
             let mut set = engine::OperatorSet::new(manifests);
@@ -229,7 +280,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             ModelsAction::List => {
                 for m in crate::fetch::KNOWN_MODELS {
-                    println!("{:<10} {}", m.name, m.description);
+                    println!("{:<16} {}", m.name, m.description);
                 }
                 Ok(ExitCode::SUCCESS)
             }

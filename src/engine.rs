@@ -28,6 +28,7 @@ pub fn session_context() -> SessionContext {
         .with_information_schema(true);
     let ctx = SessionContext::new_with_config(config);
     ctx.register_udf(ops::similarity::cosine_similarity());
+    ctx.register_udtf("files", Arc::new(source::files::FilesFunction));
     ctx
 }
 
@@ -210,30 +211,18 @@ fn operator_step(
     stream: bool,
 ) -> Result<DataFrame, String> {
     let schema = frame.schema();
-    let arity = &op.task.info().arity;
-    if !arity.contains(&inputs.len()) {
-        let want = if arity.start() == arity.end() {
-            arity.start().to_string()
-        } else {
-            format!("{} to {}", arity.start(), arity.end())
-        };
-        return Err(format!(
-            "operator '{}' ({}) takes {want} input column(s), got {}",
-            op.name,
-            op.task.info().name,
-            inputs.len()
-        ));
-    }
     let mut args = Vec::new();
-    for (i, name) in inputs.iter().enumerate() {
+    let mut types = Vec::new();
+    for name in inputs {
         let column = Column::from_name(name);
         let field = schema.field_from_column(&column).map_err(|_| {
             let have: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
             format!("no column '{name}' (columns: {})", have.join(", "))
         })?;
-        ops::text::check_text_arg(&op.name, i, field.data_type()).map_err(|e| df_message(&e))?;
+        types.push(field.data_type().clone());
         args.push(Expr::Column(column));
     }
+    op.check_inputs(inputs, &types)?;
     // A stream passes each row's source record, so a row the operator cannot process can be
     // dead-lettered (when a SQL step dropped the lineage columns, it cannot).
     if stream {

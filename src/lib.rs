@@ -4,7 +4,8 @@
 //! - [`source`] / [`sink`]: where rows come from and go to.
 //! - [`ops`]: operator manifests and task kinds (model-backed SQL functions).
 //! - [`runtime`]: ONNX Runtime loading, model directories and the session pool.
-//! - [`engine`]: planning and running a pipeline; [`query`]: `ferry query`.
+//! - [`engine`]: planning and running a pipeline; [`query`]: `ferry query`; [`render`]:
+//!   `ferry render`.
 //! - [`stream`]: Kafka sources and streaming sinks, micro-batches, commits, metrics.
 
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod engine;
 pub mod fetch;
 pub mod ops;
 pub mod query;
+pub mod render;
 pub mod runtime;
 pub mod schemas;
 pub mod sink;

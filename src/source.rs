@@ -1,7 +1,9 @@
 //! Sources: registering a pipeline's input as a DataFusion table.
 //!
 //! Every source becomes a table named by the caller, so that the plan built on it is the same for
-//! a bounded file and (later) an unbounded stream.
+//! a bounded file and an unbounded stream.
+
+pub mod files;
 
 use std::path::Path;
 
@@ -81,6 +83,11 @@ pub async fn register(ctx: &SessionContext, name: &str, source: &Source) -> Resu
             )?;
             Ok(())
         }
+        Source::Files(f) => {
+            let table = files::FilesTable::list(&f.path, &f.allow_roots)?;
+            ctx.register_table(name, std::sync::Arc::new(table))?;
+            Ok(())
+        }
         Source::Jsonl(f) => {
             check_exists(&f.path)?;
             let ext = extension(&f.path, ".jsonl");
@@ -94,9 +101,10 @@ pub async fn register(ctx: &SessionContext, name: &str, source: &Source) -> Resu
     }
 }
 
-/// Rows the source holds, when that is cheap to know (Parquet footers), for progress and ETA.
+/// Rows the source holds, when that is cheap to know (Parquet footers, listed files), for
+/// progress and ETA.
 pub async fn row_count(ctx: &SessionContext, name: &str, source: &Source) -> Option<u64> {
-    if !matches!(source, Source::Parquet(_)) {
+    if !matches!(source, Source::Parquet(_) | Source::Files(_)) {
         return None;
     }
     let batches = ctx

@@ -9,3 +9,4 @@ mod pipeline;
 mod quickstart;
 mod spec;
 mod stream;
+mod vision;

@@ -79,7 +79,7 @@ impl AnswerTask {
         text: &TextModel,
     ) -> Result<Self, OpError> {
         for name in ["start_logits", "end_logits"] {
-            if !text.pool.outputs.iter().any(|o| o.name == name) {
+            if !text.outputs.iter().any(|o| o.name == name) {
                 return Err(OpError::Model(format!(
                     "{}: no '{name}' output; export the model with task question-answering",
                     model.onnx.display()

@@ -18,6 +18,8 @@ use super::text::{
     Encoded, TensorView, TextInput, TextModel, TextTask, Truncating, only_window, struct_column,
 };
 use crate::runtime::ModelDir;
+use crate::runtime::model_dir::ModelConfig;
+use crate::runtime::pool::TensorInfo;
 
 /// Options of a `classify_text` operator.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
@@ -63,7 +65,7 @@ impl ClassifyText {
         model: &ModelDir,
         text: &TextModel,
     ) -> Result<Self, OpError> {
-        let outputs = &text.pool.outputs;
+        let outputs = &text.outputs;
         let max_length = options
             .max_length
             .map_or(text.max_length, |m| m.min(text.max_length));
@@ -74,52 +76,10 @@ impl ClassifyText {
                 ..Default::default()
             },
         )?;
-        let info = outputs.iter().find(|o| o.name == "logits").ok_or_else(|| {
-            OpError::Model(format!(
-                "{}: no 'logits' output (has {}); export the model with task text-classification",
-                model.onnx.display(),
-                outputs
-                    .iter()
-                    .map(|o| o.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
-        let mut labels = model.config.labels();
-        let width = info.shape.last().copied().unwrap_or(-1);
-        if width > 0 {
-            let width = width as usize;
-            if labels.is_empty() {
-                labels = (0..width).map(|i| format!("LABEL_{i}")).collect();
-            } else if labels.len() != width {
-                return Err(OpError::Model(format!(
-                    "{}: config.json names {} labels but the model outputs {width} logits",
-                    model.dir.display(),
-                    labels.len()
-                )));
-            }
-        }
-        if labels.is_empty() {
-            return Err(OpError::Model(format!(
-                "{}: cannot tell the labels: config.json has no id2label and the logits width is dynamic",
-                model.dir.display()
-            )));
-        }
-        let cfg = &model.config;
+        let labels = classifier_labels(model, outputs, "text-classification")?;
         let function = options
             .function_to_apply
-            .unwrap_or(match cfg.problem_type.as_deref() {
-                Some("regression") => ScoreFunction::None,
-                Some("multi_label_classification") => ScoreFunction::Sigmoid,
-                Some("single_label_classification") => ScoreFunction::Softmax,
-                _ if labels.len() == 1 => ScoreFunction::Sigmoid,
-                _ if labels.len() > 1 => ScoreFunction::Softmax,
-                _ => match cfg.function_to_apply.as_deref() {
-                    Some("sigmoid") => ScoreFunction::Sigmoid,
-                    Some("softmax") => ScoreFunction::Softmax,
-                    _ => ScoreFunction::None,
-                },
-            });
+            .unwrap_or_else(|| default_function(&model.config, labels.len(), true));
         Ok(ClassifyText {
             labels,
             function,
@@ -128,17 +88,95 @@ impl ClassifyText {
             encoder,
         })
     }
+}
 
-    fn fields() -> Fields {
-        Fields::from(vec![
-            Field::new("label", DataType::Utf8, false),
-            Field::new("score", DataType::Float64, false),
-        ])
+/// A classifier's labels: config.json's `id2label`, checked against the width of its `logits`
+/// output (`LABEL_i` names when the config has none).
+pub fn classifier_labels(
+    model: &ModelDir,
+    outputs: &[TensorInfo],
+    export_task: &str,
+) -> Result<Vec<String>, OpError> {
+    let info = outputs.iter().find(|o| o.name == "logits").ok_or_else(|| {
+        OpError::Model(format!(
+            "{}: no 'logits' output (has {}); export the model with task {export_task}",
+            model.onnx.display(),
+            outputs
+                .iter()
+                .map(|o| o.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let mut labels = model.config.labels();
+    let width = info.shape.last().copied().unwrap_or(-1);
+    if width > 0 {
+        let width = width as usize;
+        if labels.is_empty() {
+            labels = (0..width).map(|i| format!("LABEL_{i}")).collect();
+        } else if labels.len() != width {
+            return Err(OpError::Model(format!(
+                "{}: config.json names {} labels but the model outputs {width} logits",
+                model.dir.display(),
+                labels.len()
+            )));
+        }
     }
+    if labels.is_empty() {
+        return Err(OpError::Model(format!(
+            "{}: cannot tell the labels: config.json has no id2label and the logits width is dynamic",
+            model.dir.display()
+        )));
+    }
+    Ok(labels)
+}
 
-    /// Scores (f32 as transformers computes them) for one row of logits.
-    pub fn scores(&self, logits: &[f32]) -> Vec<f32> {
-        match self.function {
+/// `function_to_apply` as the classification pipelines decide it; text-classification has a
+/// `regression` branch (no function), image-classification does not.
+pub fn default_function(cfg: &ModelConfig, labels: usize, regression: bool) -> ScoreFunction {
+    match cfg.problem_type.as_deref() {
+        Some("regression") if regression => ScoreFunction::None,
+        Some("multi_label_classification") => ScoreFunction::Sigmoid,
+        _ if labels == 1 => ScoreFunction::Sigmoid,
+        Some("single_label_classification") => ScoreFunction::Softmax,
+        _ if labels > 1 => ScoreFunction::Softmax,
+        _ => match cfg.function_to_apply.as_deref() {
+            Some("sigmoid") => ScoreFunction::Sigmoid,
+            Some("softmax") => ScoreFunction::Softmax,
+            _ => ScoreFunction::None,
+        },
+    }
+}
+
+/// `Struct<label, score>` of each row's best label, or with `first_only` false the list of
+/// its ranked labels.
+pub fn label_scores(
+    labels: &[String],
+    rows: &[Option<Vec<(usize, f32)>>],
+    first_only: bool,
+) -> Result<ArrayRef> {
+    struct_column(label_fields(), rows, first_only, |b, &(id, score)| {
+        b.field_builder::<StringBuilder>(0)
+            .expect("label")
+            .append_value(&labels[id]);
+        b.field_builder::<Float64Builder>(1)
+            .expect("score")
+            .append_value(score as f64);
+    })
+}
+
+/// The fields of a label and its score.
+pub fn label_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("label", DataType::Utf8, false),
+        Field::new("score", DataType::Float64, false),
+    ])
+}
+
+impl ScoreFunction {
+    /// The pipelines' softmax (max subtracted first), sigmoid or identity, in f32.
+    pub fn apply(self, logits: &[f32]) -> Vec<f32> {
+        match self {
             ScoreFunction::None => logits.to_vec(),
             ScoreFunction::Sigmoid => logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect(),
             ScoreFunction::Softmax => {
@@ -149,6 +187,15 @@ impl ClassifyText {
             }
         }
     }
+
+    /// (label id, score) best first, `top_k` of them; equal scores keep label-id order, as
+    /// Python's stable sort does.
+    pub fn ranked(self, logits: &[f32], top_k: usize) -> Vec<(usize, f32)> {
+        let mut ranked: Vec<(usize, f32)> = self.apply(logits).into_iter().enumerate().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        ranked.truncate(top_k.max(1));
+        ranked
+    }
 }
 
 impl TextTask for ClassifyText {
@@ -157,7 +204,7 @@ impl TextTask for ClassifyText {
     type Row = Vec<(usize, f32)>;
 
     fn output_type(&self) -> DataType {
-        let item = DataType::Struct(Self::fields());
+        let item = DataType::Struct(label_fields());
         match self.top_k {
             Some(_) => DataType::List(Arc::new(Field::new("item", item, true))),
             None => item,
@@ -184,33 +231,14 @@ impl TextTask for ClassifyText {
     ) -> Result<Vec<Self::Window>, String> {
         let n = self.labels.len();
         outputs[0].expect_shape(&[enc.rows, n])?;
-        let data = outputs[0].data;
+        let data = &outputs[0].data[..];
         Ok(data
             .chunks(n)
-            .map(|logits| {
-                let scores = self.scores(logits);
-                let mut ranked: Vec<(usize, f32)> = scores.into_iter().enumerate().collect();
-                // Stable sort: equal scores stay in label-id order, as Python's sort does.
-                ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-                ranked.truncate(self.top_k.unwrap_or(1).max(1));
-                ranked
-            })
+            .map(|logits| self.function.ranked(logits, self.top_k.unwrap_or(1)))
             .collect())
     }
 
     fn to_array(&self, rows: Vec<Option<Self::Row>>) -> Result<ArrayRef> {
-        struct_column(
-            Self::fields(),
-            &rows,
-            self.top_k.is_none(),
-            |b, &(id, score)| {
-                b.field_builder::<StringBuilder>(0)
-                    .expect("label")
-                    .append_value(&self.labels[id]);
-                b.field_builder::<Float64Builder>(1)
-                    .expect("score")
-                    .append_value(score as f64);
-            },
-        )
+        label_scores(&self.labels, &rows, self.top_k.is_none())
     }
 }

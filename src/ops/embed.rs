@@ -69,7 +69,7 @@ impl Embed {
         model: &ModelDir,
         text: &TextModel,
     ) -> Result<Self, OpError> {
-        let outputs = &text.pool.outputs;
+        let outputs = &text.outputs;
         let max_length = options
             .max_length
             .map_or(text.max_length, |m| m.min(text.max_length));
@@ -198,7 +198,7 @@ impl TextTask for Embed {
         _windows: &[&Encoding],
     ) -> Result<Vec<Self::Window>, String> {
         let out = &outputs[0];
-        let (shape, data) = (out.shape, out.data);
+        let (shape, data) = (&out.shape[..], &out.data[..]);
         let dim = self.dim;
         let mut rows = Vec::with_capacity(enc.rows);
         if self.pooled {

@@ -27,10 +27,16 @@ pub struct Manifest {
     /// Rows per inference call.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-    /// At most this many padded tokens (windows x longest window) per inference call: long
-    /// texts run in smaller calls, which bounds memory and is faster on CPU.
-    #[serde(default = "default_max_batch_tokens")]
-    pub max_batch_tokens: usize,
+    /// At most this much padded cost per inference call: items x the largest item's cost, in
+    /// the task's unit (tokens for text tasks, pixels for image tasks; see `ferry operators`).
+    /// Long texts and large images run in smaller calls, which bounds memory and is faster on
+    /// CPU. Default: 1024 tokens for text tasks. `max_batch_tokens` is accepted as its old name.
+    #[serde(
+        default,
+        alias = "max_batch_tokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_batch_cost: Option<usize>,
     /// Where the model runs: `cpu` or `cuda` (falls back to CPU with a warning).
     #[serde(default)]
     pub provider: ExecutionProvider,
@@ -41,7 +47,7 @@ pub struct Manifest {
     /// ONNX Runtime intra-op threads per session (default: the number of cores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads_per_worker: Option<usize>,
-    /// Task options: see `EmbedOptions`, `ClassifyTextOptions`, `TagTokensOptions` and `AnswerOptions` in this schema.
+    /// Task options: see `EmbedOptions`, `ClassifyTextOptions`, `TagTokensOptions`, `AnswerOptions`, `ClassifyImageOptions`, `DetectOptions`, `SegmentOptions` and `EstimateDepthOptions` in this schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<TaskOptions>")]
     pub options: Option<serde_yaml::Value>,
@@ -56,6 +62,10 @@ enum TaskOptions {
     ClassifyText(super::classify_text::ClassifyTextOptions),
     TagTokens(super::tag_tokens::TagTokensOptions),
     Answer(super::answer::AnswerOptions),
+    ClassifyImage(super::classify_image::ClassifyImageOptions),
+    Detect(super::detect::DetectOptions),
+    Segment(super::segment::SegmentOptions),
+    EstimateDepth(super::estimate_depth::EstimateDepthOptions),
 }
 
 fn default_file() -> String {
@@ -64,10 +74,6 @@ fn default_file() -> String {
 
 fn default_batch_size() -> usize {
     32
-}
-
-fn default_max_batch_tokens() -> usize {
-    1024
 }
 
 /// A manifest with where it came from.

@@ -1,12 +1,20 @@
 //! Operators: model-backed SQL functions declared by manifests in `operators/`.
 //!
-//! Adding a task kind: a file beside this one with its options and a [`text::TextTask`] (or its
-//! own UDF), and one entry in [`TASKS`] and [`build`].
+//! `core` is what every task kind shares (batching, the session pool, progress, row failures,
+//! the SQL function); `text` (and `image`) turn argument columns into model inputs; every other
+//! file is one task kind. Adding a task kind: a file beside this one with its options and a
+//! [`core::Task`] (or a [`text::TextTask`] for text), and one entry in [`TASKS`] and [`build`].
 
 pub mod answer;
+pub mod classify_image;
 pub mod classify_text;
+pub mod core;
+pub mod detect;
 pub mod embed;
+pub mod estimate_depth;
+pub mod image;
 pub mod manifest;
+pub mod segment;
 pub mod similarity;
 pub mod tag_tokens;
 pub mod text;
@@ -22,10 +30,12 @@ use thiserror::Error;
 
 pub use manifest::{LoadedManifest, Manifest, load_manifests};
 
+use self::core::{ArgKind, Baseline, Core, MODEL, ModelUdf, OpStats, Task};
 use crate::runtime::model_dir::ModelError;
-use crate::runtime::pool::{PoolError, PoolSize};
+use crate::runtime::pool::{ModelFile, PoolError, PoolSize};
 use crate::runtime::{ModelDir, SessionPool};
-use text::{TextModel, TextOperator};
+use image::{ImageModel, ImageOp, ImageOptions, ImageTask};
+use text::{TextModel, TextOp, TextTask};
 
 #[derive(Debug, Error)]
 pub enum OpError {
@@ -51,6 +61,14 @@ pub enum TaskKind {
     TagTokens,
     /// Extractive question answering over a context.
     Answer,
+    /// Image classification.
+    ClassifyImage,
+    /// Object detection (DETR-style and YOLO-style exports).
+    Detect,
+    /// Semantic image segmentation.
+    Segment,
+    /// Monocular depth estimation.
+    EstimateDepth,
 }
 
 /// A task kind's entry in the registration list.
@@ -61,8 +79,14 @@ pub struct TaskInfo {
     pub hf_task: &'static str,
     pub inputs: &'static str,
     pub output: &'static str,
-    /// How many text arguments its SQL function (and pipeline step) takes.
+    /// How many arguments its SQL function (and pipeline step) takes.
     pub arity: std::ops::RangeInclusive<usize>,
+    /// What each argument holds (the last kind repeats).
+    pub args: &'static [ArgKind],
+    /// What `max_batch_cost` counts for this task.
+    pub cost_unit: &'static str,
+    /// `max_batch_cost` when the manifest does not set it.
+    pub default_max_batch_cost: usize,
 }
 
 /// Every task kind ferry runs. The single registration list.
@@ -74,6 +98,9 @@ pub const TASKS: &[TaskInfo] = &[
         inputs: "text: Utf8 | LargeUtf8 | Utf8View",
         output: "FixedSizeList<Float32, dim>; List<FixedSizeList<Float32, dim>> with pooling: none",
         arity: 1..=1,
+        args: &[ArgKind::Text],
+        cost_unit: "tokens",
+        default_max_batch_cost: 1024,
     },
     TaskInfo {
         kind: TaskKind::ClassifyText,
@@ -82,6 +109,9 @@ pub const TASKS: &[TaskInfo] = &[
         inputs: "text [, text_pair]: Utf8 | LargeUtf8 | Utf8View",
         output: "Struct<label: Utf8, score: Float64>; List<Struct<label, score>> with top_k",
         arity: 1..=2,
+        args: &[ArgKind::Text],
+        cost_unit: "tokens",
+        default_max_batch_cost: 1024,
     },
     TaskInfo {
         kind: TaskKind::TagTokens,
@@ -90,6 +120,9 @@ pub const TASKS: &[TaskInfo] = &[
         inputs: "text: Utf8 | LargeUtf8 | Utf8View",
         output: "List<Struct<entity | entity_group: Utf8, score: Float32, word: Utf8, start: Int64, end: Int64>>",
         arity: 1..=1,
+        args: &[ArgKind::Text],
+        cost_unit: "tokens",
+        default_max_batch_cost: 1024,
     },
     TaskInfo {
         kind: TaskKind::Answer,
@@ -98,8 +131,59 @@ pub const TASKS: &[TaskInfo] = &[
         inputs: "question, context: Utf8 | LargeUtf8 | Utf8View",
         output: "Struct<answer: Utf8, score: Float64, start: Int64, end: Int64>; List<Struct<...>> with top_k",
         arity: 2..=2,
+        args: &[ArgKind::Text],
+        cost_unit: "tokens",
+        default_max_batch_cost: 1024,
+    },
+    TaskInfo {
+        kind: TaskKind::ClassifyImage,
+        name: "classify_image",
+        hf_task: "image-classification",
+        inputs: "image: Binary (encoded image) | Utf8 (path)",
+        output: "Struct<label: Utf8, score: Float64>; List<Struct<label, score>> with top_k",
+        arity: 1..=1,
+        args: &[ArgKind::Image],
+        cost_unit: "pixels",
+        default_max_batch_cost: IMAGE_BATCH_PIXELS,
+    },
+    TaskInfo {
+        kind: TaskKind::Detect,
+        name: "detect",
+        hf_task: "object-detection",
+        inputs: "image: Binary (encoded image) | Utf8 (path)",
+        output: "List<Struct<label: Utf8, score: Float64, box: Struct<xmin, ymin, xmax, ymax: Float64>>>",
+        arity: 1..=1,
+        args: &[ArgKind::Image],
+        cost_unit: "pixels",
+        default_max_batch_cost: IMAGE_BATCH_PIXELS,
+    },
+    TaskInfo {
+        kind: TaskKind::Segment,
+        name: "segment",
+        hf_task: "image-segmentation",
+        inputs: "image: Binary (encoded image) | Utf8 (path)",
+        output: "List<Struct<label: Utf8, score: Float64, mask: Binary (PNG)>>",
+        arity: 1..=1,
+        args: &[ArgKind::Image],
+        cost_unit: "pixels",
+        default_max_batch_cost: IMAGE_BATCH_PIXELS,
+    },
+    TaskInfo {
+        kind: TaskKind::EstimateDepth,
+        name: "estimate_depth",
+        hf_task: "depth-estimation",
+        inputs: "image: Binary (encoded image) | Utf8 (path)",
+        output: "Struct<predicted_depth: List<Float32>, width: Int32, height: Int32, depth: Binary (PNG)>",
+        arity: 1..=1,
+        args: &[ArgKind::Image],
+        cost_unit: "pixels",
+        default_max_batch_cost: IMAGE_BATCH_PIXELS,
     },
 ];
+
+/// Default `max_batch_cost` of image tasks: 4 megapixels (e.g. 80 ViT pictures of 224x224, or
+/// 4 DETR pictures of 800x1333, capped by `batch_size`).
+const IMAGE_BATCH_PIXELS: usize = 4 << 20;
 
 impl TaskKind {
     pub fn info(self) -> &'static TaskInfo {
@@ -127,15 +211,13 @@ pub struct Operator {
     pub model: ModelDir,
     pub udf: ScalarUDF,
     pub output_type: DataType,
-    /// The tokenizer and session pool of a text operator (benchmarks use them directly).
-    pub text: Option<Arc<TextModel>>,
-    /// The operator's own encoding of one input into model windows (for baselines).
-    pub windows: Option<WindowFn>,
+    /// Progress, row errors and failures to dead-letter.
+    pub stats: Arc<OpStats>,
+    /// The worker threads and sessions.
+    pub pool: Arc<SessionPool>,
+    /// The operator's model calls, for benchmarks' baselines.
+    pub baseline: Arc<dyn Baseline>,
 }
-
-/// Encodes one input into the windows a task would run.
-pub type WindowFn =
-    Arc<dyn Fn(&text::TextInput) -> Result<Vec<tokenizers::Encoding>, String> + Send + Sync>;
 
 impl std::fmt::Debug for Operator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,23 +233,116 @@ impl std::fmt::Debug for Operator {
 impl Operator {
     /// Rows this operator has inferred since it was loaded.
     pub fn progress_rows(&self) -> u64 {
-        self.text.as_ref().map_or(0, |t| {
-            t.progress_milli.load(std::sync::atomic::Ordering::Relaxed) / 1000
-        })
+        self.stats.progress_rows()
     }
 
     /// Takes the failures of rows with a known source record (streams) recorded so far.
     pub fn take_failures(&self) -> Vec<RowFailure> {
-        self.text.as_ref().map_or_else(Vec::new, |t| {
-            std::mem::take(&mut *t.failures.lock().expect("failures"))
-        })
+        self.stats.take_failures()
     }
 
     /// Rows that came out null because their input could not be processed.
     pub fn row_errors(&self) -> u64 {
-        self.text.as_ref().map_or(0, |t| {
-            t.row_errors.load(std::sync::atomic::Ordering::Relaxed)
-        })
+        self.stats.row_errors()
+    }
+
+    /// Checks a pipeline step's input columns against what the task takes.
+    pub fn check_inputs(&self, columns: &[String], types: &[DataType]) -> Result<(), String> {
+        core::check_args(&self.name, self.task.info(), types, Some(columns))
+    }
+}
+
+/// What building an operator needs besides its task.
+struct Loading<'a> {
+    loaded: &'a LoadedManifest,
+    model: ModelDir,
+    size: PoolSize,
+}
+
+impl Loading<'_> {
+    /// Opens sessions of the model files (role, file name in the model directory).
+    fn pool(&self, files: &[(&'static str, &str)]) -> Result<Arc<SessionPool>, OpError> {
+        let files: Vec<ModelFile> = files
+            .iter()
+            .map(|(role, file)| ModelFile {
+                role,
+                path: self.model.dir.join(file),
+            })
+            .collect();
+        Ok(Arc::new(SessionPool::open(
+            &files,
+            self.loaded.manifest.provider,
+            self.size,
+        )?))
+    }
+
+    fn operator<T: Task>(self, pool: Arc<SessionPool>, task: T) -> Operator {
+        let m = &self.loaded.manifest;
+        let info = m.task.info();
+        let output_type = task.output_type();
+        let stats = Arc::new(OpStats::new(&m.name));
+        let core = Arc::new(Core {
+            name: m.name.clone(),
+            info,
+            task: Arc::new(task),
+            pool: Arc::clone(&pool),
+            stats: Arc::clone(&stats),
+            batch_size: m.batch_size.max(1),
+            max_batch_cost: m
+                .max_batch_cost
+                .unwrap_or(info.default_max_batch_cost)
+                .max(1),
+        });
+        Operator {
+            name: m.name.clone(),
+            task: m.task,
+            model: self.model,
+            udf: AsyncScalarUDF::new(Arc::new(ModelUdf::new(Arc::clone(&core)))).into_scalar_udf(),
+            output_type,
+            stats,
+            pool,
+            baseline: core,
+        }
+    }
+
+    /// A text task: one model file, a tokenizer, and the task resolved against both.
+    fn text<O, T: TextTask>(
+        self,
+        resolve: impl FnOnce(&O, &ModelDir, &TextModel) -> Result<T, OpError>,
+    ) -> Result<Operator, OpError>
+    where
+        O: serde::de::DeserializeOwned + Default,
+    {
+        let options: O = self.loaded.options()?;
+        let pool = self.pool(&[(MODEL, &self.loaded.manifest.file)])?;
+        let session = pool.session(MODEL).expect("the model session");
+        let model = TextModel::open(self.loaded.manifest.task.info().name, &self.model, session)?;
+        let task = resolve(&options, &self.model, &model)?;
+        Ok(self.operator(pool, TextOp { model, task }))
+    }
+}
+
+impl Loading<'_> {
+    /// An image task: one model file, an image processor, and the task resolved against both.
+    fn image<O, T: ImageTask>(
+        self,
+        image_options: impl FnOnce(&O) -> &ImageOptions,
+        resolve: impl FnOnce(&O, &ModelDir, &ImageModel) -> Result<T, OpError>,
+    ) -> Result<Operator, OpError>
+    where
+        O: serde::de::DeserializeOwned + Default,
+    {
+        let options: O = self.loaded.options()?;
+        let pool = self.pool(&[(MODEL, &self.loaded.manifest.file)])?;
+        let session = pool.session(MODEL).expect("the model session");
+        let model = ImageModel::open(
+            self.loaded.manifest.task.info().name,
+            &self.model,
+            session,
+            image_options(&options),
+        )?;
+        let task = resolve(&options, &self.model, &model)?;
+        Ok(self.operator(pool, ImageOp { model, task }))
     }
 }
 
@@ -181,54 +356,31 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
         workers: m.workers.unwrap_or(defaults.workers),
         threads_per_worker: m.threads_per_worker.unwrap_or(defaults.threads_per_worker),
     };
-    let task_name = m.task.info().name;
-    macro_rules! text_op {
-        ($opts:ty, $resolve:path) => {{
-            let options: $opts = loaded.options()?;
-            let pool = SessionPool::open(&model.onnx, m.provider, size)?;
-            let text = TextModel::open(
-                &m.name,
-                task_name,
-                &model,
-                pool,
-                m.batch_size,
-                m.max_batch_tokens,
-            )?;
-            let task = $resolve(&options, &model, &text)?;
-            let op = TextOperator::new(&m.name, text, task, m.task.info().arity.clone());
-            let output_type = text::TextTask::output_type(op.task.as_ref());
-            let text = Some(Arc::clone(&op.model));
-            let task = Arc::clone(&op.task);
-            let windows: WindowFn =
-                Arc::new(move |input| text::TextTask::encode(task.as_ref(), input));
-            (
-                AsyncScalarUDF::new(Arc::new(op)).into_scalar_udf(),
-                output_type,
-                text,
-                Some(windows),
-            )
-        }};
-    }
-    let (udf, output_type, text, windows) = match m.task {
-        TaskKind::Embed => text_op!(embed::EmbedOptions, embed::Embed::resolve),
-        TaskKind::Answer => text_op!(answer::AnswerOptions, answer::AnswerTask::resolve),
-        TaskKind::TagTokens => {
-            text_op!(tag_tokens::TagTokensOptions, tag_tokens::TagTokens::resolve)
-        }
-        TaskKind::ClassifyText => {
-            text_op!(
-                classify_text::ClassifyTextOptions,
-                classify_text::ClassifyText::resolve
-            )
-        }
-    };
-    Ok(Operator {
-        name: m.name.clone(),
-        task: m.task,
+    let loading = Loading {
+        loaded,
         model,
-        udf,
-        output_type,
-        text,
-        windows,
-    })
+        size,
+    };
+    match m.task {
+        TaskKind::Embed => loading.text(embed::Embed::resolve),
+        TaskKind::ClassifyText => loading.text(classify_text::ClassifyText::resolve),
+        TaskKind::TagTokens => loading.text(tag_tokens::TagTokens::resolve),
+        TaskKind::Answer => loading.text(answer::AnswerTask::resolve),
+        TaskKind::ClassifyImage => loading.image(
+            |o: &classify_image::ClassifyImageOptions| &o.image,
+            classify_image::ClassifyImage::resolve,
+        ),
+        TaskKind::Detect => loading.image(
+            |o: &detect::DetectOptions| &o.image,
+            detect::Detect::resolve,
+        ),
+        TaskKind::Segment => loading.image(
+            |o: &segment::SegmentOptions| &o.image,
+            segment::Segment::resolve,
+        ),
+        TaskKind::EstimateDepth => loading.image(
+            |o: &estimate_depth::EstimateDepthOptions| &o.image,
+            estimate_depth::EstimateDepth::resolve,
+        ),
+    }
 }

@@ -93,7 +93,6 @@ impl TagTokens {
         text: &TextModel,
     ) -> Result<Self, OpError> {
         let info = text
-            .pool
             .outputs
             .iter()
             .find(|o| o.name == "logits")

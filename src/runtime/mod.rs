@@ -4,6 +4,7 @@
 pub mod model_dir;
 pub mod onnxruntime;
 pub mod pool;
+pub mod tensor;
 pub mod wheel;
 
 pub use model_dir::ModelDir;

@@ -1,18 +1,23 @@
-//! A fixed set of worker threads, each owning one ONNX Runtime session of the same model.
+//! A fixed set of worker threads, each owning its own sessions of an operator's model files
+//! (one file for an encoder; encoder + decoder, or detector + recognizer, for others) and any
+//! state a task keeps between calls (buffers, caches).
 //!
 //! `Session::run` takes `&mut self`, and inference is CPU-heavy: it must never run on DataFusion's
 //! async workers. Jobs are closures handed to whichever worker is free; the caller awaits the
 //! result without blocking the runtime.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
+use ort::session::{Session, SessionOutputs};
 use ort::value::ValueType;
 use thiserror::Error;
 
 use super::onnxruntime::{ExecutionProvider, RuntimeError, environment};
+use super::tensor::Input;
 
 #[derive(Debug, Error)]
 pub enum PoolError {
@@ -20,7 +25,7 @@ pub enum PoolError {
     Runtime(#[from] RuntimeError),
     #[error("{path}: cannot create an ONNX Runtime session: {message}")]
     Session { path: PathBuf, message: String },
-    #[error("the model workers have stopped (a worker panicked or the pool was dropped)")]
+    #[error("the model workers have stopped (a job panicked or the pool was dropped)")]
     Stopped,
 }
 
@@ -33,7 +38,7 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    fn from_outlet(name: &str, dtype: &ValueType) -> Self {
+    pub(crate) fn from_outlet(name: &str, dtype: &ValueType) -> Self {
         match dtype {
             ValueType::Tensor { ty, shape, .. } => TensorInfo {
                 name: name.to_string(),
@@ -49,14 +54,104 @@ impl TensorInfo {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut Session) + Send>;
+/// One of an operator's model files, by the role its task gives it (`model`, `encoder`,
+/// `decoder`, ...).
+#[derive(Debug, Clone)]
+pub struct ModelFile {
+    pub role: &'static str,
+    pub path: PathBuf,
+}
 
-/// Sessions for one model, one per worker thread.
+/// What a session takes and returns, read when it was created.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub role: &'static str,
+    pub path: PathBuf,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+    /// The model's custom metadata (e.g. YOLO exports' class `names`).
+    pub metadata: HashMap<String, String>,
+}
+
+impl SessionInfo {
+    pub fn input(&self, name: &str) -> Option<&TensorInfo> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+
+    pub fn output(&self, name: &str) -> Option<&TensorInfo> {
+        self.outputs.iter().find(|o| o.name == name)
+    }
+
+    /// The output names, for messages.
+    pub fn output_names(&self) -> String {
+        self.outputs
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The input names, for messages.
+    pub fn input_names(&self) -> String {
+        self.inputs
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A worker thread's sessions and the state tasks keep on it between calls.
+pub struct Worker {
+    sessions: Vec<(SessionInfo, Session)>,
+    state: HashMap<TypeId, Box<dyn Any + Send>>,
+}
+
+impl Worker {
+    /// The session of the model file with this role.
+    pub fn session(&mut self, role: &str) -> Result<&mut Session, String> {
+        self.sessions
+            .iter_mut()
+            .find(|(info, _)| info.role == role)
+            .map(|(_, s)| s)
+            .ok_or_else(|| format!("the operator has no '{role}' model"))
+    }
+
+    /// Runs the session `role` on named inputs, each converted to the element type the model
+    /// declares for it.
+    pub fn run(&mut self, role: &str, inputs: Vec<Input>) -> Result<SessionOutputs<'_>, String> {
+        let (info, session) = self
+            .sessions
+            .iter_mut()
+            .find(|(info, _)| info.role == role)
+            .ok_or_else(|| format!("the operator has no '{role}' model"))?;
+        let mut values = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let want = info.input(&input.name).and_then(|i| i.element);
+            let name = input.name.clone();
+            values.push((name, input.into_value(want)?));
+        }
+        session.run(values).map_err(|e| e.to_string())
+    }
+
+    /// State of type `T` kept on this worker between calls, created on first use.
+    pub fn state<T: Default + Send + 'static>(&mut self) -> &mut T {
+        self.state
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Box::new(T::default()))
+            .downcast_mut::<T>()
+            .expect("state is keyed by its type")
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Worker) + Send>;
+
+/// Worker threads, each with its own sessions of the same model files.
 pub struct SessionPool {
     sender: Option<crossbeam_channel::Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
-    pub inputs: Vec<TensorInfo>,
-    pub outputs: Vec<TensorInfo>,
+    /// The sessions each worker holds, in the order of the model files.
+    pub sessions: Vec<SessionInfo>,
     pub provider: ExecutionProvider,
     pub threads_per_worker: usize,
 }
@@ -65,8 +160,7 @@ impl std::fmt::Debug for SessionPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionPool")
             .field("workers", &self.workers.len())
-            .field("inputs", &self.inputs)
-            .field("outputs", &self.outputs)
+            .field("sessions", &self.sessions)
             .finish()
     }
 }
@@ -79,8 +173,8 @@ pub struct PoolSize {
 }
 
 impl PoolSize {
-    /// Default: one session using every core. Each session holds its own copy of the
-    /// activations (and part of the weights), so one session keeps memory lowest; measured on
+    /// Default: one worker using every core. Each worker holds its own copy of the
+    /// activations (and part of the weights), so one keeps memory lowest; measured on
     /// all-MiniLM-L6-v2 over 2,000 paragraphs on 2 cores: 1 x 2 threads ran at 0.93x the rows/s of
     /// 2 x 1 thread with 0.64x the peak memory. Short texts and tiny models favour more workers.
     pub fn for_machine() -> Self {
@@ -139,43 +233,77 @@ fn build_session(
     builder.commit_from_file(path).map_err(|e| err(&e))
 }
 
+fn info(file: &ModelFile, session: &Session) -> SessionInfo {
+    let metadata = session
+        .metadata()
+        .ok()
+        .map(|m| {
+            m.custom_keys()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|k| m.custom(&k).map(|v| (k, v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    SessionInfo {
+        metadata,
+        role: file.role,
+        path: file.path.clone(),
+        inputs: session
+            .inputs()
+            .iter()
+            .map(|o| TensorInfo::from_outlet(o.name(), o.dtype()))
+            .collect(),
+        outputs: session
+            .outputs()
+            .iter()
+            .map(|o| TensorInfo::from_outlet(o.name(), o.dtype()))
+            .collect(),
+    }
+}
+
 impl SessionPool {
-    /// Creates every worker's session now (plan time), so that a broken model fails before any
+    /// Creates every worker's sessions now (plan time), so that a broken model fails before any
     /// data is read.
     pub fn open(
-        path: &Path,
+        files: &[ModelFile],
         provider: ExecutionProvider,
         size: PoolSize,
     ) -> Result<Self, PoolError> {
         let workers = size.workers.max(1);
+        let threads = size.threads_per_worker.max(1);
         environment()?;
-        let prepacked = PrepackedWeights::new();
-        let mut sessions = Vec::with_capacity(workers);
+        let prepacked: Vec<PrepackedWeights> =
+            files.iter().map(|_| PrepackedWeights::new()).collect();
+        let mut per_worker = Vec::with_capacity(workers);
         for _ in 0..workers {
-            let threads = size.threads_per_worker.max(1);
-            sessions.push(build_session(path, provider, threads, &prepacked)?);
+            let mut sessions = Vec::with_capacity(files.len());
+            for (file, prepacked) in files.iter().zip(&prepacked) {
+                let session = build_session(&file.path, provider, threads, prepacked)?;
+                sessions.push((info(file, &session), session));
+            }
+            per_worker.push(sessions);
         }
-        let inputs = sessions[0]
-            .inputs()
-            .iter()
-            .map(|o| TensorInfo::from_outlet(o.name(), o.dtype()))
-            .collect();
-        let outputs = sessions[0]
-            .outputs()
-            .iter()
-            .map(|o| TensorInfo::from_outlet(o.name(), o.dtype()))
-            .collect();
+        let infos = per_worker[0].iter().map(|(i, _)| i.clone()).collect();
         let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
-        let handles = sessions
+        let handles = per_worker
             .into_iter()
             .enumerate()
-            .map(|(i, mut session)| {
+            .map(|(i, sessions)| {
                 let receiver = receiver.clone();
                 std::thread::Builder::new()
                     .name(format!("ferry-model-{i}"))
                     .spawn(move || {
+                        let mut worker = Worker {
+                            sessions,
+                            state: HashMap::new(),
+                        };
                         while let Ok(job) = receiver.recv() {
-                            job(&mut session);
+                            // A job that panics loses its result (its caller hears Stopped), not
+                            // the worker and its sessions.
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                job(&mut worker)
+                            }));
                         }
                     })
                     .expect("spawning a model worker thread")
@@ -184,10 +312,9 @@ impl SessionPool {
         Ok(SessionPool {
             sender: Some(sender),
             workers: handles,
-            inputs,
-            outputs,
+            sessions: infos,
             provider,
-            threads_per_worker: size.threads_per_worker.max(1),
+            threads_per_worker: threads,
         })
     }
 
@@ -195,12 +322,9 @@ impl SessionPool {
         self.workers.len()
     }
 
-    pub fn input(&self, name: &str) -> Option<&TensorInfo> {
-        self.inputs.iter().find(|i| i.name == name)
-    }
-
-    pub fn output(&self, name: &str) -> Option<&TensorInfo> {
-        self.outputs.iter().find(|o| o.name == name)
+    /// What the session of `role` takes and returns.
+    pub fn session(&self, role: &str) -> Option<&SessionInfo> {
+        self.sessions.iter().find(|s| s.role == role)
     }
 
     fn submit(&self, job: Job) -> Result<(), PoolError> {
@@ -211,15 +335,15 @@ impl SessionPool {
             .map_err(|_| PoolError::Stopped)
     }
 
-    /// Runs `f` on a free worker's session and waits for it without blocking the async runtime.
+    /// Runs `f` on a free worker and waits for it without blocking the async runtime.
     pub async fn run<R, F>(&self, f: F) -> Result<R, PoolError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Session) -> R + Send + 'static,
+        F: FnOnce(&mut Worker) -> R + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(Box::new(move |session| {
-            let _ = tx.send(f(session));
+        self.submit(Box::new(move |worker| {
+            let _ = tx.send(f(worker));
         }))?;
         rx.await.map_err(|_| PoolError::Stopped)
     }

@@ -128,6 +128,9 @@ pub enum Source {
     /// Kafka topics, consumed in micro-batches. Besides the payload's columns, every row has the
     /// lineage columns `_topic`, `_partition`, `_offset` and `_timestamp`.
     Kafka(KafkaSource),
+    /// Files of any kind (images, audio) as rows `path, size, modified, bytes, error`; bytes are
+    /// read lazily, a small batch at a time.
+    Files(FilesSource),
 }
 
 impl Source {
@@ -139,6 +142,7 @@ impl Source {
             Source::Csv(_) => "csv",
             Source::Jsonl(_) => "jsonl",
             Source::Kafka(_) => "kafka",
+            Source::Files(_) => "files",
         }
     }
 }
@@ -226,6 +230,19 @@ pub struct FileSource {
     /// A file, a directory (every file in it with the format's extension) or a glob such as
     /// `data/*.parquet`.
     pub path: String,
+}
+
+/// A folder of files, one row per file.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilesSource {
+    /// A file, a directory (every file under it) or a glob such as `photos/**/*.jpg`.
+    pub path: String,
+    /// Directories the files may be in once symbolic links are resolved; a file elsewhere gets
+    /// a null `bytes` and the reason in `error`. Default: the path's own directory (the part
+    /// before any glob character).
+    #[serde(default)]
+    pub allow_roots: Vec<std::path::PathBuf>,
 }
 
 /// CSV files.
