@@ -85,6 +85,9 @@ enum Command {
         /// Where to write the PNGs.
         #[arg(short, long, default_value = "out/render")]
         out: PathBuf,
+        /// Shrink pictures whose longer side is over this many pixels.
+        #[arg(long, value_name = "PIXELS")]
+        max_size: Option<usize>,
         /// Extra tables: NAME=PATH (format from the extension).
         #[arg(long = "table", value_parser = parse_table)]
         tables: Vec<(String, String)>,
@@ -246,6 +249,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             result,
             name,
             out,
+            max_size,
             tables,
             pipelines,
         } => {
@@ -261,6 +265,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 result: &result,
                 name: name.as_deref(),
                 out: &out,
+                max_size,
             };
             let written = crate::render::render(&job).await?;
             println!("wrote {} pictures to {}", written.len(), out.display());

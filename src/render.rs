@@ -19,6 +19,7 @@ use embedded_graphics::primitives::{PrimitiveStyle, Rectangle};
 use embedded_graphics::text::{Baseline, Text};
 use futures::StreamExt;
 
+use crate::ops::image::resample::{Filter, pil_resize};
 use crate::ops::image::{ImageInput, ImageReading, Pixels, encode_png};
 use crate::query::{QueryInputs, context_for};
 
@@ -285,6 +286,8 @@ pub struct RenderJob<'a> {
     /// A column naming each picture (default: the row number).
     pub name: Option<&'a str>,
     pub out: &'a Path,
+    /// Shrink pictures whose longer side is over this many pixels (thumbnails).
+    pub max_size: Option<usize>,
 }
 
 /// Renders every row of the query into `out` as PNGs; returns the files written.
@@ -333,8 +336,16 @@ pub async fn render(job: &RenderJob<'_>) -> anyhow::Result<Vec<PathBuf>> {
                 },
             };
             let picture = reading.load(&input).map_err(anyhow::Error::msg)?;
-            let drawn = render_one(picture, &results, row, &kind)
+            let mut drawn = render_one(picture, &results, row, &kind)
                 .with_context(|| format!("row {file_stem}"))?;
+            if let Some(max) = job.max_size.filter(|&m| m > 0 && drawn.width.max(drawn.height) > m) {
+                let scale = max as f64 / drawn.width.max(drawn.height) as f64;
+                let (w, h) = (
+                    ((drawn.width as f64 * scale).round() as usize).max(1),
+                    ((drawn.height as f64 * scale).round() as usize).max(1),
+                );
+                drawn = pil_resize(&drawn, w, h, Filter::Bicubic);
+            }
             let path = job.out.join(format!("{file_stem}.png"));
             let png = encode_png(drawn.width, drawn.height, 3, &drawn.data)
                 .map_err(anyhow::Error::msg)?;

@@ -54,7 +54,7 @@ impl ClassifyImage {
         model: &ModelDir,
         image: &ImageModel,
     ) -> Result<Self, OpError> {
-        let labels = classifier_labels(model, &image.outputs, "image-classification")?;
+        let (output, labels) = classifier_labels(model, &image.outputs, "image-classification")?;
         let function = options
             .function_to_apply
             .unwrap_or_else(|| default_function(&model.config, labels.len(), false));
@@ -62,7 +62,7 @@ impl ClassifyImage {
             top_k: options.top_k.map(|k| k.min(labels.len())),
             labels,
             function,
-            output: ["logits".to_string()],
+            output: [output],
         })
     }
 }

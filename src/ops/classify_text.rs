@@ -76,7 +76,7 @@ impl ClassifyText {
                 ..Default::default()
             },
         )?;
-        let labels = classifier_labels(model, outputs, "text-classification")?;
+        let (output, labels) = classifier_labels(model, outputs, "text-classification")?;
         let function = options
             .function_to_apply
             .unwrap_or_else(|| default_function(&model.config, labels.len(), true));
@@ -84,20 +84,25 @@ impl ClassifyText {
             labels,
             function,
             top_k: options.top_k,
-            output: ["logits".to_string()],
+            output: [output],
             encoder,
         })
     }
 }
 
-/// A classifier's labels: config.json's `id2label`, checked against the width of its `logits`
-/// output (`LABEL_i` names when the config has none).
+/// A classifier's scores output (`logits`, or a model's only output) and its labels:
+/// config.json's `id2label`, checked against the output's width (`LABEL_i` names when the
+/// config has none).
 pub fn classifier_labels(
     model: &ModelDir,
     outputs: &[TensorInfo],
     export_task: &str,
-) -> Result<Vec<String>, OpError> {
-    let info = outputs.iter().find(|o| o.name == "logits").ok_or_else(|| {
+) -> Result<(String, Vec<String>), OpError> {
+    let only = match outputs {
+        [one] => Some(one),
+        _ => None,
+    };
+    let info = outputs.iter().find(|o| o.name == "logits").or(only).ok_or_else(|| {
         OpError::Model(format!(
             "{}: no 'logits' output (has {}); export the model with task {export_task}",
             model.onnx.display(),
@@ -128,7 +133,7 @@ pub fn classifier_labels(
             model.dir.display()
         )));
     }
-    Ok(labels)
+    Ok((info.name.clone(), labels))
 }
 
 /// `function_to_apply` as the classification pipelines decide it; text-classification has a
