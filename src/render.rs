@@ -338,7 +338,10 @@ pub async fn render(job: &RenderJob<'_>) -> anyhow::Result<Vec<PathBuf>> {
             let picture = reading.load(&input).map_err(anyhow::Error::msg)?;
             let mut drawn = render_one(picture, &results, row, &kind)
                 .with_context(|| format!("row {file_stem}"))?;
-            if let Some(max) = job.max_size.filter(|&m| m > 0 && drawn.width.max(drawn.height) > m) {
+            if let Some(max) = job
+                .max_size
+                .filter(|&m| m > 0 && drawn.width.max(drawn.height) > m)
+            {
                 let scale = max as f64 / drawn.width.max(drawn.height) as f64;
                 let (w, h) = (
                     ((drawn.width as f64 * scale).round() as usize).max(1),

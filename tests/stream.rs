@@ -17,7 +17,7 @@ use ferry::rdkafka::message::{Headers, Message, OwnedMessage};
 use ferry::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use ferry::stream::devbroker::DevBroker;
 
-use crate::util::{ferry_bin, fixture_operators};
+use crate::util::{ferry_bin, fixture_operators, root};
 
 /// A unique name per test and run (tansu groups can stick when all members leave).
 fn unique(prefix: &str) -> String {
@@ -682,6 +682,76 @@ dead_letter:
     );
     assert!(d["reason"].as_str().unwrap().contains("UTF-8"), "{d}");
     assert_eq!(d["payload_base64"], "b2v//g==", "raw bytes kept");
+}
+
+/// Images in a stream: a record whose bytes are no image is dead-lettered with its offset and
+/// reason; the others are classified.
+#[test]
+fn images_an_operator_cannot_decode_are_dead_lettered() {
+    let broker = DevBroker::start().unwrap();
+    let input = unique("images");
+    create_topic(&broker.addr, &input, 1);
+    let image =
+        |name: &str| std::fs::read(root().join("tests/fixtures/images").join(name)).unwrap();
+    let records: Vec<(Option<String>, Vec<u8>)> = vec![
+        (None, image("people-small.jpg")),
+        (None, image("photo.webp")),
+        (None, b"GIF89a but nothing after".to_vec()),
+        (None, image("rgba.png")),
+    ];
+    produce(&broker.addr, &input, &records);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let dlq = dir.path().join("dead.jsonl");
+    let pipeline = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"
+name: images
+source:
+  kafka:
+    brokers: {brokers}
+    topics: [{input}]
+    group_id: {group}
+    format: raw
+    properties:
+      {FAST_GROUP}
+steps:
+  - operator: tiny_vit_best
+    inputs: [value]
+    output: label
+  - sql: SELECT _topic, _partition, _offset, label['label'] AS label FROM input
+sink:
+  rolling_parquet:
+    dir: {out}
+dead_letter:
+  jsonl:
+    path: {dlq}
+"#,
+            brokers = broker.addr,
+            group = unique("g"),
+            out = out.display(),
+            dlq = dlq.display(),
+        ),
+    );
+    run_ok(&pipeline, &["--until-idle", "3s"]);
+    let (counts, _) = parquet_offsets(&out);
+    let mut offsets: Vec<i64> = counts.keys().map(|(_, o)| *o).collect();
+    offsets.sort();
+    assert_eq!(
+        offsets,
+        vec![0, 1, 3],
+        "the record that is no image is not in the output"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dlq)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["offset"], 2);
+    let reason = lines[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("tiny_vit_best"), "{reason}");
 }
 
 #[test]

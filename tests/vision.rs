@@ -764,3 +764,165 @@ async fn real_yolov8n_matches_the_packages_own_detector() {
         "the test images hold faces to compare ({compared})"
     );
 }
+
+/// A float16 export (inputs and outputs in f16): pixels are fed as f16 and logits read back;
+/// results agree with the float32 model's goldens within float16's precision.
+#[tokio::test]
+async fn float16_models_take_and_give_float16() {
+    let g = golden("tiny-vit");
+    let (batches, names) = run("tiny_vit_fp16", "bytes", &g).await;
+    let mut i = 0;
+    for col in rows(&batches) {
+        for r in 0..col.len() {
+            let got = labels_scores(&col, r);
+            let want = g["rows"][i]["all"].as_array().unwrap();
+            for (label, score) in &got {
+                let w = want.iter().find(|w| w["label"] == label.as_str()).unwrap();
+                let ws = w["score"].as_f64().unwrap();
+                assert!(
+                    (score - ws).abs() <= 5e-3,
+                    "{}: {label} {score} vs {ws}",
+                    names[i]
+                );
+            }
+            let gap = want[0]["score"].as_f64().unwrap() - want[1]["score"].as_f64().unwrap();
+            if gap > 0.01 {
+                assert_eq!(got[0].0, want[0]["label"].as_str().unwrap(), "{}", names[i]);
+            }
+            i += 1;
+        }
+    }
+}
+
+/// A worker holds one session per model file (encoder and decoder, detector and recognizer)
+/// and state of its own kept between calls.
+#[tokio::test]
+async fn a_worker_holds_several_sessions_and_its_own_state() {
+    use ferry::runtime::pool::{ModelFile, PoolSize, SessionPool};
+    let models = root().join("tests/fixtures/models");
+    let pool = SessionPool::open(
+        &[
+            ModelFile {
+                role: "image",
+                path: models.join("tiny-vit/model.onnx"),
+            },
+            ModelFile {
+                role: "text",
+                path: models.join("tiny-bert-sentiment/model.onnx"),
+            },
+        ],
+        ferry::runtime::ExecutionProvider::Cpu,
+        PoolSize {
+            workers: 1,
+            threads_per_worker: 1,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        pool.session("image").unwrap().inputs[0].name,
+        "pixel_values"
+    );
+    assert!(pool.session("text").unwrap().input("input_ids").is_some());
+    let calls = pool
+        .run(|worker| {
+            use ferry::runtime::tensor::{Data, Input};
+            let image = worker
+                .run(
+                    "image",
+                    vec![Input::new(
+                        "pixel_values",
+                        vec![1, 3, 64, 64],
+                        Data::F32(vec![0.0; 3 * 64 * 64]),
+                    )],
+                )
+                .map(|o| o["logits"].try_extract_tensor::<f32>().unwrap().1.len())
+                .unwrap();
+            let ids = |v: Vec<i64>| Data::I64(v);
+            let text = worker
+                .run(
+                    "text",
+                    vec![
+                        Input::new("input_ids", vec![1, 3], ids(vec![2, 15, 3])),
+                        Input::new("attention_mask", vec![1, 3], ids(vec![1, 1, 1])),
+                        Input::new("token_type_ids", vec![1, 3], ids(vec![0, 0, 0])),
+                    ],
+                )
+                .map(|o| o["logits"].try_extract_tensor::<f32>().unwrap().1.len())
+                .unwrap();
+            *worker.state::<u32>() += 1;
+            (image, text, worker.session("nope").is_err())
+        })
+        .await
+        .unwrap();
+    assert_eq!(calls, (5, 3, true));
+    let kept = pool.run(|worker| *worker.state::<u32>()).await.unwrap();
+    assert_eq!(kept, 1, "state stays on the worker between calls");
+}
+
+#[tokio::test]
+async fn segment_matches_the_pipeline_panoptic_detr() {
+    let g = golden("tiny-detr-panoptic");
+    let dir = root().join("tests/fixtures/golden/segments/tiny-detr-panoptic");
+    let mut segments_seen = 0;
+    for (op, key) in [
+        ("tiny_detr_panoptic", "default"),
+        ("tiny_detr_panoptic_low", "low"),
+    ] {
+        let (batches, names) = run(op, "bytes", &g).await;
+        let mut i = 0;
+        for col in rows(&batches) {
+            for r in 0..col.len() {
+                let row = &g["rows"][i];
+                let what = format!("{op} {}", names[i]);
+                i += 1;
+                let Some(want) = row.get(key) else {
+                    // transformers cannot guess a 1x1 image's channel axis.
+                    assert!(row.get("pipeline_error").is_some(), "{what}");
+                    continue;
+                };
+                let list = col.as_list::<i32>().value(r);
+                let s = list.as_struct();
+                let want_segments = want["segments"].as_array().unwrap();
+                assert_eq!(s.len(), want_segments.len(), "{what}: segments");
+                let map = image::open(dir.join(want["map"].as_str().unwrap()))
+                    .unwrap()
+                    .to_luma8();
+                let ambiguous: std::collections::HashSet<(u32, u32)> = want["ambiguous"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| (p[1].as_u64().unwrap() as u32, p[0].as_u64().unwrap() as u32))
+                    .collect();
+                for (j, w) in want_segments.iter().enumerate() {
+                    assert_eq!(
+                        s.column(0).as_string::<i32>().value(j),
+                        w["label"].as_str().unwrap(),
+                        "{what}"
+                    );
+                    let score = s.column(1).as_primitive::<Float64Type>().value(j);
+                    assert!(
+                        (score - w["score"].as_f64().unwrap()).abs() <= 1e-4,
+                        "{what}: score"
+                    );
+                    let mask = image::load_from_memory(s.column(2).as_binary::<i32>().value(j))
+                        .unwrap()
+                        .to_luma8();
+                    let differ = mask
+                        .enumerate_pixels()
+                        .zip(map.pixels())
+                        .filter(|((x, y, m), l)| {
+                            (m[0] == 255) != (l[0] as usize == j + 1)
+                                && !ambiguous.contains(&(*x, *y))
+                        })
+                        .count();
+                    assert_eq!(differ, 0, "{what}: segment {j} differs in {differ} pixels");
+                    segments_seen += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        segments_seen >= 10,
+        "the goldens hold segments to compare ({segments_seen})"
+    );
+}

@@ -102,17 +102,21 @@ pub fn classifier_labels(
         [one] => Some(one),
         _ => None,
     };
-    let info = outputs.iter().find(|o| o.name == "logits").or(only).ok_or_else(|| {
-        OpError::Model(format!(
-            "{}: no 'logits' output (has {}); export the model with task {export_task}",
-            model.onnx.display(),
-            outputs
-                .iter()
-                .map(|o| o.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })?;
+    let info = outputs
+        .iter()
+        .find(|o| o.name == "logits")
+        .or(only)
+        .ok_or_else(|| {
+            OpError::Model(format!(
+                "{}: no 'logits' output (has {}); export the model with task {export_task}",
+                model.onnx.display(),
+                outputs
+                    .iter()
+                    .map(|o| o.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
     let mut labels = model.config.labels();
     let width = info.shape.last().copied().unwrap_or(-1);
     if width > 0 {
