@@ -15,19 +15,10 @@ use std::time::Instant;
 
 mod common;
 
-use common::{bench_texts, env_usize, median};
+use common::{bench_texts, env_usize, median, peak_rss_mb};
 use ferry::datafusion::arrow::array::{ArrayRef, StringArray};
 use ferry::engine::{OperatorSet, execute, plan};
 use ferry::ops::Operator;
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 /// The benchmark texts, as Parquet (for ferry) and in memory (for the baseline).
 async fn prepare(root: &Path, work: &Path, rows: usize) -> (PathBuf, Vec<String>) {

@@ -25,19 +25,10 @@ use std::time::Instant;
 
 mod common;
 
-use common::{env_usize, median};
+use common::{env_usize, median, peak_rss_mb};
 use ferry::engine::{OperatorSet, execute, plan};
 use ferry::ops::image::resample::{Filter, pil_resize};
 use ferry::ops::image::{DEFAULT_MAX_PIXELS, Pixels, decode};
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 /// `n` photos made from the samples, as JPEGs in `dir`; returns their paths.
 fn photos(root: &Path, dir: &Path, n: usize) -> Vec<PathBuf> {

@@ -5,17 +5,15 @@
 //! default is a list of 5; ferry's default matches `classify_text` (the best label), and
 //! `top_k: 5` gives the pipeline's list.
 
-use std::sync::Arc;
-
 use datafusion::arrow::array::ArrayRef;
-use datafusion::arrow::datatypes::{DataType, Field};
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::Result;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::OpError;
 use super::classify_text::{
-    ScoreFunction, classifier_labels, default_function, label_fields, label_scores,
+    ScoreFunction, classifier_labels, default_function, label_output_type, label_scores,
 };
 use super::image::processor::PixelValues;
 use super::image::{ImageModel, ImageOptions, ImageTask};
@@ -73,11 +71,7 @@ impl ImageTask for ClassifyImage {
     type Out = Vec<(usize, f32)>;
 
     fn output_type(&self) -> DataType {
-        let item = DataType::Struct(label_fields());
-        match self.top_k {
-            Some(_) => DataType::List(Arc::new(Field::new("item", item, true))),
-            None => item,
-        }
+        label_output_type(self.top_k)
     }
 
     fn outputs(&self) -> &[String] {

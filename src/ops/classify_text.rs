@@ -3,8 +3,6 @@
 //! Output: `Struct<label: Utf8, score: Float64>` for the best label, or with `top_k`,
 //! `List<Struct<label, score>>` sorted by score (ties keep label-id order).
 
-use std::sync::Arc;
-
 use datafusion::arrow::array::{ArrayRef, Float64Builder, StringBuilder};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::Result;
@@ -14,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::OpError;
 use tokenizers::{Encoding, TruncationParams};
 
+use super::core::list_of_structs;
 use super::text::{
     Encoded, TensorView, TextInput, TextModel, TextTask, Truncating, only_window, struct_column,
 };
@@ -174,6 +173,14 @@ pub fn label_scores(
     })
 }
 
+/// `Struct<label, score>` for the best label, or with `top_k` the list of them.
+pub fn label_output_type(top_k: Option<usize>) -> DataType {
+    match top_k {
+        Some(_) => list_of_structs(label_fields()),
+        None => DataType::Struct(label_fields()),
+    }
+}
+
 /// The fields of a label and its score.
 pub fn label_fields() -> Fields {
     Fields::from(vec![
@@ -213,11 +220,7 @@ impl TextTask for ClassifyText {
     type Row = Vec<(usize, f32)>;
 
     fn output_type(&self) -> DataType {
-        let item = DataType::Struct(label_fields());
-        match self.top_k {
-            Some(_) => DataType::List(Arc::new(Field::new("item", item, true))),
-            None => item,
-        }
+        label_output_type(self.top_k)
     }
 
     fn outputs(&self) -> &[String] {

@@ -722,6 +722,11 @@ impl<T: Task> AsyncScalarUDFImpl for ModelUdf<T> {
     }
 }
 
+/// `List<Struct<fields>>`, the type of a row's several results (labels, entities, boxes).
+pub fn list_of_structs(fields: Fields) -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Struct(fields), true)))
+}
+
 /// The column of a task whose rows are lists of structs (labels, entities, answers, boxes):
 /// `List<Struct<fields>>`, or with `first_only` each row's first item as `Struct<fields>`, null
 /// where the row is null or empty. `append` fills one item's fields.

@@ -21,7 +21,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::OpError;
-use super::core::struct_column;
+use super::core::{list_of_structs, struct_column};
 use super::image::processor::{PixelValues, Resize};
 use super::image::{ImageModel, ImageOptions, ImageTask};
 use crate::runtime::ModelDir;
@@ -385,11 +385,7 @@ impl ImageTask for Detect {
     type Out = Vec<Detection>;
 
     fn output_type(&self) -> DataType {
-        DataType::List(std::sync::Arc::new(Field::new(
-            "item",
-            DataType::Struct(Self::fields()),
-            true,
-        )))
+        list_of_structs(Self::fields())
     }
 
     fn outputs(&self) -> &[String] {

@@ -16,8 +16,6 @@
 //! Output: `List<Struct<label: Utf8, score: Float64, mask: Binary>>`, `mask` a PNG (8-bit
 //! grayscale, 255 inside, 0 outside) of the original image's size.
 
-use std::sync::Arc;
-
 use datafusion::arrow::array::{ArrayRef, BinaryBuilder, Float64Builder, StringBuilder};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::Result;
@@ -25,9 +23,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::OpError;
-use super::core::struct_column;
+use super::core::{list_of_structs, struct_column};
 use super::image::processor::PixelValues;
-use super::image::resample::bilinear_argmax;
+use super::image::resample::{bilinear_argmax, linear_taps};
 use super::image::{ImageModel, ImageOptions, ImageTask, encode_png};
 use crate::runtime::ModelDir;
 use crate::runtime::tensor::Output;
@@ -193,13 +191,12 @@ impl Segment {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let exps: Vec<f32> = row.iter().map(|&x| (x - max).exp()).collect();
             let sum: f32 = exps.iter().sum();
-            let (label, score) = exps
-                .iter()
-                .map(|e| e / sum)
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (j, p)| {
+            let (label, score) = exps.iter().map(|e| e / sum).enumerate().fold(
+                (0, f32::NEG_INFINITY),
+                |best, (j, p)| {
                     if p > best.1 { (j, p) } else { best }
-                });
+                },
+            );
             if label != n_classes - 1 && score > threshold {
                 kept.push((q, label, score));
             }
@@ -247,18 +244,13 @@ fn weighted_argmax(
 ) -> (Vec<u16>, Vec<u64>) {
     let planes = scores.len();
     let plane = h * w;
-    let index = |dst: usize, scale: f32, size: usize| -> (usize, usize, f32, f32) {
-        let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
-        let i0 = (src as usize).min(size - 1);
-        let i1 = if i0 < size - 1 { i0 + 1 } else { i0 };
-        let l1 = (src - i0 as f32).clamp(0.0, 1.0);
-        (i0, i1, 1.0 - l1, l1)
-    };
-    let xs: Vec<_> = (0..ow).map(|x| index(x, w as f32 / ow as f32, w)).collect();
+    let xs: Vec<_> = (0..ow)
+        .map(|x| linear_taps(x, w as f32 / ow as f32, w))
+        .collect();
     let mut map = vec![0u16; oh * ow];
     let mut own = vec![0u64; planes];
     for y in 0..oh {
-        let (y0, y1, h0, h1) = index(y, h as f32 / oh as f32, h);
+        let (y0, y1, h0, h1) = linear_taps(y, h as f32 / oh as f32, h);
         for (x, &(x0, x1, w0, w1)) in xs.iter().enumerate() {
             let mut best = (0u16, f32::NEG_INFINITY);
             for (p, &score) in scores.iter().enumerate() {
@@ -284,11 +276,7 @@ impl ImageTask for Segment {
     type Out = Vec<Region>;
 
     fn output_type(&self) -> DataType {
-        DataType::List(Arc::new(Field::new(
-            "item",
-            DataType::Struct(Self::fields()),
-            true,
-        )))
+        list_of_structs(Self::fields())
     }
 
     fn outputs(&self) -> &[String] {

@@ -16,7 +16,7 @@ use super::OpError;
 use super::core::{ArgColumn, MODEL, RowErrors, Task};
 use crate::runtime::ModelDir;
 use crate::runtime::pool::{SessionInfo, TensorInfo, Worker};
-use crate::runtime::tensor::{Data, Input, Output, read_f32};
+use crate::runtime::tensor::{Data, Input, Output, read_named};
 
 pub use super::core::struct_column;
 
@@ -312,13 +312,7 @@ impl<T: TextTask> Task for TextOp<T> {
     fn run(&self, worker: &mut Worker, items: &[&Encoding]) -> Result<Vec<T::Window>, String> {
         let encoded = self.model.pad(items);
         let outputs = worker.run(MODEL, self.model.inputs(&encoded))?;
-        let mut views = Vec::with_capacity(self.task.outputs().len());
-        for name in self.task.outputs() {
-            let value = outputs
-                .get(name)
-                .ok_or_else(|| format!("the model returned no output '{name}'"))?;
-            views.push(read_f32(name, value)?);
-        }
+        let views = read_named(&outputs, self.task.outputs())?;
         self.task.postprocess(&views, &encoded, items)
     }
 

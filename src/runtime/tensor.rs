@@ -210,6 +210,22 @@ pub fn read_f32<'a>(name: &'a str, value: &'a DynValue) -> Result<Output<'a>, St
     Ok(Output { name, shape, data })
 }
 
+/// Reads the outputs `names` of a session run as f32, in the order named.
+pub fn read_named<'a>(
+    outputs: &'a ort::session::SessionOutputs<'_>,
+    names: &'a [String],
+) -> Result<Vec<Output<'a>>, String> {
+    names
+        .iter()
+        .map(|name| {
+            let value = outputs
+                .get(name)
+                .ok_or_else(|| format!("the model returned no output '{name}'"))?;
+            read_f32(name, value)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

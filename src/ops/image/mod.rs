@@ -26,7 +26,7 @@ use super::OpError;
 use super::core::{ArgColumn, MODEL, RowErrors, Task};
 use crate::runtime::ModelDir;
 use crate::runtime::pool::{SessionInfo, TensorInfo, Worker};
-use crate::runtime::tensor::{Data, Input, Output, read_f32};
+use crate::runtime::tensor::{Data, Input, Output, read_named};
 use processor::{Layout, PixelValues, Processor, ProcessorOptions};
 pub use resample::Pixels;
 
@@ -241,13 +241,7 @@ impl<T: ImageTask> Task for ImageOp<T> {
 
     fn run(&self, worker: &mut Worker, items: &[&PixelValues]) -> Result<Vec<T::Raw>, String> {
         let outputs = worker.run(MODEL, self.model.inputs(items))?;
-        let mut views = Vec::with_capacity(self.task.outputs().len());
-        for name in self.task.outputs() {
-            let value = outputs
-                .get(name)
-                .ok_or_else(|| format!("the model returned no output '{name}'"))?;
-            views.push(read_f32(name, value)?);
-        }
+        let views = read_named(&outputs, self.task.outputs())?;
         self.task.postprocess(&views, items)
     }
 

@@ -335,6 +335,16 @@ pub enum Interpolation {
     Bicubic,
 }
 
+/// The two source pixels and their weights for output coordinate `dst` of torch's linear
+/// interpolation with `align_corners=False` (`area_pixel_compute_source_index`, clamped at 0).
+pub fn linear_taps(dst: usize, scale: f32, size: usize) -> (usize, usize, f32, f32) {
+    let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
+    let i0 = (src as usize).min(size - 1);
+    let i1 = if i0 < size - 1 { i0 + 1 } else { i0 };
+    let l1 = (src - i0 as f32).clamp(0.0, 1.0);
+    (i0, i1, 1.0 - l1, l1)
+}
+
 /// `torch.nn.functional.interpolate(x, size=(out_h, out_w), mode, align_corners=False)` of
 /// `planes` f32 planes of `in_h x in_w`, computed as PyTorch's CPU kernels do (f32 weights;
 /// bicubic with A = -0.75 and clamped borders).
@@ -354,15 +364,8 @@ pub fn torch_interpolate(
     match mode {
         Interpolation::Bilinear => {
             // area_pixel_compute_source_index: max(scale * (dst + 0.5) - 0.5, 0) for linear.
-            let index = |dst: usize, scale: f32, size: usize| -> (usize, usize, f32, f32) {
-                let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
-                let i0 = (src as usize).min(size - 1);
-                let i1 = if i0 < size - 1 { i0 + 1 } else { i0 };
-                let l1 = (src - i0 as f32).clamp(0.0, 1.0);
-                (i0, i1, 1.0 - l1, l1)
-            };
-            let ys: Vec<_> = (0..out_h).map(|y| index(y, scale_h, in_h)).collect();
-            let xs: Vec<_> = (0..out_w).map(|x| index(x, scale_w, in_w)).collect();
+            let ys: Vec<_> = (0..out_h).map(|y| linear_taps(y, scale_h, in_h)).collect();
+            let xs: Vec<_> = (0..out_w).map(|x| linear_taps(x, scale_w, in_w)).collect();
             for p in 0..planes {
                 let src = &data[p * in_h * in_w..(p + 1) * in_h * in_w];
                 let dst = &mut out[p * out_h * out_w..(p + 1) * out_h * out_w];
@@ -429,18 +432,11 @@ pub fn bilinear_argmax(
 ) -> Vec<u16> {
     let scale_h = in_h as f32 / out_h as f32;
     let scale_w = in_w as f32 / out_w as f32;
-    let index = |dst: usize, scale: f32, size: usize| -> (usize, usize, f32, f32) {
-        let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
-        let i0 = (src as usize).min(size - 1);
-        let i1 = if i0 < size - 1 { i0 + 1 } else { i0 };
-        let l1 = (src - i0 as f32).clamp(0.0, 1.0);
-        (i0, i1, 1.0 - l1, l1)
-    };
-    let xs: Vec<_> = (0..out_w).map(|x| index(x, scale_w, in_w)).collect();
+    let xs: Vec<_> = (0..out_w).map(|x| linear_taps(x, scale_w, in_w)).collect();
     let plane = in_h * in_w;
     let mut out = vec![0u16; out_h * out_w];
     for y in 0..out_h {
-        let (y0, y1, h0, h1) = index(y, scale_h, in_h);
+        let (y0, y1, h0, h1) = linear_taps(y, scale_h, in_h);
         for (x, &(x0, x1, w0, w1)) in xs.iter().enumerate() {
             let mut best = (0u16, f32::NEG_INFINITY);
             for p in 0..planes {
