@@ -1,6 +1,7 @@
 //! Image operators over a folder of photos against Python baselines, same machine, same run.
 //!
-//! `cargo bench --bench vision` (FERRY_BENCH_IMAGES, default 500; FERRY_BENCH_RUNS, default 3).
+//! `cargo bench --bench vision` (FERRY_BENCH_IMAGES, default 500; FERRY_BENCH_RUNS, default 3;
+//! FERRY_BENCH_FILTER, a part of the case names to run only those).
 //!
 //! The photos: the scikit-image samples of tests/fixtures/images cropped, scaled and flipped
 //! into FERRY_BENCH_IMAGES different JPEGs of 480 to 800 pixels a side. ferry runs a pipeline
@@ -27,6 +28,7 @@ mod common;
 
 use common::{env_usize, median, peak_rss_mb};
 use ferry::engine::{OperatorSet, execute, plan};
+use ferry::ops::image::processor::{Layout, Processor, ProcessorOptions};
 use ferry::ops::image::resample::{Filter, pil_resize};
 use ferry::ops::image::{DEFAULT_MAX_PIXELS, Pixels, decode};
 
@@ -201,6 +203,53 @@ fn baseline(
     v["seconds"].as_f64()
 }
 
+/// Where one core's time goes per photo (ms): reading, decoding and each model's
+/// preprocessing, over the first 100 photos.
+fn stages(root: &Path, paths: &[PathBuf]) {
+    let paths = &paths[..paths.len().min(100)];
+    let ms = |start: Instant| start.elapsed().as_secs_f64() * 1e3 / paths.len() as f64;
+    let start = Instant::now();
+    let files: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let read = ms(start);
+    let start = Instant::now();
+    let pictures: Vec<Pixels> = files
+        .iter()
+        .map(|b| decode(b, DEFAULT_MAX_PIXELS).unwrap())
+        .collect();
+    let decoded = ms(start);
+    print!("one core, ms per photo: read {read:.2}, decode {decoded:.2}");
+    let processors = [
+        (
+            "tiny ViT",
+            "tests/fixtures/models/tiny-vit",
+            "{}",
+            Layout::Nchw,
+        ),
+        (
+            "Open-NSFW",
+            "models/open-nsfw",
+            "{size: [256, 256], crop_size: [224, 224], resample: 2, rescale_factor: 1, image_mean: [104, 117, 123], image_std: [1, 1, 1], channel_order: bgr}",
+            Layout::Nhwc,
+        ),
+        (
+            "YOLOv8n",
+            "models/yolov8n-nudenet",
+            "{letterbox: {size: 320, placement: top_left, fill: 0, pad_then_resize: true, resize: opencv}, channel_order: bgr}",
+            Layout::Nchw,
+        ),
+    ];
+    for (name, dir, options, layout) in processors {
+        let options: ProcessorOptions = serde_yaml::from_str(options).unwrap();
+        let processor = Processor::load(&root.join(dir), &options, None, layout).unwrap();
+        let start = Instant::now();
+        for p in &pictures {
+            std::hint::black_box(processor.apply(p).unwrap());
+        }
+        print!(", {name} preprocess {:.2}", ms(start));
+    }
+    println!();
+}
+
 fn main() {
     let n = env_usize("FERRY_BENCH_IMAGES", 500);
     let runs = env_usize("FERRY_BENCH_RUNS", 3).max(1);
@@ -230,6 +279,7 @@ fn main() {
     let mut manifests = ferry::ops::load_manifests(&root.join("operators")).unwrap();
     manifests.extend(ferry::ops::load_manifests(&root.join("tests/fixtures/operators")).unwrap());
     let mut operators = OperatorSet::new(manifests);
+    stages(&root, &paths);
     let light = light_python();
     let torch = std::env::var_os("FERRY_BENCH_TORCH_PYTHON").map(PathBuf::from);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -239,8 +289,12 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |c| c.get())
     );
 
+    // FERRY_BENCH_FILTER: only the cases whose name contains it ("peak RSS": the memory check).
+    let filter = std::env::var("FERRY_BENCH_FILTER").unwrap_or_default();
+
     rt.block_on(async {
         // Memory: the same operator over a quarter of the photos, then over all of them.
+        if "peak RSS".contains(&filter) {
         let q = format!("{}/*.jpg", quarter.display());
         ferry_run(&work, &q, "tiny_vit_best", &mut operators).await;
         let rss_quarter = peak_rss_mb();
@@ -250,6 +304,7 @@ fn main() {
             "peak RSS (tiny ViT): {rss_quarter:.0} MB after {} photos, {rss_all:.0} MB after {n}",
             n / 4
         );
+        }
 
         println!(
             "{:<34} {:>12} {:>12} {:>7}",
@@ -286,6 +341,9 @@ fn main() {
             ),
         ];
         for (name, op, kind, place, batch) in cases {
+            if !name.contains(&filter) {
+                continue;
+            }
             let mut secs = Vec::new();
             for _ in 0..runs {
                 let (rows, s) = ferry_run(&work, &all, op, &mut operators).await;

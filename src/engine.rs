@@ -23,8 +23,22 @@ pub const BATCH_ROWS: usize = 8192;
 
 /// A session context with ferry's settings and plain functions registered.
 pub fn session_context() -> SessionContext {
+    session_context_for(std::iter::empty())
+}
+
+/// Rows per batch of a plan calling operators of these tasks: [`BATCH_ROWS`], or fewer where a
+/// task holds large inputs (images).
+pub fn batch_rows(tasks: impl IntoIterator<Item = ops::TaskKind>) -> usize {
+    tasks
+        .into_iter()
+        .filter_map(|t| t.info().batch_rows)
+        .fold(BATCH_ROWS, usize::min)
+}
+
+/// A session context for a plan that calls operators of these tasks (see [`batch_rows`]).
+pub fn session_context_for(tasks: impl IntoIterator<Item = ops::TaskKind>) -> SessionContext {
     let config = SessionConfig::new()
-        .with_batch_size(BATCH_ROWS)
+        .with_batch_size(batch_rows(tasks))
         .with_information_schema(true);
     let ctx = SessionContext::new_with_config(config);
     ctx.register_udf(ops::similarity::cosine_similarity());
@@ -108,8 +122,15 @@ fn df_message(e: &DataFusionError) -> String {
 /// Plans `p`: registers the source, applies each step and checks the sink. Every problem is
 /// reported with its line; steps after a failed one are still checked where possible.
 pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Planned, Diagnostics> {
-    let ctx = session_context();
     let spec = &p.pipeline;
+    let ctx = session_context_for(spec.steps.iter().filter_map(|s| {
+        let name = s.operator.as_ref()?;
+        let m = operators
+            .manifests()
+            .iter()
+            .find(|m| &m.manifest.name == name)?;
+        Some(m.manifest.task)
+    }));
     let mut problems = Vec::new();
     if let Err(e) = source::register(&ctx, "source", &spec.source).await {
         let at = match &spec.source {
@@ -503,4 +524,19 @@ pub fn load_operator_set(dir: &Path, p: &LoadedPipeline) -> Result<OperatorSet, 
         return Ok(OperatorSet::default());
     }
     Ok(OperatorSet::new(ops::load_manifests(dir)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::TaskKind;
+
+    #[test]
+    fn plans_with_image_tasks_hold_fewer_rows_per_batch() {
+        assert_eq!(batch_rows([]), BATCH_ROWS);
+        assert_eq!(batch_rows([TaskKind::Embed, TaskKind::Answer]), BATCH_ROWS);
+        assert_eq!(batch_rows([TaskKind::Embed, TaskKind::Detect]), 64);
+        let ctx = session_context_for([TaskKind::ClassifyImage]);
+        assert_eq!(ctx.state().config().batch_size(), 64);
+    }
 }

@@ -101,10 +101,18 @@ pub async fn context_for(
         .filter(|n| mentioned(sql, n))
         .map(str::to_string)
         .collect();
+    let mut tasks = Vec::new();
     for name in wanted {
         let op = operators.get(&name).map_err(anyhow::Error::msg)?;
         ctx.register_udf(op.udf.clone());
+        tasks.push(op.task);
     }
+    // Frames take the context's settings when they are made, so before any query is planned.
+    let state = ctx.state_ref();
+    let mut state = state.write();
+    let config = state.config().clone();
+    *state.config_mut() = config.with_batch_size(crate::engine::batch_rows(tasks));
+    drop(state);
     Ok((ctx, operators))
 }
 

@@ -87,6 +87,10 @@ pub struct TaskInfo {
     pub cost_unit: &'static str,
     /// `max_batch_cost` when the manifest does not set it.
     pub default_max_batch_cost: usize,
+    /// At most this many rows per DataFusion batch in a plan that calls this task (None: the
+    /// engine's default). DataFusion hands an async function a whole batch at once, inputs
+    /// included: 8192 short texts are small, 8192 photos are not.
+    pub batch_rows: Option<usize>,
 }
 
 /// Every task kind ferry runs. The single registration list.
@@ -101,6 +105,7 @@ pub const TASKS: &[TaskInfo] = &[
         args: &[ArgKind::Text],
         cost_unit: "tokens",
         default_max_batch_cost: 1024,
+        batch_rows: None,
     },
     TaskInfo {
         kind: TaskKind::ClassifyText,
@@ -112,6 +117,7 @@ pub const TASKS: &[TaskInfo] = &[
         args: &[ArgKind::Text],
         cost_unit: "tokens",
         default_max_batch_cost: 1024,
+        batch_rows: None,
     },
     TaskInfo {
         kind: TaskKind::TagTokens,
@@ -123,6 +129,7 @@ pub const TASKS: &[TaskInfo] = &[
         args: &[ArgKind::Text],
         cost_unit: "tokens",
         default_max_batch_cost: 1024,
+        batch_rows: None,
     },
     TaskInfo {
         kind: TaskKind::Answer,
@@ -134,6 +141,7 @@ pub const TASKS: &[TaskInfo] = &[
         args: &[ArgKind::Text],
         cost_unit: "tokens",
         default_max_batch_cost: 1024,
+        batch_rows: None,
     },
     TaskInfo {
         kind: TaskKind::ClassifyImage,
@@ -145,6 +153,7 @@ pub const TASKS: &[TaskInfo] = &[
         args: &[ArgKind::Image],
         cost_unit: "pixels",
         default_max_batch_cost: IMAGE_BATCH_PIXELS,
+        batch_rows: Some(IMAGE_BATCH_ROWS),
     },
     TaskInfo {
         kind: TaskKind::Detect,
@@ -156,6 +165,7 @@ pub const TASKS: &[TaskInfo] = &[
         args: &[ArgKind::Image],
         cost_unit: "pixels",
         default_max_batch_cost: IMAGE_BATCH_PIXELS,
+        batch_rows: Some(IMAGE_BATCH_ROWS),
     },
     TaskInfo {
         kind: TaskKind::Segment,
@@ -167,6 +177,7 @@ pub const TASKS: &[TaskInfo] = &[
         args: &[ArgKind::Image],
         cost_unit: "pixels",
         default_max_batch_cost: IMAGE_BATCH_PIXELS,
+        batch_rows: Some(IMAGE_BATCH_ROWS),
     },
     TaskInfo {
         kind: TaskKind::EstimateDepth,
@@ -178,12 +189,17 @@ pub const TASKS: &[TaskInfo] = &[
         args: &[ArgKind::Image],
         cost_unit: "pixels",
         default_max_batch_cost: IMAGE_BATCH_PIXELS,
+        batch_rows: Some(IMAGE_BATCH_ROWS),
     },
 ];
 
 /// Default `max_batch_cost` of image tasks: 4 megapixels (e.g. 80 ViT pictures of 224x224, or
 /// 4 DETR pictures of 800x1333, capped by `batch_size`).
 const IMAGE_BATCH_PIXELS: usize = 4 << 20;
+
+/// Rows per DataFusion batch in a plan with an image task: the `files` source's batch, so
+/// encoded images are held a batch (at most 64 files / 64 MB) at a time per partition.
+const IMAGE_BATCH_ROWS: usize = 64;
 
 impl TaskKind {
     pub fn info(self) -> &'static TaskInfo {

@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::Pixels;
-use super::resample::{Filter, opencv_linear, pil_resize};
+use super::resample::{Filter, opencv_linear, opencv_linear_padded, pil_resize};
 
 /// `size` / `crop_size` / `pad_size` of a processor config: an int or a dict.
 #[derive(Debug, Clone, Deserialize)]
@@ -563,31 +563,34 @@ impl Processor {
             }
             pil_resize(image, w, h, self.filter)
         };
-        let mut pixels = match (self.crop, &self.resize) {
+        let pixels = match (self.crop, &self.resize) {
             (_, Resize::ConvNext { shortest, .. }) if *shortest < 384 => {
                 center_crop(&resized, *shortest, *shortest)
             }
             (Some((h, w)), _) => center_crop(&resized, h, w),
             _ => resized,
         };
-        if self.channels == ChannelOrder::Bgr {
-            for px in pixels.data.chunks_exact_mut(3) {
-                px.swap(0, 2);
-            }
-        }
         let (h, w) = (pixels.height, pixels.width);
-        // rescale: float64 multiply, then float32; normalize in float32.
-        let mut values: Vec<f32> = match self.rescale {
-            Some(f) => pixels.data.iter().map(|&v| (v as f64 * f) as f32).collect(),
-            None => pixels.data.iter().map(|&v| v as f32).collect(),
+        // Each channel's 256 possible values, computed as the processor does (rescale: float64
+        // multiply, then float32; normalize in float32), then looked up per pixel.
+        let source_channel = |c: usize| match self.channels {
+            ChannelOrder::Rgb => c,
+            ChannelOrder::Bgr => 2 - c,
         };
-        if let Some((mean, std)) = self.normalize {
-            for px in values.chunks_exact_mut(3) {
-                for c in 0..3 {
-                    px[c] = (px[c] - mean[c]) / std[c];
-                }
-            }
-        }
+        let table: Vec<[f32; 256]> = (0..3)
+            .map(|c| {
+                std::array::from_fn(|v| {
+                    let x = match self.rescale {
+                        Some(f) => (v as f64 * f) as f32,
+                        None => v as f32,
+                    };
+                    match self.normalize {
+                        Some((mean, std)) => (x - mean[c]) / std[c],
+                        None => x,
+                    }
+                })
+            })
+            .collect();
         let (ph, pw, top, left) = match self.pad {
             Pad::None => (h, w, 0, 0),
             Pad::To { height, width } => (height.max(h), width.max(w), 0, 0),
@@ -597,16 +600,26 @@ impl Processor {
             }
         };
         let mut data = vec![0f32; 3 * ph * pw];
-        for y in 0..h {
-            for x in 0..w {
-                let s = (y * w + x) * 3;
-                let (py, px) = (y + top, x + left);
-                for c in 0..3 {
-                    let d = match self.layout {
-                        Layout::Nchw => (c * ph + py) * pw + px,
-                        Layout::Nhwc => (py * pw + px) * 3 + c,
-                    };
-                    data[d] = values[s + c];
+        match self.layout {
+            Layout::Nchw => {
+                for (c, plane) in data.chunks_exact_mut(ph * pw).enumerate() {
+                    let (table, sc) = (&table[c], source_channel(c));
+                    for (y, line) in pixels.data.chunks_exact(w * 3).enumerate() {
+                        let out = &mut plane[(y + top) * pw + left..][..w];
+                        for (o, px) in out.iter_mut().zip(line.chunks_exact(3)) {
+                            *o = table[px[sc] as usize];
+                        }
+                    }
+                }
+            }
+            Layout::Nhwc => {
+                for (y, line) in pixels.data.chunks_exact(w * 3).enumerate() {
+                    let out = &mut data[((y + top) * pw + left) * 3..][..w * 3];
+                    for (o, px) in out.chunks_exact_mut(3).zip(line.chunks_exact(3)) {
+                        for c in 0..3 {
+                            o[c] = table[c][px[source_channel(c)] as usize];
+                        }
+                    }
                 }
             }
         }
@@ -736,6 +749,10 @@ fn letterbox_image(
     if l.pad_then_resize {
         // Pad to a square at the top left, then resize the square.
         let s = h.max(w);
+        if l.resize == LetterboxResize::Opencv {
+            let resized = opencv_linear_padded(image, (s, s), l.fill, side, side);
+            return (resized, (side as f64 / s as f64, 0.0, 0.0));
+        }
         let mut square = fill(s * s * 3);
         for y in 0..h {
             square[y * s * 3..y * s * 3 + w * 3]

@@ -185,12 +185,27 @@ fn horizontal(src: &Pixels, first: usize, rows: usize, c: &Coefficients, out_w: 
         for xx in 0..out_w {
             let (xmin, n) = c.bounds[xx];
             let k = &c.weights[xx * c.ksize..xx * c.ksize + n];
-            for channel in 0..ch {
-                let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                for (x, &w) in k.iter().enumerate() {
-                    ss = ss.wrapping_add(line[(xmin + x) * ch + channel] as i32 * w);
+            let taps = &line[xmin * ch..(xmin + n) * ch];
+            let dst = &mut dst[xx * ch..(xx + 1) * ch];
+            if ch == 3 {
+                // All three channels in one pass over the taps.
+                let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
+                for (px, &w) in taps.chunks_exact(3).zip(k) {
+                    for (s, &v) in ss.iter_mut().zip(px) {
+                        *s = s.wrapping_add(v as i32 * w);
+                    }
                 }
-                dst[xx * ch + channel] = clip8(ss);
+                for (d, s) in dst.iter_mut().zip(ss) {
+                    *d = clip8(s);
+                }
+            } else {
+                for (channel, d) in dst.iter_mut().enumerate() {
+                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+                    for (px, &w) in taps.chunks_exact(ch).zip(k) {
+                        ss = ss.wrapping_add(px[channel] as i32 * w);
+                    }
+                    *d = clip8(ss);
+                }
             }
         }
     }
@@ -198,21 +213,26 @@ fn horizontal(src: &Pixels, first: usize, rows: usize, c: &Coefficients, out_w: 
 }
 
 /// Pillow's vertical pass; `shift` is subtracted from each output row's first input row.
+/// Whole rows are accumulated at once (the same sums in the same order as Pillow's
+/// per-pixel loop, so the same values), which the compiler vectorizes.
 fn vertical(src: &Pixels, c: &Coefficients, shift: usize, out_h: usize) -> Pixels {
     let ch = src.channels;
     let stride = src.width * ch;
     let mut out = vec![0u8; stride * out_h];
+    let mut acc = vec![0i32; stride];
     for yy in 0..out_h {
         let (ymin, n) = c.bounds[yy];
         let ymin = ymin - shift;
         let k = &c.weights[yy * c.ksize..yy * c.ksize + n];
-        let dst = &mut out[yy * stride..(yy + 1) * stride];
-        for (i, d) in dst.iter_mut().enumerate() {
-            let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-            for (y, &w) in k.iter().enumerate() {
-                ss = ss.wrapping_add(src.data[(ymin + y) * stride + i] as i32 * w);
+        acc.fill(1 << (PRECISION_BITS - 1));
+        for (y, &w) in k.iter().enumerate() {
+            let row = &src.data[(ymin + y) * stride..(ymin + y + 1) * stride];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a = a.wrapping_add(v as i32 * w);
             }
-            *d = clip8(ss);
+        }
+        for (d, &a) in out[yy * stride..(yy + 1) * stride].iter_mut().zip(&acc) {
+            *d = clip8(a);
         }
     }
     Pixels::new(src.width, out_h, ch, out)
@@ -275,12 +295,26 @@ pub fn pil_resize(src: &Pixels, width: usize, height: usize, filter: Filter) -> 
 /// rounding. OpenCV's vectorized row pass rounds in two steps where its scalar tail rounds in
 /// one, so its output can differ from this by one level on some pixels.
 pub fn opencv_linear(src: &Pixels, width: usize, height: usize) -> Pixels {
-    const BITS: u32 = 11;
-    const ONE: f32 = (1 << BITS) as f32;
-    let ch = src.channels;
     if (width, height) == (src.width, src.height) {
         return src.clone();
     }
+    opencv_linear_padded(src, (src.width, src.height), 0, width, height)
+}
+
+/// [`opencv_linear`] of a `canvas` (width, height) filled with `fill` that holds `src` at its
+/// top left, without making the canvas: what NudeNet resizes after padding to a square.
+pub fn opencv_linear_padded(
+    src: &Pixels,
+    canvas: (usize, usize),
+    fill: u8,
+    width: usize,
+    height: usize,
+) -> Pixels {
+    const BITS: u32 = 11;
+    const ONE: f32 = (1 << BITS) as f32;
+    let ch = src.channels;
+    let (canvas_w, canvas_h) = canvas;
+    debug_assert!(canvas_w >= src.width && canvas_h >= src.height);
     // Source index and the two weights of each output coordinate.
     let taps = |dst: usize, in_size: usize, out_size: usize| -> (usize, usize, i32, i32) {
         let scale = in_size as f64 / out_size as f64;
@@ -299,31 +333,60 @@ pub fn opencv_linear(src: &Pixels, width: usize, height: usize) -> Pixels {
         let s = s as usize;
         (s, (s + 1).min(in_size - 1), a0, (1 << BITS) - a0)
     };
-    let xs: Vec<_> = (0..width).map(|x| taps(x, src.width, width)).collect();
-    let row = |y: usize| -> Vec<i32> {
+    let xs: Vec<_> = (0..width).map(|x| taps(x, canvas_w, width)).collect();
+    let inner = xs.iter().take_while(|t| t.1 < src.width).count();
+    // One canvas row resized horizontally (weights sum to 1 << BITS).
+    let row = |y: usize, out: &mut [i32]| {
+        if y >= src.height {
+            out.fill(fill as i32 * (1 << BITS));
+            return;
+        }
         let line = &src.data[y * src.width * ch..(y + 1) * src.width * ch];
-        let mut out = Vec::with_capacity(width * ch);
-        for &(x0, x1, a0, a1) in &xs {
-            for c in 0..ch {
-                out.push(line[x0 * ch + c] as i32 * a0 + line[x1 * ch + c] as i32 * a1);
+        // Taps inside the image first (no fill to consider), then those reaching the padding.
+        let (inside, outside) = xs.split_at(inner);
+        let (out_in, out_pad) = out.split_at_mut(inner * ch);
+        for (o, &(x0, x1, a0, a1)) in out_in.chunks_exact_mut(ch).zip(inside) {
+            let (p0, p1) = (&line[x0 * ch..][..ch], &line[x1 * ch..][..ch]);
+            for ((o, &v0), &v1) in o.iter_mut().zip(p0).zip(p1) {
+                *o = v0 as i32 * a0 + v1 as i32 * a1;
             }
         }
-        out
-    };
-    let mut data = Vec::with_capacity(width * height * ch);
-    let mut cache: Option<(usize, Vec<i32>)> = None;
-    for y in 0..height {
-        let (y0, y1, b0, b1) = taps(y, src.height, height);
-        let r0 = match cache.take() {
-            Some((cy, r)) if cy == y0 => r,
-            _ => row(y0),
+        let at = |x: usize, c: usize| {
+            if x < src.width {
+                line[x * ch + c] as i32
+            } else {
+                fill as i32
+            }
         };
-        let r1 = row(y1);
-        for (a, b) in r0.iter().zip(&r1) {
-            let v = (a * b0 + b * b1 + (1 << (2 * BITS - 1))) >> (2 * BITS);
-            data.push(v.clamp(0, 255) as u8);
+        for (o, &(x0, x1, a0, a1)) in out_pad.chunks_exact_mut(ch).zip(outside) {
+            for (c, o) in o.iter_mut().enumerate() {
+                *o = at(x0, c) * a0 + at(x1, c) * a1;
+            }
         }
-        cache = Some((y1, r1));
+    };
+    let mut data = vec![0u8; width * height * ch];
+    let mut rows = [vec![0i32; width * ch], vec![0i32; width * ch]];
+    let mut held = [usize::MAX; 2];
+    for (y, out) in data.chunks_exact_mut(width * ch).enumerate() {
+        let (y0, y1, b0, b1) = taps(y, canvas_h, height);
+        // The previous output row's second source row is often this one's first.
+        if held[0] != y0 {
+            if held[1] == y0 {
+                rows.swap(0, 1);
+                held.swap(0, 1);
+            } else {
+                row(y0, &mut rows[0]);
+                held[0] = y0;
+            }
+        }
+        if held[1] != y1 {
+            row(y1, &mut rows[1]);
+            held[1] = y1;
+        }
+        for ((o, &a), &b) in out.iter_mut().zip(&rows[0]).zip(&rows[1]) {
+            let v = (a * b0 + b * b1 + (1 << (2 * BITS - 1))) >> (2 * BITS);
+            *o = v.clamp(0, 255) as u8;
+        }
     }
     Pixels::new(width, height, ch, data)
 }
@@ -471,6 +534,25 @@ mod tests {
             assert!(up.data.iter().all(|&v| v == 77), "{filter:?} up");
             let down = pil_resize(&up, 2, 1, filter);
             assert!(down.data.iter().all(|&v| v == 77), "{filter:?} down");
+        }
+    }
+
+    #[test]
+    fn resizing_a_virtual_canvas_equals_resizing_the_padded_image() {
+        // A 7x4 gradient at the top left of a 9x9 canvas of grey 114, resized both ways.
+        let data: Vec<u8> = (0..7 * 4 * 3).map(|i| (i * 37 % 251) as u8).collect();
+        let src = Pixels::new(7, 4, 3, data);
+        let mut canvas = vec![114u8; 9 * 9 * 3];
+        for y in 0..4 {
+            canvas[y * 27..y * 27 + 21].copy_from_slice(&src.data[y * 21..(y + 1) * 21]);
+        }
+        let canvas = Pixels::new(9, 9, 3, canvas);
+        for (w, h) in [(4, 4), (5, 3), (13, 13), (9, 2), (1, 1)] {
+            assert_eq!(
+                opencv_linear_padded(&src, (9, 9), 114, w, h),
+                opencv_linear(&canvas, w, h),
+                "{w}x{h}"
+            );
         }
     }
 
