@@ -74,7 +74,12 @@ fn main() {
             "{:<16} {:<18} {:>12} {:>12} {:>7}",
             "operator", "arguments", "ferry rows/s", "ORT rows/s", "ratio"
         );
+        // FERRY_BENCH_FILTER: only the cases whose "operator arguments" contain it.
+        let filter = std::env::var("FERRY_BENCH_FILTER").unwrap_or_default();
         for (name, args) in cases {
+            if !format!("{name} {args}").contains(&filter) {
+                continue;
+            }
             let op = operators.get(name).unwrap().clone();
             let ctx = session_context();
             ctx.register_udf(op.udf.clone());
