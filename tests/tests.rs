@@ -4,6 +4,7 @@ mod util;
 
 mod bad_input;
 mod cli;
+mod generation;
 mod golden;
 mod pipeline;
 mod quickstart;

@@ -762,6 +762,19 @@ pub fn struct_column<T>(
     Ok(take(list.values().as_ref(), &firsts, None)?)
 }
 
+/// Hands free heap pages back to the system after a batch. glibc's malloc keeps the pages of
+/// freed blocks in its per-thread arenas, and its mmap threshold rises to the largest block
+/// freed, so the decoded images and pixel tensors of every batch (freed on other threads than
+/// allocated them) would make peak RSS creep up with the number of rows; `malloc_trim` returns
+/// the free pages of every arena (a walk over free blocks, well under a millisecond per batch).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory glibc's allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::plan_calls;
@@ -794,18 +807,5 @@ mod tests {
         let keys = [(2, 50), (1, 20), (2, 50), (1, 20), (1, 20)];
         let calls = plan_calls(&keys, 8, 1000);
         assert_eq!(calls, vec![vec![1, 3, 4], vec![0, 2]]);
-    }
-}
-
-/// Hands free heap pages back to the system after a batch. glibc's malloc keeps the pages of
-/// freed blocks in its per-thread arenas, and its mmap threshold rises to the largest block
-/// freed, so the decoded images and pixel tensors of every batch (freed on other threads than
-/// allocated them) would make peak RSS creep up with the number of rows; `malloc_trim` returns
-/// the free pages of every arena (a walk over free blocks, well under a millisecond per batch).
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases memory glibc's allocator holds free.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

@@ -12,6 +12,7 @@ pub mod core;
 pub mod detect;
 pub mod embed;
 pub mod estimate_depth;
+pub mod generation;
 pub mod image;
 pub mod manifest;
 pub mod segment;
