@@ -6,7 +6,7 @@ use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
-use crate::engine::{OperatorSet, session_context};
+use crate::engine::{OperatorSet, session_context_for};
 use crate::sink::{SinkWriter, sink_for_path};
 use crate::source;
 
@@ -82,15 +82,6 @@ pub async fn context_for(
     sql: &str,
     inputs: &QueryInputs,
 ) -> anyhow::Result<(SessionContext, OperatorSet)> {
-    let ctx = session_context();
-    if let Some(dir) = &inputs.pipelines_dir {
-        register_pipeline_outputs(&ctx, dir).await;
-    }
-    for (name, path) in &inputs.tables {
-        source::register_file(&ctx, name, path)
-            .await
-            .map_err(|e| anyhow::anyhow!("--table {name}={path}: {e}"))?;
-    }
     let mut operators = match &inputs.operators_dir {
         Some(dir) if dir.is_dir() => OperatorSet::new(crate::ops::load_manifests(dir)?),
         _ => OperatorSet::default(),
@@ -101,18 +92,24 @@ pub async fn context_for(
         .filter(|n| mentioned(sql, n))
         .map(str::to_string)
         .collect();
-    let mut tasks = Vec::new();
+    let mut udfs = Vec::new();
     for name in wanted {
         let op = operators.get(&name).map_err(anyhow::Error::msg)?;
-        ctx.register_udf(op.udf.clone());
-        tasks.push(op.task);
+        udfs.push((op.task, op.udf.clone()));
     }
-    // Frames take the context's settings when they are made, so before any query is planned.
-    let state = ctx.state_ref();
-    let mut state = state.write();
-    let config = state.config().clone();
-    *state.config_mut() = config.with_batch_size(crate::engine::batch_rows(tasks));
-    drop(state);
+    // The batch size depends on the operators' tasks (images: small batches).
+    let ctx = session_context_for(udfs.iter().map(|(task, _)| *task));
+    for (_, udf) in udfs {
+        ctx.register_udf(udf);
+    }
+    if let Some(dir) = &inputs.pipelines_dir {
+        register_pipeline_outputs(&ctx, dir).await;
+    }
+    for (name, path) in &inputs.tables {
+        source::register_file(&ctx, name, path)
+            .await
+            .map_err(|e| anyhow::anyhow!("--table {name}={path}: {e}"))?;
+    }
     Ok((ctx, operators))
 }
 

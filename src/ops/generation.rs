@@ -248,32 +248,21 @@ pub fn greedy(
         // Each row's cache grows by this step's tokens.
         let per_row = heads * total * dim;
         for (l, layer) in model.layers.iter().enumerate() {
-            for (name, value) in [(&layer.present_key, true), (&layer.present_value, false)] {
+            for (name, is_key) in [(&layer.present_key, true), (&layer.present_value, false)] {
                 let present = read_f32(name, &outputs[name.as_str()])?;
                 present.expect_shape(&[batch, heads, total, dim])?;
-                for (r, row) in rows.iter_mut().enumerate() {
-                    let data = present.data[r * per_row..(r + 1) * per_row].to_vec();
-                    if value {
-                        row.cache[l].0 = data;
-                    } else {
-                        row.cache[l].1 = data;
-                    }
+                for (row, data) in rows.iter_mut().zip(present.data.chunks_exact(per_row)) {
+                    let (keys, values) = &mut row.cache[l];
+                    *(if is_key { keys } else { values }) = data.to_vec();
                 }
             }
         }
-        // The next token of each row: the argmax of its last position (first wins ties, as
-        // torch's argmax).
-        let mut next = Vec::with_capacity(batch);
-        for r in 0..batch {
-            let last = &logits.data[((r * seq) + seq - 1) * vocab..((r * seq) + seq) * vocab];
-            let mut best = 0;
-            for (i, &v) in last.iter().enumerate() {
-                if v > last[best] {
-                    best = i;
-                }
-            }
-            next.push(best as i64);
-        }
+        // The next token of each row: the argmax of its last position.
+        let next: Vec<i64> = logits
+            .data
+            .chunks_exact(seq * vocab)
+            .map(|row| super::argmax(&row[(seq - 1) * vocab..]) as i64)
+            .collect();
         drop(outputs);
         past_len = total;
         let mut kept = Vec::with_capacity(batch);

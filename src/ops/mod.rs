@@ -202,6 +202,17 @@ const IMAGE_BATCH_PIXELS: usize = 4 << 20;
 /// encoded images are held a batch (at most 64 files / 64 MB) at a time per partition.
 const IMAGE_BATCH_ROWS: usize = 64;
 
+/// The index of the first maximum, as numpy's and torch's argmax.
+pub(crate) fn argmax(scores: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &s) in scores.iter().enumerate() {
+        if s > scores[best] {
+            best = i;
+        }
+    }
+    best
+}
+
 impl TaskKind {
     pub fn info(self) -> &'static TaskInfo {
         TASKS

@@ -186,17 +186,6 @@ impl TagTokens {
         }
     }
 
-    fn argmax(scores: &[f32]) -> usize {
-        // First maximum, as numpy's argmax.
-        let mut best = 0;
-        for (i, &s) in scores.iter().enumerate() {
-            if s > scores[best] {
-                best = i;
-            }
-        }
-        best
-    }
-
     /// One window's entities, after aggregation and filtering.
     fn window_entities(&self, chars: &[char], tokens: &[Token]) -> Vec<Entity> {
         let slice = |s: usize, e: usize| -> String {
@@ -226,7 +215,7 @@ impl TagTokens {
             Aggregation::None | Aggregation::Simple => pre
                 .iter()
                 .map(|(word, _, t)| {
-                    let i = Self::argmax(&t.scores);
+                    let i = super::argmax(&t.scores);
                     Entity {
                         label: self.labels[i].clone(),
                         score: t.scores[i],
@@ -263,7 +252,7 @@ impl TagTokens {
         let (label, score) = match self.strategy {
             Aggregation::First => {
                 let s = &tokens[0].2.scores;
-                let i = Self::argmax(s);
+                let i = super::argmax(s);
                 (i, s[i])
             }
             Aggregation::Max => {
@@ -274,7 +263,7 @@ impl TagTokens {
                         best = &t.2.scores;
                     }
                 }
-                let i = Self::argmax(best);
+                let i = super::argmax(best);
                 (i, best[i])
             }
             _ => {
@@ -284,7 +273,7 @@ impl TagTokens {
                         tokens.iter().map(|t| t.2.scores[k]).sum::<f32>() / tokens.len() as f32
                     })
                     .collect();
-                let i = Self::argmax(&mean);
+                let i = super::argmax(&mean);
                 (i, mean[i])
             }
         };
