@@ -10,7 +10,7 @@ use datafusion::arrow::array::{ArrayRef, AsArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{Result, exec_err};
 use ort::value::TensorElementType;
-use tokenizers::{Encoding, Tokenizer, TruncationParams};
+use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationParams};
 
 use super::OpError;
 use super::core::{ArgColumn, MODEL, RowErrors, Task};
@@ -182,6 +182,12 @@ impl std::fmt::Debug for Truncating {
 #[derive(Clone)]
 pub struct Truncating {
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation, for encodings whose overflow is dropped.
+    plain: Tokenizer,
+    /// `plain` without post-processing or padding: each text's raw encoding, as the
+    /// tokenizer's own pair path makes it before truncating.
+    parts: Tokenizer,
+    params: TruncationParams,
     /// Character offsets (Python's) cost a pass over each text; only tasks that report spans
     /// need them.
     char_offsets: bool,
@@ -189,12 +195,23 @@ pub struct Truncating {
 
 impl Truncating {
     pub fn new(tokenizer: &Tokenizer, params: TruncationParams) -> Result<Self, OpError> {
+        let mut plain = tokenizer.clone();
+        plain
+            .with_truncation(None)
+            .map_err(|e| OpError::Model(format!("tokenizer truncation: {e}")))?;
+        let mut parts = plain.clone();
+        parts
+            .with_post_processor(None::<tokenizers::PostProcessorWrapper>)
+            .with_padding(None);
         let mut tokenizer = tokenizer.clone();
         tokenizer
-            .with_truncation(Some(params))
+            .with_truncation(Some(params.clone()))
             .map_err(|e| OpError::Model(format!("tokenizer truncation: {e}")))?;
         Ok(Truncating {
             tokenizer,
+            plain,
+            parts,
+            params,
             char_offsets: false,
         })
     }
@@ -211,6 +228,9 @@ impl Truncating {
 
     /// The encoding of `input`, plus its overflowing windows when `keep_overflow`.
     pub fn encode(&self, input: &TextInput, keep_overflow: bool) -> Result<Vec<Encoding>, String> {
+        if !keep_overflow {
+            return self.encode_truncated(input).map(|e| vec![e]);
+        }
         let input: tokenizers::EncodeInput = match input {
             TextInput::One(t) => t.as_str().into(),
             TextInput::Pair(a, b) => (a.as_str(), b.as_str()).into(),
@@ -223,10 +243,52 @@ impl Truncating {
         .map_err(|e| e.to_string())?;
         let overflow = encoding.take_overflowing();
         let mut out = vec![encoding];
-        if keep_overflow {
-            out.extend(overflow);
-        }
+        out.extend(overflow);
         Ok(out)
+    }
+
+    /// What `encode(input, true)` returns first, without the overflowing windows.
+    ///
+    /// The tokenizer's own path builds every overflowing window and, for pairs, merges every
+    /// window of the first text with every window of the second before the caller drops them
+    /// all: most of the cost of encoding long pairs. Here each text is encoded alone (as
+    /// `encode` does, the second with type id 1), truncated by the same rule, its overflow
+    /// dropped, and only then post-processed.
+    fn encode_truncated(&self, input: &TextInput) -> Result<Encoding, String> {
+        let part = |text: &str, type_id: u32| -> Result<Encoding, String> {
+            let mut e = if self.char_offsets {
+                self.parts.encode_char_offsets(text, false)
+            } else {
+                self.parts.encode(text, false)
+            }
+            .map_err(|e| e.to_string())?;
+            if type_id != 0 {
+                e.set_type_ids(vec![type_id; e.len()]);
+            }
+            Ok(e)
+        };
+        let (first, second) = match input {
+            TextInput::One(t) => (part(t, 0)?, None),
+            TextInput::Pair(a, b) => (part(a, 0)?, Some(part(b, 1)?)),
+        };
+        let added = self
+            .plain
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(second.is_some()));
+        let params = TruncationParams {
+            max_length: self.params.max_length.saturating_sub(added),
+            ..self.params.clone()
+        };
+        let (mut first, mut second) =
+            tokenizers::utils::truncation::truncate_encodings(first, second, &params)
+                .map_err(|e| e.to_string())?;
+        first.take_overflowing();
+        if let Some(second) = second.as_mut() {
+            second.take_overflowing();
+        }
+        self.plain
+            .post_process(first, second, true)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -359,4 +421,62 @@ pub fn read_texts(
         DataType::Null => vec![None; array.len()],
         other => return exec_err!("cannot read text from a {other} column '{field}'"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The overflow-free path gives exactly the first window of the tokenizer's own path, for
+    /// every post-processor kind in the fixtures (BERT template, RoBERTa, T5 template, byte-level)
+    /// and texts short, long and in pairs of every length order.
+    #[test]
+    fn truncating_without_overflow_matches_the_tokenizers_first_window() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+        let long = "Der Zug fährt um 8:15 ab; don't miss it — ça va? ".repeat(12);
+        let short = "A short one.".to_string();
+        let texts = [
+            TextInput::One(String::new()),
+            TextInput::One(short.clone()),
+            TextInput::One(long.clone()),
+            TextInput::Pair(short.clone(), long.clone()),
+            TextInput::Pair(long.clone(), short.clone()),
+            TextInput::Pair(long.clone(), long[7..].to_string()),
+            TextInput::Pair(String::new(), short.clone()),
+        ];
+        for model in [
+            "tiny-bert-sentiment",
+            "tiny-bart-gen",
+            "tiny-t5-gen",
+            "tiny-gpt2-gen",
+        ] {
+            let tokenizer = Tokenizer::from_file(root.join(model).join("tokenizer.json")).unwrap();
+            for max_length in [3, 16, 40] {
+                let params = TruncationParams {
+                    max_length,
+                    ..Default::default()
+                };
+                for chars in [false, true] {
+                    let mut t = Truncating::new(&tokenizer, params.clone()).unwrap();
+                    t.char_offsets = chars;
+                    for input in &texts {
+                        let what = format!("{model} max_length {max_length} {input:?}");
+                        let Ok(full) = t.encode(input, true) else {
+                            assert!(t.encode(input, false).is_err(), "{what}");
+                            continue;
+                        };
+                        let (a, b) = (&full[0], &t.encode(input, false).unwrap()[0]);
+                        assert_eq!(a.get_ids(), b.get_ids(), "{what}");
+                        assert_eq!(a.get_type_ids(), b.get_type_ids(), "{what}");
+                        assert_eq!(a.get_offsets(), b.get_offsets(), "{what}");
+                        assert_eq!(a.get_special_tokens_mask(), b.get_special_tokens_mask());
+                        assert_eq!(a.get_attention_mask(), b.get_attention_mask());
+                        assert_eq!(a.get_word_ids(), b.get_word_ids(), "{what}");
+                        assert_eq!(a.get_sequence_ids(), b.get_sequence_ids(), "{what}");
+                        assert!(b.get_overflowing().is_empty());
+                    }
+                }
+            }
+        }
+    }
 }
