@@ -1,9 +1,11 @@
 //! Generation against `transformers`' `generate` (tests/fixtures/golden/generation.json, made
 //! by tests/fixtures/generation.py; optimum's ORT models reproduced every golden there).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use ferry::ops::generation::{DecoderOnly, Stopping, greedy};
+use ferry::ops::generation::{
+    DecoderOnly, EarlyStopping, Model, Processors, Search, Seq2Seq, generate,
+};
 use ferry::runtime::ExecutionProvider;
 use ferry::runtime::pool::{ModelFile, PoolSize, SessionPool};
 use serde_json::Value;
@@ -27,25 +29,114 @@ fn model_dir(name: &str) -> PathBuf {
     root().join("tests/fixtures/models").join(name)
 }
 
-/// A pool of one worker with one session, the model file as the `decoder`.
-fn decoder_pool(path: PathBuf) -> SessionPool {
-    SessionPool::open(
-        &[ModelFile {
-            role: "decoder",
-            path,
-        }],
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// How the model is exported: the files and the roles they take.
+#[derive(Debug, Clone, Copy)]
+enum Export {
+    /// decoder-only `model.onnx` with past.
+    DecoderOnly,
+    /// encoder + decoder (first step) + decoder with past.
+    Split,
+    /// encoder + merged decoder (`use_cache_branch`).
+    Merged,
+    /// encoder + decoder without a cache: every step re-runs the whole prefix.
+    NoCache,
+}
+
+fn open(dir: &Path, export: Export) -> (SessionPool, Model) {
+    let files: Vec<(&'static str, &str)> = match export {
+        Export::DecoderOnly => vec![("decoder", "model.onnx")],
+        Export::Split => vec![
+            ("encoder", "encoder_model.onnx"),
+            ("decoder", "decoder_model.onnx"),
+            ("decoder_with_past", "decoder_with_past_model.onnx"),
+        ],
+        Export::Merged => vec![
+            ("encoder", "encoder_model.onnx"),
+            ("decoder", "decoder_model_merged.onnx"),
+        ],
+        Export::NoCache => vec![
+            ("encoder", "encoder_model.onnx"),
+            ("decoder", "decoder_model.onnx"),
+        ],
+    };
+    let pool = SessionPool::open(
+        &files
+            .iter()
+            .map(|(role, file)| ModelFile {
+                role,
+                path: dir.join(file),
+            })
+            .collect::<Vec<_>>(),
         ExecutionProvider::Cpu,
         PoolSize {
             workers: 1,
             threads_per_worker: 1,
         },
     )
-    .unwrap()
+    .unwrap();
+    let info = |role| (role, pool.session(role).unwrap());
+    let model = match export {
+        Export::DecoderOnly => Model::DecoderOnly(
+            DecoderOnly::from_session("decoder", pool.session("decoder").unwrap()).unwrap(),
+        ),
+        Export::Split => Model::Seq2Seq(
+            Seq2Seq::from_sessions(
+                info("encoder"),
+                info("decoder"),
+                Some(info("decoder_with_past")),
+            )
+            .unwrap(),
+        ),
+        Export::Merged | Export::NoCache => {
+            Model::Seq2Seq(Seq2Seq::from_sessions(info("encoder"), info("decoder"), None).unwrap())
+        }
+    };
+    (pool, model)
+}
+
+/// The model's generation_config.json with the golden's search settings on top.
+fn search_for(dir: &Path, settings: &Value, max_new_tokens: usize) -> Search {
+    let config = json(&dir.join("generation_config.json"));
+    let list = |v: &Value| -> Vec<i64> {
+        match v {
+            Value::Array(a) => a.iter().map(|t| t.as_i64().unwrap()).collect(),
+            Value::Number(n) => vec![n.as_i64().unwrap()],
+            _ => Vec::new(),
+        }
+    };
+    let eos = list(&config["eos_token_id"]);
+    Search {
+        num_beams: settings["num_beams"].as_u64().unwrap_or(1) as usize,
+        num_return_sequences: settings["num_return_sequences"].as_u64().unwrap_or(1) as usize,
+        length_penalty: settings["length_penalty"].as_f64().unwrap_or(1.0) as f32,
+        early_stopping: EarlyStopping::Heuristic,
+        max_new_tokens,
+        pad_token_id: config["pad_token_id"].as_i64().unwrap_or(eos[0]),
+        decoder_start_token_id: config["decoder_start_token_id"].as_i64().unwrap_or(0),
+        processors: Processors {
+            no_repeat_ngram_size: settings["no_repeat_ngram_size"]
+                .as_u64()
+                .map(|n| n as usize),
+            forced_bos_token_id: config["forced_bos_token_id"].as_i64(),
+            forced_eos_token_ids: list(&config["forced_eos_token_id"]),
+            bad_words_ids: config["bad_words_ids"]
+                .as_array()
+                .map(|w| w.iter().map(ids).collect())
+                .unwrap_or_default(),
+            ..Default::default()
+        },
+        eos_token_ids: eos,
+    }
 }
 
 /// The prompt's token ids as the golden records them, after checking that the model's own
-/// tokenizer.json gives them (the long prompt keeps its last tokens, the pipeline's "hole").
-fn prompt_ids(dir: &std::path::Path, row: &Value, keep: usize) -> Vec<i64> {
+/// tokenizer.json gives them (a long decoder-only prompt keeps its last tokens, the pipeline's
+/// "hole").
+fn prompt_ids(dir: &Path, row: &Value, keep: usize) -> Vec<i64> {
     let want = ids(&row["greedy"]["input_ids"]);
     let prompt = row["prompt"].as_str().unwrap();
     if !prompt.is_empty() {
@@ -55,81 +146,168 @@ fn prompt_ids(dir: &std::path::Path, row: &Value, keep: usize) -> Vec<i64> {
         if got.len() > keep {
             got.drain(..got.len() - keep);
         }
-        assert_eq!(got, want, "tokens of {prompt:?}");
+        if got.len() == want.len() {
+            assert_eq!(got, want, "tokens of {prompt:?}");
+        }
     }
     want
 }
 
-/// Greedy decoding of GPT-2 and Llama (grouped-query attention) exports with their KV cache
-/// gives transformers' tokens, one prompt at a time and all prompts in one left-padded batch
-/// (rows finishing early leave the batch).
-#[tokio::test]
-async fn greedy_decoding_matches_transformers_token_for_token() {
+/// Runs every golden of `name` with one export, one prompt at a time and all prompts in one
+/// batch, and compares the token ids.
+async fn check_goldens(name: &str, export: Export, searches: &[&str]) {
     let g = goldens();
     let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
-    for name in ["tiny-gpt2-gen", "tiny-llama-gen"] {
-        let dir = model_dir(name);
-        let config: Value =
-            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-        let eos = config["eos_token_id"].as_i64().unwrap();
-        let pad = config["pad_token_id"].as_i64().unwrap_or(eos);
-        let pool = decoder_pool(dir.join("model.onnx"));
-        let model = DecoderOnly::from_session("decoder", pool.session("decoder").unwrap()).unwrap();
-        assert_eq!(model.layers.len(), 2, "{name}");
-        let rows = g["models"][name].as_array().unwrap();
-        let prompts: Vec<Vec<i64>> = rows
-            .iter()
-            .map(|r| prompt_ids(&dir, r, 64 - max_new))
-            .collect();
-        let want: Vec<Vec<i64>> = rows
-            .iter()
-            .map(|r| ids(&r["greedy"]["tokens"][0]))
-            .collect();
-        let stopping = Stopping {
-            max_new_tokens: max_new,
-            eos_token_ids: vec![eos],
+    let dir = model_dir(name);
+    let (pool, model) = open(&dir, export);
+    let seq2seq = matches!(model, Model::Seq2Seq(_));
+    let rows = g["models"][name].as_array().unwrap();
+    let prompts: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| prompt_ids(&dir, r, if seq2seq { usize::MAX } else { 64 - max_new }))
+        .collect();
+    for &which in searches {
+        let search = search_for(&dir, &g["searches"][which], max_new);
+        // transformers pads shorter hypotheses with pad_token_id, or EOS when that is 0.
+        let fill = if search.pad_token_id != 0 {
+            search.pad_token_id
+        } else {
+            search.eos_token_ids[0]
         };
-        let (m, s, p) = (model.clone(), stopping.clone(), prompts.clone());
+        let (m, s, p) = (model.clone(), search.clone(), prompts.clone());
         let one_by_one = pool
             .run(move |w| {
                 p.iter()
                     .map(|prompt| {
-                        greedy(w, &m, std::slice::from_ref(prompt), &s, pad)
-                            .map(|mut o| o.remove(0))
+                        generate(w, &m, std::slice::from_ref(prompt), &s).map(|mut o| o.remove(0))
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(one_by_one, want, "{name}, one prompt at a time");
+        let (m, s, p) = (model.clone(), search.clone(), prompts.clone());
         let batched = pool
-            .run(move |w| greedy(w, &model, &prompts, &stopping, pad))
+            .run(move |w| generate(w, &m, &p, &s))
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(batched, want, "{name}, all prompts in one batch");
+        for (how, results) in [
+            ("one prompt at a time", &one_by_one),
+            ("in one batch", &batched),
+        ] {
+            for (row, hyps) in rows.iter().zip(results) {
+                let want = row[which]["tokens"].as_array().unwrap();
+                assert_eq!(hyps.len(), want.len(), "{name} {export:?} {which} {how}");
+                for (hyp, want) in hyps.iter().zip(want) {
+                    let want = ids(want);
+                    let mut got = hyp.tokens.clone();
+                    if seq2seq {
+                        got.insert(0, search.decoder_start_token_id);
+                    }
+                    assert!(
+                        got.len() <= want.len()
+                            && want[..got.len()] == got[..]
+                            && want[got.len()..].iter().all(|&t| t == fill),
+                        "{name} {export:?} {which} {how}, prompt {:?}: got {got:?}, transformers {want:?}",
+                        row["prompt"]
+                    );
+                }
+            }
+        }
     }
 }
 
-/// A model exported without its cache is refused with what to do, and empty prompts are errors.
+const ALL: [&str; 3] = ["greedy", "beam2", "beam4"];
+
+/// GPT-2 and Llama (grouped-query attention) with their KV cache: greedy, 2 beams and 4 beams
+/// (length_penalty 0.6, no_repeat_ngram_size 2, two sequences returned) give transformers'
+/// tokens, one prompt at a time and all prompts in one left-padded batch.
 #[tokio::test]
-async fn generation_needs_a_cache_and_tokens() {
-    let pool = decoder_pool(model_dir("tiny-bert-sentiment").join("model.onnx"));
+async fn decoder_only_generation_matches_transformers_token_for_token() {
+    for name in ["tiny-gpt2-gen", "tiny-llama-gen"] {
+        check_goldens(name, Export::DecoderOnly, &ALL).await;
+    }
+}
+
+/// T5, BART (forced BOS and EOS) and Marian (pad as a bad word, forced EOS), exported as
+/// optimum splits them (decoder + decoder with past): every search gives transformers' tokens.
+#[tokio::test]
+async fn encoder_decoder_generation_matches_transformers_token_for_token() {
+    for name in ["tiny-t5-gen", "tiny-bart-gen", "tiny-marian-gen"] {
+        check_goldens(name, Export::Split, &ALL).await;
+    }
+}
+
+/// The same models through the merged decoder (`use_cache_branch`), and without a cache (the
+/// decoder re-run over the whole prefix at every step).
+#[tokio::test]
+async fn merged_and_cacheless_decoders_give_the_same_tokens() {
+    for name in ["tiny-t5-gen", "tiny-bart-gen", "tiny-marian-gen"] {
+        check_goldens(name, Export::Merged, &["greedy", "beam4"]).await;
+    }
+    check_goldens("tiny-bart-gen", Export::NoCache, &["greedy", "beam2"]).await;
+}
+
+/// A model that cannot generate is refused with what to do, empty prompts are errors, and
+/// impossible searches say why.
+#[tokio::test]
+async fn generation_needs_logits_tokens_and_a_possible_search() {
+    let dir = model_dir("tiny-bert-sentiment");
+    let pool = SessionPool::open(
+        &[ModelFile {
+            role: "decoder",
+            path: dir.join("model.onnx"),
+        }],
+        ExecutionProvider::Cpu,
+        PoolSize {
+            workers: 1,
+            threads_per_worker: 1,
+        },
+    )
+    .unwrap();
     let err = DecoderOnly::from_session("decoder", pool.session("decoder").unwrap()).unwrap_err();
-    assert!(err.contains("logits") || err.contains("past"), "{err}");
+    assert!(err.contains("[batch, sequence, vocabulary]"), "{err}");
 
     let dir = model_dir("tiny-gpt2-gen");
-    let pool = decoder_pool(dir.join("model.onnx"));
-    let model = DecoderOnly::from_session("decoder", pool.session("decoder").unwrap()).unwrap();
-    let stopping = Stopping {
-        max_new_tokens: 4,
-        eos_token_ids: vec![0],
-    };
+    let (pool, model) = open(&dir, Export::DecoderOnly);
+    let g = goldens();
+    let search = search_for(&dir, &g["searches"]["greedy"], 4);
+    let (m, s) = (model.clone(), search.clone());
     let err = pool
-        .run(move |w| greedy(w, &model, &[vec![5], vec![]], &stopping, 0))
+        .run(move |w| generate(w, &m, &[vec![5], vec![]], &s))
         .await
         .unwrap()
         .unwrap_err();
     assert!(err.contains("prompt 1 has no tokens"), "{err}");
+
+    let huge = Search {
+        num_beams: 400,
+        num_return_sequences: 1,
+        ..search.clone()
+    };
+    let m = model.clone();
+    let err = pool
+        .run(move |w| generate(w, &m, &[vec![5]], &huge))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.contains("vocabulary"), "{err}");
+
+    let bad = Search {
+        num_return_sequences: 3,
+        ..search.clone()
+    };
+    assert!(bad.check().unwrap_err().contains("num_return_sequences"));
+
+    let none = Search {
+        max_new_tokens: 0,
+        ..search
+    };
+    let out = pool
+        .run(move |w| generate(w, &model, &[vec![5]], &none))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out[0][0].tokens.is_empty());
 }

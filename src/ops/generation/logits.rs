@@ -1,0 +1,215 @@
+//! Logits processors, in the order and with the semantics of `transformers`' `generate`
+//! (`generation/utils.py: _get_logits_processor`, `generation/logits_process.py`), applied to one
+//! sequence's next-token scores with the ids it has so far (its prompt or decoder prefix
+//! included, never padding: a sequence's result does not depend on its batch).
+
+use std::collections::HashSet;
+
+/// The processors that change which tokens can come next. Unset fields do nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Processors {
+    /// `repetition_penalty`: scores of tokens already in the sequence are divided by it
+    /// (multiplied when negative).
+    pub repetition_penalty: Option<f32>,
+    /// `no_repeat_ngram_size`: a token that would repeat an n-gram of the sequence is banned.
+    pub no_repeat_ngram_size: Option<usize>,
+    /// `bad_words_ids`: token sequences never generated (single-token EOS entries are ignored,
+    /// as transformers ignores them).
+    pub bad_words_ids: Vec<Vec<i64>>,
+    /// `min_length`: EOS banned while the sequence (prompt or decoder prefix included) is
+    /// shorter.
+    pub min_length: Option<usize>,
+    /// `min_new_tokens`: EOS banned until this many tokens are generated.
+    pub min_new_tokens: Option<usize>,
+    /// `forced_bos_token_id`: the only token allowed when the sequence has one token.
+    pub forced_bos_token_id: Option<i64>,
+    /// `forced_eos_token_id`: the only tokens allowed at the last step before `max_length`.
+    pub forced_eos_token_ids: Vec<i64>,
+    /// `suppress_tokens`: never generated.
+    pub suppress_tokens: Vec<i64>,
+    /// `begin_suppress_tokens`: not generated as the first new token.
+    pub begin_suppress_tokens: Vec<i64>,
+}
+
+/// Where a sequence stands when its scores are processed.
+pub struct Position<'a> {
+    /// Its ids so far (prompt or decoder prefix, then generated tokens).
+    pub ids: &'a [i64],
+    /// How many of them are the prompt / decoder prefix.
+    pub prefix: usize,
+    /// `max_length` in transformers' sense: prefix + max_new_tokens.
+    pub max_length: usize,
+    pub eos_token_ids: &'a [i64],
+}
+
+fn ban(scores: &mut [f32], token: i64) {
+    if let Some(s) = usize::try_from(token).ok().and_then(|t| scores.get_mut(t)) {
+        *s = f32::NEG_INFINITY;
+    }
+}
+
+fn only(scores: &mut [f32], tokens: impl IntoIterator<Item = i64>) {
+    let keep: Vec<(usize, f32)> = tokens
+        .into_iter()
+        .filter_map(|t| usize::try_from(t).ok().filter(|&t| t < scores.len()))
+        .map(|t| (t, 0.0))
+        .collect();
+    scores.fill(f32::NEG_INFINITY);
+    for (t, v) in keep {
+        scores[t] = v;
+    }
+}
+
+impl Processors {
+    /// Applies every processor, in transformers' order, to one sequence's scores.
+    pub fn apply(&self, at: &Position<'_>, scores: &mut [f32]) {
+        let ids = at.ids;
+        let cur_len = ids.len();
+        if let Some(penalty) = self.repetition_penalty.filter(|&p| p != 1.0) {
+            let seen: HashSet<i64> = ids.iter().copied().collect();
+            for t in seen {
+                if let Some(s) = usize::try_from(t).ok().and_then(|t| scores.get_mut(t)) {
+                    *s = if *s < 0.0 { *s * penalty } else { *s / penalty };
+                }
+            }
+        }
+        if let Some(n) = self
+            .no_repeat_ngram_size
+            .filter(|&n| n > 0 && cur_len + 1 >= n)
+        {
+            let prefix = &ids[cur_len + 1 - n..];
+            for window in ids.windows(n) {
+                if &window[..n - 1] == prefix {
+                    ban(scores, window[n - 1]);
+                }
+            }
+        }
+        for word in &self.bad_words_ids {
+            match word.as_slice() {
+                [] => {}
+                [t] if at.eos_token_ids.contains(t) => {}
+                [t] => ban(scores, *t),
+                [start @ .., last] => {
+                    if ids.ends_with(start) {
+                        ban(scores, *last);
+                    }
+                }
+            }
+        }
+        if self.min_length.is_some_and(|m| m > 0 && cur_len < m) {
+            for &eos in at.eos_token_ids {
+                ban(scores, eos);
+            }
+        }
+        if self
+            .min_new_tokens
+            .is_some_and(|m| m > 0 && cur_len - at.prefix < m)
+        {
+            for &eos in at.eos_token_ids {
+                ban(scores, eos);
+            }
+        }
+        if let Some(bos) = self.forced_bos_token_id.filter(|_| cur_len == 1) {
+            only(scores, [bos]);
+        }
+        if !self.forced_eos_token_ids.is_empty() && cur_len + 1 == at.max_length {
+            only(scores, self.forced_eos_token_ids.iter().copied());
+        }
+        for &t in &self.suppress_tokens {
+            ban(scores, t);
+        }
+        if !self.begin_suppress_tokens.is_empty() {
+            let begin = if at.prefix > 1 || self.forced_bos_token_id.is_none() {
+                at.prefix
+            } else {
+                at.prefix + 1
+            };
+            if cur_len == begin {
+                for &t in &self.begin_suppress_tokens {
+                    ban(scores, t);
+                }
+            }
+        }
+    }
+}
+
+/// `log_softmax` in f32, as torch computes it: `x - max - log(sum(exp(x - max)))`.
+pub fn log_softmax(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return;
+    }
+    let sum: f32 = scores.iter().map(|&s| (s - max).exp()).sum();
+    let log_sum = sum.ln();
+    for s in scores.iter_mut() {
+        *s = *s - max - log_sum;
+    }
+}
+
+/// The indices of the `k` largest scores, largest first (ties: lower index first).
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(scores.len());
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    let order = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, order);
+        idx.truncate(k);
+    }
+    idx.sort_by(order);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at<'a>(ids: &'a [i64], prefix: usize) -> Position<'a> {
+        Position {
+            ids,
+            prefix,
+            max_length: 10,
+            eos_token_ids: &[2],
+        }
+    }
+
+    #[test]
+    fn no_repeat_ngram_bans_what_would_repeat_a_pair() {
+        let p = Processors {
+            no_repeat_ngram_size: Some(2),
+            ..Default::default()
+        };
+        let mut s = vec![0.0; 6];
+        // "3 4 ... 3" → 4 is banned after 3.
+        p.apply(&at(&[3, 4, 5, 3], 1), &mut s);
+        assert_eq!(s[4], f32::NEG_INFINITY);
+        assert_eq!(s.iter().filter(|v| v.is_infinite()).count(), 1);
+    }
+
+    #[test]
+    fn forced_tokens_and_min_length() {
+        let p = Processors {
+            forced_bos_token_id: Some(1),
+            forced_eos_token_ids: vec![2],
+            min_new_tokens: Some(2),
+            ..Default::default()
+        };
+        let mut s = vec![0.5; 4];
+        p.apply(&at(&[0], 1), &mut s);
+        assert_eq!(
+            s,
+            [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]
+        );
+        let mut s = vec![0.5; 4];
+        p.apply(&at(&[0, 1, 3, 3, 3, 3, 3, 3, 3], 1), &mut s);
+        assert_eq!(s[2], 0.0);
+        let mut s = vec![0.5; 4];
+        p.apply(&at(&[0, 1], 1), &mut s);
+        assert_eq!(s[2], f32::NEG_INFINITY, "EOS banned before min_new_tokens");
+    }
+
+    #[test]
+    fn top_k_is_sorted_and_stable() {
+        assert_eq!(top_k(&[0.1, 0.5, 0.5, -1.0, 0.9], 3), [4, 1, 2]);
+        assert_eq!(top_k(&[0.1, 0.2], 5), [1, 0]);
+    }
+}

@@ -1,0 +1,16 @@
+//! The generation core: decoder loops over ONNX Runtime sessions with their KV cache.
+//!
+//! - [`model`]: the model shapes (decoder-only and encoder-decoder Optimum exports, with a
+//!   cache or without one), one batched step over sequences in flight;
+//! - [`logits`]: logits processors as `transformers` applies them;
+//! - [`search`]: greedy and beam search, identical to `transformers`' `generate`.
+//!
+//! The generation operators (`generate`, `summarize`, `translate`) build on this.
+
+pub mod logits;
+pub mod model;
+pub mod search;
+
+pub use logits::Processors;
+pub use model::{DecoderOnly, Model, Seq2Seq};
+pub use search::{EarlyStopping, Finish, Hypothesis, Search, generate};
