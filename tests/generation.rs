@@ -311,3 +311,226 @@ async fn generation_needs_logits_tokens_and_a_possible_search() {
         .unwrap();
     assert!(out[0][0].tokens.is_empty());
 }
+
+/// A context with one generation operator per (model, search) of the goldens, written as
+/// manifests the way a user would: the pipeline's task, the model directory, and the search.
+fn generation_operators(dir: &Path) -> ferry::engine::OperatorSet {
+    let g = goldens();
+    for (model, task) in [
+        ("tiny-gpt2-gen", "generate"),
+        ("tiny-llama-gen", "generate"),
+        ("tiny-t5-gen", "summarize"),
+        ("tiny-bart-gen", "summarize"),
+        ("tiny-marian-gen", "translate"),
+    ] {
+        for search in ALL {
+            let s = &g["searches"][search];
+            let mut generation = format!(
+                "max_new_tokens: {}, num_beams: {}",
+                g["max_new_tokens"], s["num_beams"]
+            );
+            for key in [
+                "length_penalty",
+                "no_repeat_ngram_size",
+                "num_return_sequences",
+            ] {
+                if !s[key].is_null() {
+                    generation += &format!(", {key}: {}", s[key]);
+                }
+            }
+            let full_text = if task == "generate" {
+                "\n  return_full_text: false"
+            } else {
+                ""
+            };
+            let name = format!("{}_{search}", model.replace('-', "_"));
+            std::fs::write(
+                dir.join(format!("{name}.yaml")),
+                format!(
+                    "name: {name}\ntask: {task}\nmodel: {}\nbatch_size: 4\noptions:\n  generation: {{{generation}}}{full_text}\n",
+                    model_dir(model).display()
+                ),
+            )
+            .unwrap();
+        }
+    }
+    ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir).unwrap())
+}
+
+/// The operators over SQL give the pipelines' texts (`generated_text` with
+/// return_full_text=False, `summary_text`, `translation_text`) for every golden prompt and
+/// search, with `num_return_sequences` 2 as a list; rows of mixed lengths run in one batch.
+#[tokio::test]
+async fn generation_operators_match_the_pipelines_text() {
+    use ferry::datafusion::arrow::array::{Array, AsArray};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ops = generation_operators(tmp.path());
+    let g = goldens();
+    for (model, rows) in g["models"].as_object().unwrap() {
+        let prompts: Vec<Option<&str>> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["prompt"].as_str())
+            .collect();
+        for search in ALL {
+            let name = format!("{}_{search}", model.replace('-', "_"));
+            let op = ops.get(&name).unwrap_or_else(|e| panic!("{e}"));
+            let ctx = ferry::engine::session_context();
+            ctx.register_udf(op.udf.clone());
+            crate::util::register_texts(&ctx, &prompts);
+            let batches = crate::util::sql(
+                &ctx,
+                &format!("SELECT {name}(text) AS out FROM t ORDER BY id"),
+            )
+            .await;
+            let column = ferry::datafusion::arrow::compute::concat(
+                &batches
+                    .iter()
+                    .map(|b| b.column(0).as_ref())
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+            for (i, row) in rows.as_array().unwrap().iter().enumerate() {
+                let want = &row[search]["pipeline"];
+                if want.is_null() {
+                    continue; // the pipeline refuses an empty prompt
+                }
+                let want: Vec<&str> = want
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_str().unwrap())
+                    .collect();
+                let got: Vec<String> = if want.len() > 1 {
+                    let list = column.as_list::<i32>().value(i);
+                    (0..list.len())
+                        .map(|j| list.as_string::<i32>().value(j).to_string())
+                        .collect()
+                } else {
+                    vec![column.as_string::<i32>().value(i).to_string()]
+                };
+                assert_eq!(got, want, "{name}, prompt {:?}", row["prompt"]);
+            }
+        }
+    }
+}
+
+/// Bad manifests are refused when the operator loads, with what to change; null rows stay null
+/// and an empty prompt starts from BOS as the fixture's reference did.
+#[tokio::test]
+async fn generation_operators_refuse_bad_settings_and_keep_nulls() {
+    use ferry::datafusion::arrow::array::{Array, AsArray};
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = |name: &str, task: &str, model: &str, options: &str| {
+        std::fs::write(
+            tmp.path().join(format!("{name}.yaml")),
+            format!(
+                "name: {name}\ntask: {task}\nmodel: {}\noptions: {options}\n",
+                model_dir(model).display()
+            ),
+        )
+        .unwrap();
+    };
+    manifest(
+        "ok",
+        "generate",
+        "tiny-gpt2-gen",
+        "{generation: {max_new_tokens: 3}, details: true}",
+    );
+    manifest(
+        "none_new",
+        "generate",
+        "tiny-gpt2-gen",
+        "{generation: {max_new_tokens: 0}, return_full_text: false}",
+    );
+    manifest("seq2seq_as_generate", "generate", "tiny-bart-gen", "{}");
+    manifest(
+        "decoder_only_as_translate",
+        "translate",
+        "tiny-gpt2-gen",
+        "{}",
+    );
+    manifest(
+        "sampling",
+        "generate",
+        "tiny-gpt2-gen",
+        "{generation: {do_sample: true}}",
+    );
+    manifest(
+        "too_many",
+        "summarize",
+        "tiny-bart-gen",
+        "{generation: {num_beams: 2, num_return_sequences: 3}}",
+    );
+    manifest(
+        "no_decoder",
+        "summarize",
+        "tiny-bart-gen",
+        "{decoder: missing.onnx}",
+    );
+    manifest(
+        "bad_lang",
+        "translate",
+        "tiny-marian-gen",
+        "{tgt_lang: klingon}",
+    );
+    manifest(
+        "bad_key",
+        "summarize",
+        "tiny-bart-gen",
+        "{generation: {beams: 2}}",
+    );
+    let mut ops = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+    for (name, says) in [
+        ("seq2seq_as_generate", "summarize or translate"),
+        ("decoder_only_as_translate", "decoder-only"),
+        ("sampling", "sampling is not implemented"),
+        ("too_many", "num_return_sequences"),
+        ("no_decoder", "missing.onnx"),
+        ("bad_lang", "klingon"),
+        ("bad_key", "beams"),
+    ] {
+        let err = ops.get(name).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains(says), "{name}: {err}");
+    }
+
+    let ctx = ferry::engine::session_context();
+    for name in ["ok", "none_new"] {
+        ctx.register_udf(ops.get(name).unwrap().udf.clone());
+    }
+    crate::util::register_texts(&ctx, &[Some("The quick brown fox"), None, Some("")]);
+    let batches = crate::util::sql(
+        &ctx,
+        "SELECT ok(text) AS d, none_new(text) AS n FROM t ORDER BY id",
+    )
+    .await;
+    let (d, n) = (
+        batches[0].column(0).as_struct(),
+        batches[0].column(1).as_string::<i32>(),
+    );
+    assert!(
+        d.column_by_name("text")
+            .unwrap()
+            .as_string::<i32>()
+            .value(0)
+            .starts_with("The quick brown fox")
+    );
+    assert_eq!(
+        d.column_by_name("tokens")
+            .unwrap()
+            .as_primitive::<ferry::datafusion::arrow::datatypes::Int32Type>()
+            .value(0),
+        3
+    );
+    assert_eq!(
+        d.column_by_name("finish_reason")
+            .unwrap()
+            .as_string::<i32>()
+            .value(0),
+        "length"
+    );
+    assert!(d.is_null(1) && n.is_null(1), "a null prompt gives null");
+    assert!(d.is_valid(2), "an empty prompt starts from BOS");
+    assert_eq!(n.value(0), "", "max_new_tokens 0 generates nothing");
+}

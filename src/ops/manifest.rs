@@ -47,7 +47,7 @@ pub struct Manifest {
     /// ONNX Runtime intra-op threads per session (default: the number of cores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads_per_worker: Option<usize>,
-    /// Task options: see `EmbedOptions`, `ClassifyTextOptions`, `TagTokensOptions`, `AnswerOptions`, `ClassifyImageOptions`, `DetectOptions`, `SegmentOptions` and `EstimateDepthOptions` in this schema.
+    /// Task options: see `EmbedOptions`, `ClassifyTextOptions`, `TagTokensOptions`, `AnswerOptions`, `ClassifyImageOptions`, `DetectOptions`, `SegmentOptions`, `EstimateDepthOptions` and `GenerationOptions` (generate, summarize, translate) in this schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<TaskOptions>")]
     pub options: Option<serde_yaml::Value>,
@@ -66,6 +66,7 @@ enum TaskOptions {
     Detect(super::detect::DetectOptions),
     Segment(super::segment::SegmentOptions),
     EstimateDepth(super::estimate_depth::EstimateDepthOptions),
+    Generation(super::generation::task::GenerationOptions),
 }
 
 fn default_file() -> String {

@@ -12,13 +12,16 @@ pub mod core;
 pub mod detect;
 pub mod embed;
 pub mod estimate_depth;
+pub mod generate;
 pub mod generation;
 pub mod image;
 pub mod manifest;
 pub mod segment;
 pub mod similarity;
+pub mod summarize;
 pub mod tag_tokens;
 pub mod text;
+pub mod translate;
 
 use std::sync::Arc;
 
@@ -70,6 +73,12 @@ pub enum TaskKind {
     Segment,
     /// Monocular depth estimation.
     EstimateDepth,
+    /// Text generation with decoder-only models.
+    Generate,
+    /// Summarization with encoder-decoder models.
+    Summarize,
+    /// Translation with encoder-decoder models.
+    Translate,
 }
 
 /// A task kind's entry in the registration list.
@@ -192,7 +201,46 @@ pub const TASKS: &[TaskInfo] = &[
         default_max_batch_cost: IMAGE_BATCH_PIXELS,
         batch_rows: Some(IMAGE_BATCH_ROWS),
     },
+    TaskInfo {
+        kind: TaskKind::Generate,
+        name: "generate",
+        hf_task: "text-generation",
+        inputs: "prompt: Utf8 | LargeUtf8 | Utf8View",
+        output: "Utf8; Struct<text: Utf8, tokens: Int32, finish_reason: Utf8> with details; List<...> with num_return_sequences > 1",
+        arity: 1..=1,
+        args: &[ArgKind::Text],
+        cost_unit: "tokens (prompt + new tokens, times beams)",
+        default_max_batch_cost: GENERATION_BATCH_TOKENS,
+        batch_rows: None,
+    },
+    TaskInfo {
+        kind: TaskKind::Summarize,
+        name: "summarize",
+        hf_task: "summarization",
+        inputs: "text: Utf8 | LargeUtf8 | Utf8View",
+        output: "Utf8; Struct<text: Utf8, tokens: Int32, finish_reason: Utf8> with details; List<...> with num_return_sequences > 1",
+        arity: 1..=1,
+        args: &[ArgKind::Text],
+        cost_unit: "tokens (prompt + new tokens, times beams)",
+        default_max_batch_cost: GENERATION_BATCH_TOKENS,
+        batch_rows: None,
+    },
+    TaskInfo {
+        kind: TaskKind::Translate,
+        name: "translate",
+        hf_task: "translation",
+        inputs: "text: Utf8 | LargeUtf8 | Utf8View",
+        output: "Utf8; Struct<text: Utf8, tokens: Int32, finish_reason: Utf8> with details; List<...> with num_return_sequences > 1",
+        arity: 1..=1,
+        args: &[ArgKind::Text],
+        cost_unit: "tokens (prompt + new tokens, times beams)",
+        default_max_batch_cost: GENERATION_BATCH_TOKENS,
+        batch_rows: None,
+    },
 ];
+
+/// Default `max_batch_cost` of generation tasks: the tokens a call's KV cache may hold.
+const GENERATION_BATCH_TOKENS: usize = 16384;
 
 /// Default `max_batch_cost` of image tasks: 4 megapixels (e.g. 80 ViT pictures of 224x224, or
 /// 4 DETR pictures of 800x1333, capped by `batch_size`).
@@ -374,11 +422,44 @@ impl Loading<'_> {
     }
 }
 
+impl Loading<'_> {
+    /// A generation task: its model files (decoder-only, or encoder and decoders), a tokenizer
+    /// and the generation settings resolved against the model's files.
+    fn generation(
+        self,
+        resolve: impl FnOnce(
+            &generation::task::GenerationOptions,
+            &ModelDir,
+            &SessionPool,
+        ) -> Result<generation::task::GenerationTask, OpError>,
+    ) -> Result<Operator, OpError> {
+        let options: generation::task::GenerationOptions = self.loaded.options()?;
+        let files =
+            generation::task::model_files(&self.model.dir, &options, &self.loaded.manifest.file)?;
+        let files: Vec<(&'static str, &str)> =
+            files.iter().map(|(role, f)| (*role, f.as_str())).collect();
+        let pool = self.pool(&files)?;
+        let task = resolve(&options, &self.model, &pool)?;
+        Ok(self.operator(pool, task))
+    }
+}
+
 /// Loads a manifest's model (sessions created now) and builds its SQL function.
 pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
     let m = &loaded.manifest;
     let dir = loaded.model_dir().map_err(OpError::Model)?;
-    let model = ModelDir::open(&dir, &m.file)?;
+    let generation = matches!(
+        m.task,
+        TaskKind::Generate | TaskKind::Summarize | TaskKind::Translate
+    );
+    // An encoder-decoder export has no model.onnx: its encoder stands for the model.
+    let file =
+        if generation && !dir.join(&m.file).is_file() && dir.join("encoder_model.onnx").is_file() {
+            "encoder_model.onnx"
+        } else {
+            m.file.as_str()
+        };
+    let model = ModelDir::open(&dir, file)?;
     let defaults = PoolSize::for_machine();
     let size = PoolSize {
         workers: m.workers.unwrap_or(defaults.workers),
@@ -406,6 +487,9 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
             |o: &segment::SegmentOptions| &o.image,
             segment::Segment::resolve,
         ),
+        TaskKind::Generate => loading.generation(generate::resolve),
+        TaskKind::Summarize => loading.generation(summarize::resolve),
+        TaskKind::Translate => loading.generation(translate::resolve),
         TaskKind::EstimateDepth => loading.image(
             |o: &estimate_depth::EstimateDepthOptions| &o.image,
             estimate_depth::EstimateDepth::resolve,

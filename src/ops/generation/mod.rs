@@ -10,6 +10,7 @@
 pub mod logits;
 pub mod model;
 pub mod search;
+pub mod task;
 
 pub use logits::Processors;
 pub use model::{DecoderOnly, Model, Seq2Seq};

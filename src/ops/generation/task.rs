@@ -1,0 +1,766 @@
+//! What the generation operators (`generate`, `summarize`, `translate`) share: their
+//! generation settings and how they resolve, the model files they open, and the core task that
+//! tokenizes prompts, runs the search on a worker and decodes the hypotheses.
+//!
+//! Settings resolve as the `transformers` pipelines resolve them (PIPELINES.md §0): the
+//! pipeline's defaults, then the model's `generation_config.json` (over `config.json`) where the
+//! pipeline leaves a setting unset, then `task_specific_params` of the task, then the manifest.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, Int32Builder, ListBuilder, StringBuilder, StructBuilder};
+use datafusion::arrow::datatypes::{DataType, Field, Fields};
+use datafusion::common::Result;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use super::Processors;
+use super::model::{DecoderOnly, Model, Seq2Seq};
+use super::search::{EarlyStopping, Finish, Hypothesis, Search, generate};
+use crate::ops::OpError;
+use crate::ops::core::{ArgColumn, RowErrors, Task};
+use crate::ops::text::read_texts;
+use crate::runtime::ModelDir;
+use crate::runtime::pool::{SessionPool, Worker};
+use crate::runtime::tensor::Input;
+
+/// One token id or several (`eos_token_id`, `forced_eos_token_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+impl OneOrMany {
+    fn ids(&self) -> Vec<i64> {
+        match self {
+            OneOrMany::One(t) => vec![*t],
+            OneOrMany::Many(t) => t.clone(),
+        }
+    }
+}
+
+/// `early_stopping`: true, false or "never".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum EarlyStoppingSetting {
+    Bool(bool),
+    /// "never"
+    Never(String),
+}
+
+/// Generation settings, named and meant as in `generation_config.json`. Every one is optional:
+/// unset ones come from the model's files and the operator's pipeline defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSettings {
+    /// New tokens to generate at most (beats `max_length`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
+    /// Length at most of prompt + new tokens (decoder-only) or of the decoder's output
+    /// (encoder-decoder), when `max_new_tokens` is unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_length: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_new_tokens: Option<usize>,
+    /// 1: greedy search; more: beam search.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_beams: Option<usize>,
+    /// Hypotheses per row (at most `num_beams`); more than 1 makes the output a list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_return_sequences: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length_penalty: Option<f32>,
+    /// true, false or "never".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStoppingSetting>,
+    /// Sampling is not implemented yet: `true` in a manifest is refused; a model file's
+    /// `do_sample: true` is ignored with a warning (ferry searches deterministically).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub do_sample: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_repeat_ngram_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bad_words_ids: Option<Vec<Vec<i64>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced_bos_token_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced_eos_token_id: Option<OneOrMany>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppress_tokens: Option<Vec<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begin_suppress_tokens: Option<Vec<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<OneOrMany>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_start_token_id: Option<i64>,
+}
+
+macro_rules! settings_or {
+    ($a:expr, $b:expr, $($f:ident),*) => {
+        GenerationSettings { $($f: $a.$f.or($b.$f),)* }
+    };
+}
+
+impl GenerationSettings {
+    /// Each setting of `self`, else of `lower`.
+    pub fn or(self, lower: GenerationSettings) -> GenerationSettings {
+        settings_or!(
+            self,
+            lower,
+            max_new_tokens,
+            max_length,
+            min_length,
+            min_new_tokens,
+            num_beams,
+            num_return_sequences,
+            length_penalty,
+            early_stopping,
+            do_sample,
+            repetition_penalty,
+            no_repeat_ngram_size,
+            bad_words_ids,
+            forced_bos_token_id,
+            forced_eos_token_id,
+            suppress_tokens,
+            begin_suppress_tokens,
+            eos_token_id,
+            pad_token_id,
+            bos_token_id,
+            decoder_start_token_id
+        )
+    }
+
+    /// The settings among a JSON object's keys (a model file's other keys are not ours).
+    /// transformers' global defaults count as unset (`max_length` 20, `num_beams` 1, ...).
+    fn from_json(value: &serde_json::Value, file: &str) -> Result<GenerationSettings, String> {
+        let known = serde_json::to_value(GenerationSettings {
+            max_new_tokens: Some(0),
+            max_length: Some(0),
+            min_length: Some(0),
+            min_new_tokens: Some(0),
+            num_beams: Some(0),
+            num_return_sequences: Some(0),
+            length_penalty: Some(0.0),
+            early_stopping: Some(EarlyStoppingSetting::Bool(false)),
+            do_sample: Some(false),
+            repetition_penalty: Some(0.0),
+            no_repeat_ngram_size: Some(0),
+            bad_words_ids: Some(Vec::new()),
+            forced_bos_token_id: Some(0),
+            forced_eos_token_id: Some(OneOrMany::One(0)),
+            suppress_tokens: Some(Vec::new()),
+            begin_suppress_tokens: Some(Vec::new()),
+            eos_token_id: Some(OneOrMany::One(0)),
+            pad_token_id: Some(0),
+            bos_token_id: Some(0),
+            decoder_start_token_id: Some(0),
+        })
+        .expect("settings serialize");
+        let globals = serde_json::json!({
+            "max_length": 20, "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
+            "length_penalty": 1.0, "early_stopping": false, "do_sample": false,
+            "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+        });
+        let mut kept = serde_json::Map::new();
+        if let Some(object) = value.as_object() {
+            for (k, v) in object {
+                if known.get(k).is_some() && !v.is_null() && globals.get(k) != Some(v) {
+                    kept.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        serde_json::from_value(serde_json::Value::Object(kept)).map_err(|e| format!("{file}: {e}"))
+    }
+}
+
+/// Which pipeline an operator follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pipeline {
+    /// text-generation: decoder-only; the output is the prompt's continuation.
+    TextGeneration { return_full_text: bool },
+    /// summarization.
+    Summarization,
+    /// translation (`task_specific_params` key `translation_*`).
+    Translation,
+}
+
+impl Pipeline {
+    /// The pipeline's own defaults (`_default_generation_config`), less sampling.
+    fn defaults(self) -> GenerationSettings {
+        match self {
+            Pipeline::TextGeneration { .. } => GenerationSettings {
+                max_new_tokens: Some(256),
+                ..Default::default()
+            },
+            Pipeline::Summarization | Pipeline::Translation => GenerationSettings {
+                max_new_tokens: Some(256),
+                num_beams: Some(4),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// Options every generation operator takes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationOptions {
+    /// Generation settings over the model's and the pipeline's (see `GenerationSettings`).
+    #[serde(default)]
+    pub generation: GenerationSettings,
+    /// Text put before every input (default: `config.json`'s `prefix` or the task's, e.g. T5's
+    /// "summarize: ").
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// generate only: the prompt followed by its continuation (default), or the continuation
+    /// alone.
+    #[serde(default)]
+    pub return_full_text: Option<bool>,
+    /// translate only: the target language's token (e.g. "fra_Latn", "__fr__"), forced as the
+    /// first generated token, as multilingual models (NLLB, M2M100, mBART) need.
+    #[serde(default)]
+    pub tgt_lang: Option<String>,
+    /// Output `Struct<text, tokens: Int32, finish_reason: Utf8>` instead of the text.
+    #[serde(default)]
+    pub details: bool,
+    /// Model files, by default as optimum names them: `model.onnx` (decoder-only), or
+    /// `encoder_model.onnx` with `decoder_model_merged.onnx`, or `decoder_model.onnx` and
+    /// `decoder_with_past_model.onnx`, or `decoder_model.onnx` alone (no cache).
+    #[serde(default)]
+    pub encoder: Option<String>,
+    #[serde(default)]
+    pub decoder: Option<String>,
+    #[serde(default)]
+    pub decoder_with_past: Option<String>,
+}
+
+fn read_json(path: &std::path::Path) -> Result<Option<serde_json::Value>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The model files an operator opens: (role, file name).
+pub fn model_files(
+    dir: &std::path::Path,
+    options: &GenerationOptions,
+    manifest_file: &str,
+) -> Result<Vec<(&'static str, String)>, OpError> {
+    let exists = |f: &str| dir.join(f).is_file();
+    let encoder = options
+        .encoder
+        .clone()
+        .or_else(|| exists("encoder_model.onnx").then(|| "encoder_model.onnx".to_string()));
+    let Some(encoder) = encoder else {
+        // Decoder-only.
+        let file = options.decoder.clone().unwrap_or(manifest_file.to_string());
+        return Ok(vec![("decoder", file)]);
+    };
+    let mut files = vec![("encoder", encoder)];
+    match (&options.decoder, &options.decoder_with_past) {
+        (Some(d), Some(p)) => {
+            files.push(("decoder", d.clone()));
+            files.push(("decoder_with_past", p.clone()));
+        }
+        (Some(d), None) => files.push(("decoder", d.clone())),
+        (None, p) => {
+            if p.is_none() && exists("decoder_model_merged.onnx") {
+                files.push(("decoder", "decoder_model_merged.onnx".into()));
+            } else if exists("decoder_model.onnx") {
+                files.push(("decoder", "decoder_model.onnx".into()));
+                if let Some(p) = p.clone().or_else(|| {
+                    exists("decoder_with_past_model.onnx")
+                        .then(|| "decoder_with_past_model.onnx".to_string())
+                }) {
+                    files.push(("decoder_with_past", p));
+                }
+            } else {
+                return Err(OpError::Model(format!(
+                    "{}: an encoder-decoder model needs `decoder_model_merged.onnx` or `decoder_model.onnx` beside `{}` (or set options.decoder)",
+                    dir.display(),
+                    files[0].1
+                )));
+            }
+        }
+    }
+    for (_, f) in &files {
+        if !exists(f) {
+            return Err(OpError::Model(format!(
+                "{}: the model file `{f}` is missing",
+                dir.display()
+            )));
+        }
+    }
+    Ok(files)
+}
+
+/// The task resolved against its model: what the core runs.
+pub struct GenerationTask {
+    pipeline: Pipeline,
+    model: Model,
+    tokenizer: Tokenizer,
+    /// The search, its `max_new_tokens` set per call.
+    search: Search,
+    max_new_tokens: Option<usize>,
+    max_length: Option<usize>,
+    prefix: String,
+    /// Decoder-only: prompts keep their last `context - max_new` tokens (the pipeline's "hole");
+    /// encoder-decoder: sources keep their first `context` tokens.
+    context: Option<usize>,
+    /// Decoder-only: an empty prompt starts from this token.
+    bos: Option<i64>,
+    /// Encoder-decoder: sources truncated to `context` tokens, special tokens kept.
+    truncating: Option<crate::ops::text::Truncating>,
+    details: bool,
+}
+
+/// One row's prompt, tokenized.
+pub struct Prompt {
+    ids: Vec<i64>,
+    max_new: usize,
+}
+
+/// One generated sequence, decoded.
+pub struct Generated {
+    text: String,
+    tokens: usize,
+    finish: Finish,
+}
+
+impl GenerationTask {
+    pub fn resolve(
+        pipeline: Pipeline,
+        options: &GenerationOptions,
+        dir: &ModelDir,
+        pool: &SessionPool,
+    ) -> Result<Self, OpError> {
+        let err = OpError::Model;
+        let info = |role: &'static str| pool.session(role).map(|s| (role, s));
+        let model = match (info("encoder"), info("decoder"), info("decoder_with_past")) {
+            (Some(enc), Some(dec), past) => {
+                Model::Seq2Seq(Seq2Seq::from_sessions(enc, dec, past).map_err(err)?)
+            }
+            (None, Some((role, dec)), _) => {
+                Model::DecoderOnly(DecoderOnly::from_session(role, dec).map_err(err)?)
+            }
+            _ => return Err(OpError::Model("no decoder model was opened".into())),
+        };
+        let seq2seq = matches!(model, Model::Seq2Seq(_));
+        match (pipeline, seq2seq) {
+            (Pipeline::TextGeneration { .. }, true) => {
+                return Err(OpError::Model(format!(
+                    "{}: generate runs decoder-only models; this is an encoder-decoder export (use summarize or translate)",
+                    dir.dir.display()
+                )));
+            }
+            (Pipeline::Translation, false) => {
+                return Err(OpError::Model(format!(
+                    "{}: translate runs encoder-decoder models (encoder_model.onnx + decoder); this is a decoder-only export",
+                    dir.dir.display()
+                )));
+            }
+            _ => {}
+        }
+        let tokenizer = dir.tokenizer("generation")?;
+        let config = read_json(&dir.dir.join("config.json"))
+            .map_err(err)?
+            .unwrap_or_default();
+        let from_config = GenerationSettings::from_json(&config, "config.json").map_err(err)?;
+        let from_file = match read_json(&dir.dir.join("generation_config.json")).map_err(err)? {
+            Some(v) => GenerationSettings::from_json(&v, "generation_config.json").map_err(err)?,
+            None => GenerationSettings::default(),
+        };
+        let model_settings = from_file.or(from_config);
+        // The pipeline's defaults beat the model's; a model `max_length` (not 20) turns off the
+        // default `max_new_tokens`.
+        let mut defaults = pipeline.defaults();
+        if model_settings.max_length.is_some() {
+            defaults.max_new_tokens = None;
+        }
+        let mut settings = defaults.or(model_settings);
+        // task_specific_params, and their prefix.
+        let task_key = |params: &serde_json::Map<String, serde_json::Value>| -> Option<String> {
+            match pipeline {
+                Pipeline::Summarization => params
+                    .contains_key("summarization")
+                    .then(|| "summarization".into()),
+                Pipeline::Translation => params
+                    .keys()
+                    .find(|k| k.starts_with("translation"))
+                    .cloned(),
+                Pipeline::TextGeneration { .. } => params
+                    .contains_key("text-generation")
+                    .then(|| "text-generation".into()),
+            }
+        };
+        let mut prefix = config["prefix"].as_str().map(str::to_string);
+        if let Some(params) = config["task_specific_params"].as_object()
+            && let Some(key) = task_key(params)
+        {
+            let task = &params[&key];
+            let task_settings =
+                GenerationSettings::from_json(task, "config.json task_specific_params")
+                    .map_err(err)?;
+            settings = task_settings.or(settings);
+            if let Some(p) = task["prefix"].as_str() {
+                prefix = Some(p.to_string());
+            }
+        }
+        if options.generation.do_sample == Some(true) {
+            return Err(OpError::Options(
+                "do_sample: sampling is not implemented yet; ferry runs greedy or beam search (num_beams)".into(),
+            ));
+        }
+        if settings.do_sample == Some(true) {
+            tracing::warn!(model = %dir.dir.display(), "the model's generation config samples; ferry searches deterministically (greedy or beam)");
+        }
+        let mut settings = options.generation.clone().or(settings);
+        if options.return_full_text.is_some()
+            && !matches!(pipeline, Pipeline::TextGeneration { .. })
+        {
+            return Err(OpError::Options(
+                "return_full_text is an option of generate".into(),
+            ));
+        }
+        if let Some(lang) = &options.tgt_lang {
+            if pipeline != Pipeline::Translation {
+                return Err(OpError::Options(
+                    "tgt_lang is an option of translate".into(),
+                ));
+            }
+            let id = tokenizer.token_to_id(lang).ok_or_else(|| {
+                OpError::Options(format!(
+                    "tgt_lang {lang:?} is not a token of the model's tokenizer (multilingual models name languages by tokens such as \"fra_Latn\" or \"__fr__\")"
+                ))
+            })?;
+            settings.forced_bos_token_id = Some(i64::from(id));
+        }
+        let eos = settings
+            .eos_token_id
+            .as_ref()
+            .map(OneOrMany::ids)
+            .unwrap_or_default();
+        let pad = settings
+            .pad_token_id
+            .or_else(|| dir.pad_id(&tokenizer).ok().map(i64::from))
+            .or(eos.first().copied())
+            .unwrap_or(0);
+        let early_stopping = match &settings.early_stopping {
+            None | Some(EarlyStoppingSetting::Bool(false)) => EarlyStopping::Heuristic,
+            Some(EarlyStoppingSetting::Bool(true)) => EarlyStopping::Done,
+            Some(EarlyStoppingSetting::Never(s)) if s == "never" => EarlyStopping::Never,
+            Some(EarlyStoppingSetting::Never(s)) => {
+                return Err(OpError::Options(format!(
+                    "early_stopping is true, false or \"never\", not {s:?}"
+                )));
+            }
+        };
+        let decoder_start = settings.decoder_start_token_id.or(settings.bos_token_id);
+        if seq2seq && decoder_start.is_none() {
+            return Err(OpError::Model(format!(
+                "{}: neither generation_config.json nor config.json sets decoder_start_token_id",
+                dir.dir.display()
+            )));
+        }
+        let search = Search {
+            num_beams: settings.num_beams.unwrap_or(1),
+            num_return_sequences: settings.num_return_sequences.unwrap_or(1),
+            length_penalty: settings.length_penalty.unwrap_or(1.0),
+            early_stopping,
+            max_new_tokens: 0,
+            eos_token_ids: eos,
+            pad_token_id: pad,
+            decoder_start_token_id: decoder_start.unwrap_or(0),
+            processors: Processors {
+                repetition_penalty: settings.repetition_penalty,
+                no_repeat_ngram_size: settings.no_repeat_ngram_size,
+                bad_words_ids: settings.bad_words_ids.clone().unwrap_or_default(),
+                min_length: settings.min_length,
+                min_new_tokens: settings.min_new_tokens,
+                forced_bos_token_id: settings.forced_bos_token_id,
+                forced_eos_token_ids: settings
+                    .forced_eos_token_id
+                    .as_ref()
+                    .map(OneOrMany::ids)
+                    .unwrap_or_default(),
+                suppress_tokens: settings.suppress_tokens.clone().unwrap_or_default(),
+                begin_suppress_tokens: settings.begin_suppress_tokens.clone().unwrap_or_default(),
+            },
+        };
+        search.check().map_err(OpError::Options)?;
+        if settings.max_new_tokens.is_none() && settings.max_length.is_none() {
+            return Err(OpError::Options("set generation.max_new_tokens".into()));
+        }
+        let context = config["n_positions"]
+            .as_u64()
+            .or(config["max_position_embeddings"].as_u64())
+            .map(|n| n as usize)
+            .or_else(|| dir.max_length().ok().filter(|_| seq2seq));
+        let truncating = match (seq2seq, context) {
+            (true, Some(max_length)) => Some(crate::ops::text::Truncating::new(
+                &tokenizer,
+                tokenizers::TruncationParams {
+                    max_length,
+                    ..Default::default()
+                },
+            )?),
+            _ => None,
+        };
+        Ok(GenerationTask {
+            truncating,
+            pipeline,
+            model,
+            tokenizer,
+            search,
+            max_new_tokens: settings.max_new_tokens,
+            max_length: settings.max_length,
+            prefix: options.prefix.clone().or(prefix).unwrap_or_default(),
+            context,
+            bos: settings.bos_token_id,
+            details: options.details,
+        })
+    }
+
+    fn decode(&self, ids: &[i64]) -> Result<String, String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.tokenizer.decode(&ids, true).map_err(|e| e.to_string())
+    }
+
+    fn text_type(&self) -> DataType {
+        if self.details {
+            DataType::Struct(Self::detail_fields())
+        } else {
+            DataType::Utf8
+        }
+    }
+
+    fn detail_fields() -> Fields {
+        Fields::from(vec![
+            Field::new("text", DataType::Utf8, true),
+            Field::new("tokens", DataType::Int32, true),
+            Field::new("finish_reason", DataType::Utf8, true),
+        ])
+    }
+}
+
+/// Python's `clean_up_tokenization` (`clean_up_tokenization_spaces=True`).
+pub fn clean_up_tokenization(s: &str) -> String {
+    s.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
+}
+
+impl Task for GenerationTask {
+    type Input = String;
+    type Item = Prompt;
+    /// The prompt's ids as generated from, and the hypotheses.
+    type Out = (Vec<i64>, Vec<Hypothesis>);
+    type Row = Vec<Generated>;
+
+    fn output_type(&self) -> DataType {
+        let one = self.text_type();
+        if self.search.num_return_sequences > 1 {
+            DataType::List(Arc::new(Field::new("item", one, true)))
+        } else {
+            one
+        }
+    }
+
+    fn read(&self, args: &[ArgColumn<'_>], errors: &RowErrors) -> Result<Vec<Option<String>>> {
+        read_texts(args[0].field, args[0].array, errors)
+    }
+
+    fn prepare(&self, input: &String) -> Result<Vec<Prompt>, String> {
+        let text = format!("{}{input}", self.prefix);
+        let encoding = match &self.truncating {
+            Some(t) => t
+                .encode(&crate::ops::text::TextInput::One(text), false)?
+                .remove(0),
+            None => self
+                .tokenizer
+                .encode(text.as_str(), true)
+                .map_err(|e| e.to_string())?,
+        };
+        let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
+        let seq2seq = matches!(self.model, Model::Seq2Seq(_));
+        if ids.is_empty() {
+            match (seq2seq, self.bos) {
+                (false, Some(bos)) => ids.push(bos),
+                _ => return Err("the input has no tokens".into()),
+            }
+        }
+        let max_new = |prefix: usize| match (self.max_new_tokens, self.max_length) {
+            (Some(n), _) => n,
+            (None, Some(l)) => l.saturating_sub(prefix),
+            (None, None) => 0,
+        };
+        let max_new = if seq2seq {
+            max_new(1)
+        } else {
+            let max_new = max_new(ids.len());
+            if let Some(c) = self.context {
+                let keep = c.saturating_sub(max_new);
+                if keep == 0 {
+                    return Err(format!(
+                        "max_new_tokens {max_new} leaves no room for the prompt in the model's {c} positions"
+                    ));
+                }
+                if ids.len() > keep {
+                    ids.drain(..ids.len() - keep);
+                }
+            }
+            max_new
+        };
+        Ok(vec![Prompt { ids, max_new }])
+    }
+
+    fn cost(&self, item: &Prompt) -> usize {
+        // The cache holds prompt and new tokens, for every beam.
+        (item.ids.len() + item.max_new) * self.search.num_beams
+    }
+
+    fn batch_key(&self, item: &Prompt) -> u64 {
+        item.max_new as u64
+    }
+
+    fn feed(&self, _items: &[&Prompt]) -> Result<Vec<Input>, String> {
+        Err("generation runs a loop of model calls, not one call".into())
+    }
+
+    fn run(&self, worker: &mut Worker, items: &[&Prompt]) -> Result<Vec<Self::Out>, String> {
+        let Some(first) = items.first() else {
+            return Ok(Vec::new());
+        };
+        let search = Search {
+            max_new_tokens: first.max_new,
+            ..self.search.clone()
+        };
+        let prompts: Vec<Vec<i64>> = items.iter().map(|p| p.ids.clone()).collect();
+        let results = generate(worker, &self.model, &prompts, &search)?;
+        Ok(prompts.into_iter().zip(results).collect())
+    }
+
+    fn finish(&self, input: &String, mut outs: Vec<Self::Out>) -> Result<Vec<Generated>, String> {
+        let (prompt, hyps) = outs.pop().ok_or("no result")?;
+        hyps.into_iter()
+            .map(|h| {
+                let text = match self.pipeline {
+                    Pipeline::TextGeneration { return_full_text } => {
+                        // The pipeline decodes prompt + continuation and strips the prompt by
+                        // its decoded length in characters.
+                        let mut all = prompt.clone();
+                        all.extend(&h.tokens);
+                        let full = clean_up_tokenization(&self.decode(&all)?);
+                        let cut = clean_up_tokenization(&self.decode(&prompt)?)
+                            .chars()
+                            .count();
+                        let new: String = full.chars().skip(cut).collect();
+                        if return_full_text {
+                            format!("{input}{new}")
+                        } else {
+                            new
+                        }
+                    }
+                    _ => self.decode(&h.tokens)?,
+                };
+                Ok(Generated {
+                    text,
+                    tokens: h.tokens.len(),
+                    finish: h.finish,
+                })
+            })
+            .collect()
+    }
+
+    fn to_array(&self, rows: Vec<Option<Vec<Generated>>>) -> Result<ArrayRef> {
+        let list = self.search.num_return_sequences > 1;
+        if self.details {
+            let fields = Self::detail_fields();
+            let new_struct = || {
+                StructBuilder::new(
+                    fields.clone(),
+                    vec![
+                        Box::new(StringBuilder::new()),
+                        Box::new(Int32Builder::new()),
+                        Box::new(StringBuilder::new()),
+                    ],
+                )
+            };
+            let append = |b: &mut StructBuilder, g: Option<&Generated>| {
+                b.field_builder::<StringBuilder>(0)
+                    .expect("text")
+                    .append_option(g.map(|g| &g.text));
+                b.field_builder::<Int32Builder>(1)
+                    .expect("tokens")
+                    .append_option(g.map(|g| g.tokens as i32));
+                b.field_builder::<StringBuilder>(2)
+                    .expect("finish_reason")
+                    .append_option(g.map(|g| g.finish.as_str()));
+                b.append(g.is_some());
+            };
+            if list {
+                let mut b = ListBuilder::new(new_struct());
+                for row in &rows {
+                    match row {
+                        Some(gs) => {
+                            for g in gs {
+                                append(b.values(), Some(g));
+                            }
+                            b.append(true);
+                        }
+                        None => b.append(false),
+                    }
+                }
+                Ok(Arc::new(b.finish()))
+            } else {
+                let mut b = new_struct();
+                for row in &rows {
+                    append(&mut b, row.as_ref().and_then(|r| r.first()));
+                }
+                Ok(Arc::new(b.finish()))
+            }
+        } else if list {
+            let mut b = ListBuilder::new(StringBuilder::new());
+            for row in &rows {
+                match row {
+                    Some(gs) => {
+                        for g in gs {
+                            b.values().append_value(&g.text);
+                        }
+                        b.append(true);
+                    }
+                    None => b.append(false),
+                }
+            }
+            Ok(Arc::new(b.finish()))
+        } else {
+            let mut b = StringBuilder::new();
+            for row in &rows {
+                b.append_option(row.as_ref().and_then(|r| r.first()).map(|g| &g.text));
+            }
+            Ok(Arc::new(b.finish()))
+        }
+    }
+}
