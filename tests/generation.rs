@@ -534,3 +534,88 @@ async fn generation_operators_refuse_bad_settings_and_keep_nulls() {
     assert!(d.is_valid(2), "an empty prompt starts from BOS");
     assert_eq!(n.value(0), "", "max_new_tokens 0 generates nothing");
 }
+
+/// The real SmolLM2-135M-Instruct (built by `make_fixtures.py smollm2` from PyPI's GGUF into
+/// models/smollm2; skipped when absent): the chat template renders transformers' prompt ids,
+/// greedy decoding gives transformers' tokens on every golden prompt, and the `generate`
+/// operator's reply is transformers' decoded text.
+#[tokio::test]
+async fn smollm2_chat_matches_transformers_when_built() {
+    let dir = root().join("models/smollm2");
+    if !dir.join("model.onnx").is_file() {
+        eprintln!("models/smollm2 is not built (tests/fixtures/make_fixtures.py smollm2): skipped");
+        return;
+    }
+    let g = json(&root().join("tests/fixtures/golden/smollm2.json"));
+    let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
+    let rows = g["rows"].as_array().unwrap();
+    assert!(rows.len() >= 20);
+    let chat = ferry::ops::generation::chat::ChatTemplate::from_dir(&dir)
+        .unwrap()
+        .unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    for row in rows {
+        let rendered = chat
+            .render(&[("user", row["prompt"].as_str().unwrap())], true)
+            .unwrap();
+        let got: Vec<i64> = tokenizer
+            .encode(rendered.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
+        assert_eq!(
+            got,
+            ids(&row["input_ids"]),
+            "prompt ids of {:?}",
+            row["prompt"]
+        );
+    }
+
+    let (pool, model) = open(&dir, Export::DecoderOnly);
+    let search = search_for(&dir, &serde_json::json!({"num_beams": 1}), max_new);
+    let prompts: Vec<Vec<i64>> = rows.iter().map(|r| ids(&r["input_ids"])).collect();
+    let got = pool
+        .run(move |w| generate(w, &model, &prompts, &search))
+        .await
+        .unwrap()
+        .unwrap();
+    for (row, hyps) in rows.iter().zip(&got) {
+        assert_eq!(
+            hyps[0].tokens,
+            ids(&row["tokens"]),
+            "tokens for {:?}",
+            row["prompt"]
+        );
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("smollm2.yaml"),
+        format!(
+            "name: smollm2\ntask: generate\nmodel: {}\nbatch_size: 8\noptions:\n  chat: true\n  generation: {{max_new_tokens: {max_new}}}\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let mut ops = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+    let ctx = ferry::engine::session_context();
+    ctx.register_udf(ops.get("smollm2").unwrap().udf.clone());
+    let prompts: Vec<Option<&str>> = rows.iter().map(|r| r["prompt"].as_str()).collect();
+    crate::util::register_texts(&ctx, &prompts);
+    let batches = crate::util::sql(&ctx, "SELECT smollm2(text) FROM t ORDER BY id").await;
+    use ferry::datafusion::arrow::array::AsArray;
+    let texts: Vec<&str> = batches
+        .iter()
+        .flat_map(|b| b.column(0).as_string::<i32>().iter().map(Option::unwrap))
+        .collect();
+    for (row, text) in rows.iter().zip(texts) {
+        assert_eq!(
+            text,
+            row["text"].as_str().unwrap(),
+            "reply to {:?}",
+            row["prompt"]
+        );
+    }
+}

@@ -7,6 +7,7 @@
 //!
 //! The generation operators (`generate`, `summarize`, `translate`) build on this.
 
+pub mod chat;
 pub mod logits;
 pub mod model;
 pub mod search;

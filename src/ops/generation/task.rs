@@ -231,6 +231,15 @@ pub struct GenerationOptions {
     /// first generated token, as multilingual models (NLLB, M2M100, mBART) need.
     #[serde(default)]
     pub tgt_lang: Option<String>,
+    /// Each input becomes a user message rendered with the model's chat template
+    /// (`chat_template.jinja` or tokenizer_config.json's `chat_template`), the assistant's turn
+    /// opened; the output is the reply. For instruct models.
+    #[serde(default)]
+    pub chat: bool,
+    /// Each input is put into this text at `{text}` first, e.g. "Summarize in one sentence:
+    /// {text}" (with `chat`, lets `summarize` run an instruct decoder-only model).
+    #[serde(default)]
+    pub template: Option<String>,
     /// Output `Struct<text, tokens: Int32, finish_reason: Utf8>` instead of the text.
     #[serde(default)]
     pub details: bool,
@@ -324,6 +333,8 @@ pub struct GenerationTask {
     context: Option<usize>,
     /// Decoder-only: an empty prompt starts from this token.
     bos: Option<i64>,
+    chat: Option<super::chat::ChatTemplate>,
+    template: Option<String>,
     /// Encoder-decoder: sources truncated to `context` tokens, special tokens kept.
     truncating: Option<crate::ops::text::Truncating>,
     details: bool,
@@ -521,7 +532,32 @@ impl GenerationTask {
             )?),
             _ => None,
         };
+        let chat = if options.chat {
+            if seq2seq {
+                return Err(OpError::Options(
+                    "chat: chat templates are for decoder-only instruct models".into(),
+                ));
+            }
+            let template = super::chat::ChatTemplate::from_dir(&dir.dir).map_err(err)?;
+            Some(template.ok_or_else(|| {
+                OpError::Options(format!(
+                    "chat: {} has no chat template (chat_template.jinja or tokenizer_config.json's chat_template)",
+                    dir.dir.display()
+                ))
+            })?)
+        } else {
+            None
+        };
+        if let Some(t) = &options.template
+            && !t.contains("{text}")
+        {
+            return Err(OpError::Options(format!(
+                "template {t:?} has no {{text}} for the input"
+            )));
+        }
         Ok(GenerationTask {
+            chat,
+            template: options.template.clone(),
             truncating,
             pipeline,
             model,
@@ -593,15 +629,27 @@ impl Task for GenerationTask {
     }
 
     fn prepare(&self, input: &String) -> Result<Vec<Prompt>, String> {
-        let text = format!("{}{input}", self.prefix);
-        let encoding = match &self.truncating {
-            Some(t) => t
-                .encode(&crate::ops::text::TextInput::One(text), false)?
-                .remove(0),
-            None => self
-                .tokenizer
-                .encode(text.as_str(), true)
-                .map_err(|e| e.to_string())?,
+        let input = match &self.template {
+            Some(t) => t.replace("{text}", input),
+            None => input.clone(),
+        };
+        let encoding = if let Some(chat) = &self.chat {
+            // As apply_chat_template: the rendered text holds its own special tokens.
+            let rendered = chat.render(&[("user", &input)], true)?;
+            self.tokenizer
+                .encode(rendered.as_str(), false)
+                .map_err(|e| e.to_string())?
+        } else {
+            let text = format!("{}{input}", self.prefix);
+            match &self.truncating {
+                Some(t) => t
+                    .encode(&crate::ops::text::TextInput::One(text), false)?
+                    .remove(0),
+                None => self
+                    .tokenizer
+                    .encode(text.as_str(), true)
+                    .map_err(|e| e.to_string())?,
+            }
         };
         let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
         let seq2seq = matches!(self.model, Model::Seq2Seq(_));
@@ -677,7 +725,7 @@ impl Task for GenerationTask {
                             .chars()
                             .count();
                         let new: String = full.chars().skip(cut).collect();
-                        if return_full_text {
+                        if return_full_text && self.chat.is_none() {
                             format!("{input}{new}")
                         } else {
                             new
