@@ -130,6 +130,7 @@ fn search_for(dir: &Path, settings: &Value, max_new_tokens: usize) -> Search {
             ..Default::default()
         },
         eos_token_ids: eos,
+        sampling: None,
     }
 }
 
@@ -452,10 +453,10 @@ async fn generation_operators_refuse_bad_settings_and_keep_nulls() {
         "{}",
     );
     manifest(
-        "sampling",
+        "beam_sampling",
         "generate",
         "tiny-gpt2-gen",
-        "{generation: {do_sample: true}}",
+        "{generation: {do_sample: true, num_beams: 2}}",
     );
     manifest(
         "too_many",
@@ -485,7 +486,7 @@ async fn generation_operators_refuse_bad_settings_and_keep_nulls() {
     for (name, says) in [
         ("seq2seq_as_generate", "summarize or translate"),
         ("decoder_only_as_translate", "decoder-only"),
-        ("sampling", "sampling is not implemented"),
+        ("beam_sampling", "sampling runs with num_beams 1"),
         ("too_many", "num_return_sequences"),
         ("no_decoder", "missing.onnx"),
         ("bad_lang", "klingon"),
@@ -618,4 +619,68 @@ async fn smollm2_chat_matches_transformers_when_built() {
             row["prompt"]
         );
     }
+}
+
+/// Sampling is seeded per row: the same run twice, and the same rows in batches of 1 or 8, give
+/// the same texts; another seed or greedy search give others.
+#[tokio::test]
+async fn sampling_is_reproducible_and_independent_of_batches() {
+    use ferry::datafusion::arrow::array::AsArray;
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, batch, extra) in [
+        (
+            "sample_a",
+            8,
+            "do_sample: true, seed: 7, top_k: 20, top_p: 0.9, temperature: 0.8",
+        ),
+        (
+            "sample_b",
+            1,
+            "do_sample: true, seed: 7, top_k: 20, top_p: 0.9, temperature: 0.8",
+        ),
+        (
+            "sample_c",
+            8,
+            "do_sample: true, seed: 8, top_k: 20, top_p: 0.9, temperature: 0.8",
+        ),
+        ("greedy", 8, "do_sample: false"),
+    ] {
+        std::fs::write(
+            tmp.path().join(format!("{name}.yaml")),
+            format!(
+                "name: {name}\ntask: generate\nmodel: {}\nbatch_size: {batch}\noptions: {{return_full_text: false, generation: {{max_new_tokens: 8, {extra}}}}}\n",
+                model_dir("tiny-llama-gen").display()
+            ),
+        )
+        .unwrap();
+    }
+    let mut ops = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+    let ctx = ferry::engine::session_context();
+    for name in ["sample_a", "sample_b", "sample_c", "greedy"] {
+        ctx.register_udf(ops.get(name).unwrap().udf.clone());
+    }
+    let prompts: Vec<String> = (0..12)
+        .map(|i| format!("prompt number {i} is {}", "long ".repeat(i)))
+        .collect();
+    let refs: Vec<Option<&str>> = prompts.iter().map(|p| Some(p.as_str())).collect();
+    crate::util::register_texts(&ctx, &refs);
+    let q = "SELECT sample_a(text), sample_b(text), sample_c(text), greedy(text), sample_a(text) AS again FROM t ORDER BY id";
+    let batches = crate::util::sql(&ctx, q).await;
+    let col = |i: usize| -> Vec<String> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                b.column(i)
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|v| v.unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (a, b, c, greedy, again) = (col(0), col(1), col(2), col(3), col(4));
+    assert_eq!(a, again, "the same run twice");
+    assert_eq!(a, b, "batches of 8 and of 1");
+    assert_ne!(a, c, "another seed");
+    assert_ne!(a, greedy, "sampling is not greedy");
 }

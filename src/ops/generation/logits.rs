@@ -133,6 +133,99 @@ impl Processors {
     }
 }
 
+/// Sampling's warpers, as transformers applies them after the processors (temperature, then
+/// top-k, top-p and min-p), and the seed of each row's random numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1.0 = off.
+    pub top_p: f32,
+    pub min_p: Option<f32>,
+    /// Each row draws from its own generator, seeded with this and the row's prompt: a run is
+    /// reproducible and a row's result does not depend on its batch.
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// Warps one sequence's processed scores into probabilities.
+    pub fn probabilities(&self, scores: &mut [f32]) {
+        if self.temperature != 1.0 {
+            for s in scores.iter_mut() {
+                *s /= self.temperature;
+            }
+        }
+        if self.top_k > 0 && self.top_k < scores.len() {
+            let kth = scores[*top_k(scores, self.top_k).last().expect("k > 0")];
+            for s in scores.iter_mut() {
+                if *s < kth {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if self.top_p < 1.0 {
+            // transformers: sort ascending, drop the tokens whose cumulative probability is at
+            // most 1 - top_p, keeping at least one.
+            let mut probs = scores.to_vec();
+            softmax(&mut probs);
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+            let mut cumulative = 0.0f32;
+            for (rank, &i) in order.iter().enumerate() {
+                cumulative += probs[i];
+                if cumulative <= 1.0 - self.top_p && rank + 1 < order.len() {
+                    scores[i] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if let Some(min_p) = self.min_p {
+            let mut probs = scores.to_vec();
+            softmax(&mut probs);
+            let top = probs.iter().copied().fold(0.0, f32::max);
+            let keep = crate::ops::argmax(&probs);
+            for (i, (s, p)) in scores.iter_mut().zip(&probs).enumerate() {
+                if *p < min_p * top && i != keep {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+        }
+        softmax(scores);
+    }
+}
+
+/// Draws an index from probabilities with a uniform number in [0, 1).
+pub fn draw(probs: &[f32], uniform: f32) -> usize {
+    let mut cumulative = 0.0f32;
+    let mut last = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            cumulative += p;
+            last = i;
+            if uniform < cumulative {
+                return i;
+            }
+        }
+    }
+    last
+}
+
+/// softmax in f32.
+pub fn softmax(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return;
+    }
+    let mut sum = 0.0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    for s in scores.iter_mut() {
+        *s /= sum;
+    }
+}
+
 /// `log_softmax` in f32, as torch computes it: `x - max - log(sum(exp(x - max)))`.
 pub fn log_softmax(scores: &mut [f32]) {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -205,6 +298,30 @@ mod tests {
         let mut s = vec![0.5; 4];
         p.apply(&at(&[0, 1], 1), &mut s);
         assert_eq!(s[2], f32::NEG_INFINITY, "EOS banned before min_new_tokens");
+    }
+
+    #[test]
+    fn warpers_keep_what_transformers_keeps() {
+        let warp = |top_k, top_p, min_p| {
+            let mut s = vec![3.0f32, 2.0, 1.0, 0.0];
+            Sampling {
+                temperature: 1.0,
+                top_k,
+                top_p,
+                min_p,
+                seed: 0,
+            }
+            .probabilities(&mut s);
+            s.iter().map(|&p| p > 0.0).collect::<Vec<_>>()
+        };
+        assert_eq!(warp(2, 1.0, None), [true, true, false, false]);
+        // probabilities ≈ .64 .24 .09 .03: top_p .8 keeps the first two.
+        assert_eq!(warp(0, 0.8, None), [true, true, false, false]);
+        // min_p .3: tokens under .3 x .64 go.
+        assert_eq!(warp(0, 1.0, Some(0.3)), [true, true, false, false]);
+        assert_eq!(warp(0, 1.0, None), [true; 4]);
+        assert_eq!(draw(&[0.0, 0.5, 0.5], 0.7), 2);
+        assert_eq!(draw(&[0.0, 0.5, 0.5], 0.1), 1);
     }
 
     #[test]

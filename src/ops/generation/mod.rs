@@ -13,6 +13,6 @@ pub mod model;
 pub mod search;
 pub mod task;
 
-pub use logits::Processors;
+pub use logits::{Processors, Sampling};
 pub use model::{DecoderOnly, Model, Seq2Seq};
 pub use search::{EarlyStopping, Finish, Hypothesis, Search, generate};

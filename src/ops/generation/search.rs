@@ -6,7 +6,10 @@
 //! Rows are independent: a row's result never depends on the other rows of its batch, and a
 //! row leaves the batch as soon as it is done.
 
-use super::logits::{Position, Processors, log_softmax, top_k};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::logits::{Position, Processors, Sampling, draw, log_softmax, top_k};
 use super::model::{Model, Seq};
 use crate::runtime::pool::Worker;
 
@@ -39,6 +42,8 @@ pub struct Search {
     /// Encoder-decoder models: the decoder's first token.
     pub decoder_start_token_id: i64,
     pub processors: Processors,
+    /// Sample instead of taking the best token (greedy only).
+    pub sampling: Option<Sampling>,
 }
 
 /// Why a sequence ended.
@@ -99,6 +104,9 @@ impl Search {
         if self.num_beams == 0 {
             return Err("num_beams must be at least 1".into());
         }
+        if self.sampling.is_some() && self.num_beams > 1 {
+            return Err("sampling runs with num_beams 1 (beam sampling is not implemented)".into());
+        }
         if self.num_return_sequences == 0 || self.num_return_sequences > self.num_beams {
             return Err(format!(
                 "num_return_sequences ({}) must be between 1 and num_beams ({})",
@@ -156,6 +164,18 @@ fn greedy(
     search: &Search,
 ) -> Result<Vec<Vec<Hypothesis>>, String> {
     let mut out: Vec<Vec<Hypothesis>> = vec![Vec::new(); starts.len()];
+    // Sampling: a generator per row, seeded with the seed and the row's prompt.
+    let mut rngs: Vec<Option<ChaCha8Rng>> = starts
+        .iter()
+        .map(|seq| {
+            search.sampling.as_ref().map(|s| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (s.seed, &seq.ids, seq.prefix).hash(&mut h);
+                ChaCha8Rng::seed_from_u64(h.finish())
+            })
+        })
+        .collect();
     let mut rows: Vec<usize> = (0..starts.len()).collect();
     let mut seqs = starts;
     while !seqs.is_empty() {
@@ -165,7 +185,14 @@ fn greedy(
         for ((row, mut seq), scores) in rows.into_iter().zip(seqs).zip(logits.chunks_exact(vocab)) {
             let mut scores = scores.to_vec();
             search.processors.apply(&search.position(&seq), &mut scores);
-            seq.push(crate::ops::argmax(&scores) as i64);
+            let token = match (&search.sampling, rngs[row].as_mut()) {
+                (Some(sampling), Some(rng)) => {
+                    sampling.probabilities(&mut scores);
+                    draw(&scores, rng.random::<f32>())
+                }
+                _ => crate::ops::argmax(&scores),
+            };
+            seq.push(token as i64);
             match search.finish_of(&seq) {
                 Some(finish) => {
                     out[row] = vec![Hypothesis {

@@ -78,10 +78,28 @@ pub struct GenerationSettings {
     /// true, false or "never".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stopping: Option<EarlyStoppingSetting>,
-    /// Sampling is not implemented yet: `true` in a manifest is refused; a model file's
-    /// `do_sample: true` is ignored with a warning (ferry searches deterministically).
+    /// Sample the next token (greedy search only) instead of taking the best one. ferry's
+    /// pipelines default to false (the text-generation pipeline's default is true): outputs of a
+    /// data pipeline should not change between runs unless asked to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub do_sample: Option<bool>,
+    /// Sampling: scores divided by it (1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Sampling: only the k best tokens (50; 0 = all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// Sampling: only the best tokens whose probabilities add up to top_p (1.0 = all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Sampling: only tokens at least min_p times as likely as the best one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    /// Sampling: each row's generator is seeded with this (0) and the row's prompt, so a run is
+    /// reproducible and a row's text does not depend on its batch. transformers seeds torch's
+    /// global generator instead: sampled texts are not the same as transformers'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,6 +145,11 @@ impl GenerationSettings {
             length_penalty,
             early_stopping,
             do_sample,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed,
             repetition_penalty,
             no_repeat_ngram_size,
             bad_words_ids,
@@ -154,6 +177,11 @@ impl GenerationSettings {
             length_penalty: Some(0.0),
             early_stopping: Some(EarlyStoppingSetting::Bool(false)),
             do_sample: Some(false),
+            temperature: Some(0.0),
+            top_k: Some(0),
+            top_p: Some(0.0),
+            min_p: Some(0.0),
+            seed: Some(0),
             repetition_penalty: Some(0.0),
             no_repeat_ngram_size: Some(0),
             bad_words_ids: Some(Vec::new()),
@@ -170,7 +198,8 @@ impl GenerationSettings {
         let globals = serde_json::json!({
             "max_length": 20, "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
             "length_penalty": 1.0, "early_stopping": false, "do_sample": false,
-            "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+            "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "temperature": 1.0,
+            "top_k": 50, "top_p": 1.0,
         });
         let mut kept = serde_json::Map::new();
         if let Some(object) = value.as_object() {
@@ -196,16 +225,18 @@ pub enum Pipeline {
 }
 
 impl Pipeline {
-    /// The pipeline's own defaults (`_default_generation_config`), less sampling.
+    /// The pipeline's own defaults (`_default_generation_config`), but no sampling unless asked.
     fn defaults(self) -> GenerationSettings {
         match self {
             Pipeline::TextGeneration { .. } => GenerationSettings {
                 max_new_tokens: Some(256),
+                do_sample: Some(false),
                 ..Default::default()
             },
             Pipeline::Summarization | Pipeline::Translation => GenerationSettings {
                 max_new_tokens: Some(256),
                 num_beams: Some(4),
+                do_sample: Some(false),
                 ..Default::default()
             },
         }
@@ -432,14 +463,6 @@ impl GenerationTask {
                 prefix = Some(p.to_string());
             }
         }
-        if options.generation.do_sample == Some(true) {
-            return Err(OpError::Options(
-                "do_sample: sampling is not implemented yet; ferry runs greedy or beam search (num_beams)".into(),
-            ));
-        }
-        if settings.do_sample == Some(true) {
-            tracing::warn!(model = %dir.dir.display(), "the model's generation config samples; ferry searches deterministically (greedy or beam)");
-        }
         let mut settings = options.generation.clone().or(settings);
         if options.return_full_text.is_some()
             && !matches!(pipeline, Pipeline::TextGeneration { .. })
@@ -497,6 +520,13 @@ impl GenerationTask {
             eos_token_ids: eos,
             pad_token_id: pad,
             decoder_start_token_id: decoder_start.unwrap_or(0),
+            sampling: (settings.do_sample == Some(true)).then(|| super::Sampling {
+                temperature: settings.temperature.unwrap_or(1.0),
+                top_k: settings.top_k.unwrap_or(50),
+                top_p: settings.top_p.unwrap_or(1.0),
+                min_p: settings.min_p,
+                seed: settings.seed.unwrap_or(0),
+            }),
             processors: Processors {
                 repetition_penalty: settings.repetition_penalty,
                 no_repeat_ngram_size: settings.no_repeat_ngram_size,
