@@ -201,43 +201,46 @@ pub const TASKS: &[TaskInfo] = &[
         default_max_batch_cost: IMAGE_BATCH_PIXELS,
         batch_rows: Some(IMAGE_BATCH_ROWS),
     },
-    TaskInfo {
-        kind: TaskKind::Generate,
-        name: "generate",
-        hf_task: "text-generation",
-        inputs: "prompt: Utf8 | LargeUtf8 | Utf8View",
-        output: "Utf8; Struct<text: Utf8, tokens: Int32, finish_reason: Utf8> with details; List<...> with num_return_sequences > 1",
-        arity: 1..=1,
-        args: &[ArgKind::Text],
-        cost_unit: "tokens (prompt + new tokens, times beams)",
-        default_max_batch_cost: GENERATION_BATCH_TOKENS,
-        batch_rows: None,
-    },
-    TaskInfo {
-        kind: TaskKind::Summarize,
-        name: "summarize",
-        hf_task: "summarization",
-        inputs: "text: Utf8 | LargeUtf8 | Utf8View",
-        output: "Utf8; Struct<text: Utf8, tokens: Int32, finish_reason: Utf8> with details; List<...> with num_return_sequences > 1",
-        arity: 1..=1,
-        args: &[ArgKind::Text],
-        cost_unit: "tokens (prompt + new tokens, times beams)",
-        default_max_batch_cost: GENERATION_BATCH_TOKENS,
-        batch_rows: None,
-    },
-    TaskInfo {
-        kind: TaskKind::Translate,
-        name: "translate",
-        hf_task: "translation",
-        inputs: "text: Utf8 | LargeUtf8 | Utf8View",
-        output: "Utf8; Struct<text: Utf8, tokens: Int32, finish_reason: Utf8> with details; List<...> with num_return_sequences > 1",
-        arity: 1..=1,
-        args: &[ArgKind::Text],
-        cost_unit: "tokens (prompt + new tokens, times beams)",
-        default_max_batch_cost: GENERATION_BATCH_TOKENS,
-        batch_rows: None,
-    },
+    generation_task(
+        TaskKind::Generate,
+        "generate",
+        "text-generation",
+        "prompt: Utf8 | LargeUtf8 | Utf8View",
+    ),
+    generation_task(
+        TaskKind::Summarize,
+        "summarize",
+        "summarization",
+        "text: Utf8 | LargeUtf8 | Utf8View",
+    ),
+    generation_task(
+        TaskKind::Translate,
+        "translate",
+        "translation",
+        "text: Utf8 | LargeUtf8 | Utf8View",
+    ),
 ];
+
+/// The entry of a generation task: one text argument, the same output and cost for all.
+const fn generation_task(
+    kind: TaskKind,
+    name: &'static str,
+    hf_task: &'static str,
+    inputs: &'static str,
+) -> TaskInfo {
+    TaskInfo {
+        kind,
+        name,
+        hf_task,
+        inputs,
+        output: "Utf8; Struct<text: Utf8, tokens: Int32, finish_reason: Utf8> with details; List<...> with num_return_sequences > 1",
+        arity: 1..=1,
+        args: &[ArgKind::Text],
+        cost_unit: "tokens (prompt + new tokens, times beams)",
+        default_max_batch_cost: GENERATION_BATCH_TOKENS,
+        batch_rows: None,
+    }
+}
 
 /// Default `max_batch_cost` of generation tasks: the tokens a call's KV cache may hold.
 const GENERATION_BATCH_TOKENS: usize = 16384;

@@ -31,11 +31,10 @@ fn token(v: &serde_json::Value) -> String {
 impl ChatTemplate {
     /// The model directory's chat template; None when it has none.
     pub fn from_dir(dir: &Path) -> Result<Option<ChatTemplate>, String> {
-        let config: serde_json::Value = match std::fs::read(dir.join("tokenizer_config.json")) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| format!("{}: {e}", dir.join("tokenizer_config.json").display()))?,
-            Err(_) => serde_json::Value::Null,
-        };
+        let config: serde_json::Value =
+            crate::runtime::model_dir::read_json(&dir.join("tokenizer_config.json"))
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
         let source = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
             Ok(s) => Some(s),
             Err(_) => match &config["chat_template"] {

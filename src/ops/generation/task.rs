@@ -22,6 +22,7 @@ use crate::ops::OpError;
 use crate::ops::core::{ArgColumn, RowErrors, Task};
 use crate::ops::text::read_texts;
 use crate::runtime::ModelDir;
+use crate::runtime::model_dir::read_json;
 use crate::runtime::pool::{SessionPool, Worker};
 use crate::runtime::tensor::Input;
 
@@ -285,16 +286,6 @@ pub struct GenerationOptions {
     pub decoder_with_past: Option<String>,
 }
 
-fn read_json(path: &std::path::Path) -> Result<Option<serde_json::Value>, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
-}
-
 /// The model files an operator opens: (role, file name).
 pub fn model_files(
     dir: &std::path::Path,
@@ -419,14 +410,16 @@ impl GenerationTask {
             _ => {}
         }
         let tokenizer = dir.tokenizer("generation")?;
-        let config = read_json(&dir.dir.join("config.json"))
-            .map_err(err)?
-            .unwrap_or_default();
+        let config: serde_json::Value =
+            read_json(&dir.dir.join("config.json"))?.unwrap_or_default();
         let from_config = GenerationSettings::from_json(&config, "config.json").map_err(err)?;
-        let from_file = match read_json(&dir.dir.join("generation_config.json")).map_err(err)? {
-            Some(v) => GenerationSettings::from_json(&v, "generation_config.json").map_err(err)?,
-            None => GenerationSettings::default(),
-        };
+        let from_file =
+            match read_json::<serde_json::Value>(&dir.dir.join("generation_config.json"))? {
+                Some(v) => {
+                    GenerationSettings::from_json(&v, "generation_config.json").map_err(err)?
+                }
+                None => GenerationSettings::default(),
+            };
         let model_settings = from_file.or(from_config);
         // The pipeline's defaults beat the model's; a model `max_length` (not 20) turns off the
         // default `max_new_tokens`.
@@ -742,6 +735,13 @@ impl Task for GenerationTask {
 
     fn finish(&self, input: &String, mut outs: Vec<Self::Out>) -> Result<Vec<Generated>, String> {
         let (prompt, hyps) = outs.pop().ok_or("no result")?;
+        // The prompt as the pipeline decodes it, to strip from each continuation (generate).
+        let prompt_chars = match self.pipeline {
+            Pipeline::TextGeneration { .. } => clean_up_tokenization(&self.decode(&prompt)?)
+                .chars()
+                .count(),
+            _ => 0,
+        };
         hyps.into_iter()
             .map(|h| {
                 let text = match self.pipeline {
@@ -751,10 +751,7 @@ impl Task for GenerationTask {
                         let mut all = prompt.clone();
                         all.extend(&h.tokens);
                         let full = clean_up_tokenization(&self.decode(&all)?);
-                        let cut = clean_up_tokenization(&self.decode(&prompt)?)
-                            .chars()
-                            .count();
-                        let new: String = full.chars().skip(cut).collect();
+                        let new: String = full.chars().skip(prompt_chars).collect();
                         if return_full_text && self.chat.is_none() {
                             format!("{input}{new}")
                         } else {
