@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use ferry::ops::generation::{
-    DecoderOnly, EarlyStopping, Model, Processors, Search, Seq2Seq, generate,
+    DecoderOnly, EarlyStopping, Limits, Model, Processors, Search, Seq2Seq, generate,
+    generate_within,
 };
 use ferry::runtime::ExecutionProvider;
 use ferry::runtime::pool::{ModelFile, PoolSize, SessionPool};
@@ -131,6 +132,7 @@ fn search_for(dir: &Path, settings: &Value, max_new_tokens: usize) -> Search {
         },
         eos_token_ids: eos,
         sampling: None,
+        stop_strings: None,
     }
 }
 
@@ -154,8 +156,9 @@ fn prompt_ids(dir: &Path, row: &Value, keep: usize) -> Vec<i64> {
     want
 }
 
-/// Runs every golden of `name` with one export, one prompt at a time and all prompts in one
-/// batch, and compares the token ids.
+/// Runs every golden of `name` with one export, one prompt at a time, all prompts in one
+/// batch, and continuously batched (rows joining a running batch as others finish, by rows and
+/// by a cache budget), and compares the token ids.
 async fn check_goldens(name: &str, export: Export, searches: &[&str]) {
     let g = goldens();
     let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
@@ -193,9 +196,30 @@ async fn check_goldens(name: &str, export: Export, searches: &[&str]) {
             .await
             .unwrap()
             .unwrap();
+        let mut continuous = Vec::new();
+        for limits in [
+            Limits {
+                rows: 2,
+                tokens: usize::MAX,
+            },
+            Limits {
+                rows: usize::MAX,
+                tokens: 3 * (24 + max_new) * search.num_beams,
+            },
+        ] {
+            let (m, s, p) = (model.clone(), search.clone(), prompts.clone());
+            continuous.push(
+                pool.run(move |w| generate_within(w, &m, &p, &s, limits))
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
         for (how, results) in [
             ("one prompt at a time", &one_by_one),
             ("in one batch", &batched),
+            ("two rows at a time", &continuous[0]),
+            ("within a cache budget", &continuous[1]),
         ] {
             for (row, hyps) in rows.iter().zip(results) {
                 let want = row[which]["tokens"].as_array().unwrap();
@@ -220,6 +244,109 @@ async fn check_goldens(name: &str, export: Export, searches: &[&str]) {
 }
 
 const ALL: [&str; 3] = ["greedy", "beam2", "beam4"];
+
+/// Rows that end at different steps (extra end tokens taken from the goldens' outputs) give the
+/// same hypotheses one prompt at a time as when batched continuously: finished rows leave,
+/// waiting rows join the running batch (decoder-only: its cache left-padded; encoder-decoder:
+/// as a batch of their own), and cache positions that became padding are dropped.
+async fn check_continuous(name: &str, export: Export, searches: &[&str]) {
+    let g = goldens();
+    let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
+    let dir = model_dir(name);
+    let (pool, model) = open(&dir, export);
+    let seq2seq = matches!(model, Model::Seq2Seq(_));
+    let rows = g["models"][name].as_array().unwrap();
+    let prompts: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| prompt_ids(&dir, r, if seq2seq { usize::MAX } else { 64 - max_new }))
+        .collect();
+    for &which in searches {
+        let mut search = search_for(&dir, &g["searches"][which], max_new);
+        // One more end token: the one of the goldens' greedy outputs that ends most rows at
+        // different steps.
+        let outputs: Vec<Vec<i64>> = rows
+            .iter()
+            .map(|r| ids(&r["greedy"]["tokens"][0])[usize::from(seq2seq)..].to_vec())
+            .collect();
+        let ends = |t: i64| -> std::collections::BTreeSet<usize> {
+            outputs
+                .iter()
+                .map(|o| o.iter().position(|&x| x == t).unwrap_or(max_new))
+                .collect()
+        };
+        let extra = outputs
+            .iter()
+            .flatten()
+            .copied()
+            .max_by_key(|&t| (ends(t).len(), -t))
+            .unwrap();
+        search.eos_token_ids.push(extra);
+        let run = |limits: Option<Limits>| {
+            let (m, s, p) = (model.clone(), search.clone(), prompts.clone());
+            pool.run(move |w| match limits {
+                Some(limits) => generate_within(w, &m, &p, &s, limits),
+                None => p
+                    .iter()
+                    .map(|prompt| {
+                        generate(w, &m, std::slice::from_ref(prompt), &s).map(|mut o| o.remove(0))
+                    })
+                    .collect(),
+            })
+        };
+        let alone = run(None).await.unwrap().unwrap();
+        let lengths: std::collections::BTreeSet<usize> =
+            alone.iter().map(|h| h[0].tokens.len()).collect();
+        assert!(
+            lengths.len() > 1,
+            "{name} {which}: rows should end at different steps ({lengths:?})"
+        );
+        for limits in [
+            Limits {
+                rows: 2,
+                tokens: usize::MAX,
+            },
+            Limits {
+                rows: 3,
+                tokens: usize::MAX,
+            },
+            Limits {
+                rows: usize::MAX,
+                tokens: 2 * (24 + max_new) * search.num_beams,
+            },
+        ] {
+            let got = run(Some(limits)).await.unwrap().unwrap();
+            for ((a, b), row) in alone.iter().zip(&got).zip(rows) {
+                assert_eq!(a.len(), b.len());
+                for (a, b) in a.iter().zip(b) {
+                    assert_eq!(
+                        (&a.tokens, a.finish),
+                        (&b.tokens, b.finish),
+                        "{name} {export:?} {which} {limits:?}, prompt {:?}",
+                        row["prompt"]
+                    );
+                    let close = match (a.score, b.score) {
+                        (Some(x), Some(y)) => (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                        (x, y) => x == y,
+                    };
+                    assert!(close, "{name} {which}: scores {:?} {:?}", a.score, b.score);
+                }
+            }
+        }
+    }
+}
+
+/// Continuous batching changes no row's result: decoder-only (GPT-2, Llama) and
+/// encoder-decoder (T5, split and merged decoders).
+#[tokio::test]
+async fn continuous_batching_gives_each_row_its_own_result() {
+    for name in ["tiny-gpt2-gen", "tiny-llama-gen"] {
+        check_continuous(name, Export::DecoderOnly, &ALL).await;
+    }
+    // The tiny BART and Marian give every prompt the same output, so their rows cannot end at
+    // different steps; T5's do.
+    check_continuous("tiny-t5-gen", Export::Split, &ALL).await;
+    check_continuous("tiny-t5-gen", Export::Merged, &["greedy", "beam4"]).await;
+}
 
 /// GPT-2 and Llama (grouped-query attention) with their KV cache: greedy, 2 beams and 4 beams
 /// (length_penalty 0.6, no_repeat_ngram_size 2, two sequences returned) give transformers'
@@ -605,19 +732,31 @@ async fn smollm2_chat_matches_transformers_when_built() {
     ctx.register_udf(ops.get("smollm2").unwrap().udf.clone());
     let prompts: Vec<Option<&str>> = rows.iter().map(|r| r["prompt"].as_str()).collect();
     crate::util::register_texts(&ctx, &prompts);
-    let batches = crate::util::sql(&ctx, "SELECT smollm2(text) FROM t ORDER BY id").await;
+    // Each prompt as text (chat: true) and as a conversation of one user message.
+    let batches = crate::util::sql(
+        &ctx,
+        "SELECT smollm2(text), smollm2(make_array(named_struct('role', 'user', 'content', text))) FROM t ORDER BY id",
+    )
+    .await;
     use ferry::datafusion::arrow::array::AsArray;
-    let texts: Vec<&str> = batches
-        .iter()
-        .flat_map(|b| b.column(0).as_string::<i32>().iter().map(Option::unwrap))
-        .collect();
-    for (row, text) in rows.iter().zip(texts) {
-        assert_eq!(
-            text,
-            row["text"].as_str().unwrap(),
-            "reply to {:?}",
-            row["prompt"]
-        );
+    for column in 0..2 {
+        let texts: Vec<&str> = batches
+            .iter()
+            .flat_map(|b| {
+                b.column(column)
+                    .as_string::<i32>()
+                    .iter()
+                    .map(Option::unwrap)
+            })
+            .collect();
+        for (row, text) in rows.iter().zip(texts) {
+            assert_eq!(
+                text,
+                row["text"].as_str().unwrap(),
+                "reply to {:?} (column {column})",
+                row["prompt"]
+            );
+        }
     }
 }
 
@@ -683,4 +822,96 @@ async fn sampling_is_reproducible_and_independent_of_batches() {
     assert_eq!(a, b, "batches of 8 and of 1");
     assert_ne!(a, c, "another seed");
     assert_ne!(a, greedy, "sampling is not greedy");
+}
+
+/// Conversations (a list of `{role, content}` per row) are rendered with the model's chat
+/// template and stop strings end rows, as the text-generation pipeline does
+/// (tests/fixtures/generation_extras.py: the tiny GPT-2 with a chat template, over optimum).
+/// A conversation the template cannot take, or a model without a template, is a row error.
+#[tokio::test]
+async fn conversations_and_stop_strings_match_the_pipeline() {
+    use ferry::datafusion::arrow::array::{Array, AsArray};
+    let g: Value = json(&root().join("tests/fixtures/golden/generation_extras.json"));
+    let tmp = tempfile::tempdir().unwrap();
+    // The model with a chat template, and operators over it.
+    let model = tmp.path().join("chatty");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(model_dir("tiny-gpt2-gen")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        g["chat_template"].as_str().unwrap(),
+    )
+    .unwrap();
+    let max_new = &g["max_new_tokens"];
+    let manifest = |name: &str, model: &Path, generation: String| {
+        std::fs::write(
+            tmp.path().join(format!("{name}.yaml")),
+            format!(
+                "name: {name}\ntask: generate\nmodel: {}\noptions:\n  return_full_text: false\n  details: true\n  generation: {{max_new_tokens: {max_new}{generation}}}\n",
+                model.display()
+            ),
+        )
+        .unwrap();
+    };
+    manifest("chat", &model, String::new());
+    manifest("no_template", &model_dir("tiny-gpt2-gen"), String::new());
+    let stops = g["stop_strings"].as_array().unwrap();
+    for (i, s) in stops.iter().enumerate() {
+        manifest(
+            &format!("stop{i}"),
+            &model,
+            format!(", stop_strings: {}", s["stop"]),
+        );
+    }
+    let mut ops = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+    let ctx = ferry::engine::session_context();
+    for name in ["chat", "no_template", "stop0", "stop1", "stop2"] {
+        ctx.register_udf(ops.get(name).unwrap().udf.clone());
+    }
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    for chat in g["chats"].as_array().unwrap() {
+        let messages: Vec<String> = chat["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                format!(
+                    "named_struct('role', {}, 'content', {})",
+                    quote(m["role"].as_str().unwrap()),
+                    quote(m["content"].as_str().unwrap())
+                )
+            })
+            .collect();
+        let query = format!(
+            "SELECT chat(m) AS reply, no_template(m) AS refused FROM (SELECT make_array({}) AS m)",
+            messages.join(", ")
+        );
+        let batches = crate::util::sql(&ctx, &query).await;
+        let reply = batches[0].column(0).as_struct();
+        assert_eq!(
+            reply.column(0).as_string::<i32>().value(0),
+            chat["reply"].as_str().unwrap(),
+            "{:?}",
+            chat["messages"]
+        );
+        assert!(batches[0].column(1).is_null(0), "no chat template: a null");
+    }
+    for (i, s) in stops.iter().enumerate() {
+        crate::util::register_texts(&ctx, &[Some(s["prompt"].as_str().unwrap())]);
+        let batches = crate::util::sql(&ctx, &format!("SELECT stop{i}(text) AS d FROM t")).await;
+        let d = batches[0].column(0).as_struct();
+        let text = d.column(0).as_string::<i32>().value(0);
+        assert_eq!(
+            text,
+            s["text"].as_str().unwrap(),
+            "stop string {}",
+            s["stop"]
+        );
+        let finish = d.column(2).as_string::<i32>().value(0);
+        assert_eq!(finish, "stop");
+        ctx.deregister_table("t").unwrap();
+    }
 }

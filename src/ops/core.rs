@@ -37,6 +37,8 @@ pub enum ArgKind {
     Text,
     /// Encoded image bytes, or a path / `file://` URI to an image file.
     Image,
+    /// A text, or a conversation: a list of `{role, content}` structs (generation).
+    Prompt,
 }
 
 impl ArgKind {
@@ -45,6 +47,9 @@ impl ArgKind {
         match self {
             ArgKind::Text => "text (Utf8, LargeUtf8 or Utf8View)",
             ArgKind::Image => "Binary image bytes or a path string",
+            ArgKind::Prompt => {
+                "text (Utf8, LargeUtf8 or Utf8View) or a list of {role, content} messages"
+            }
         }
     }
 
@@ -57,6 +62,7 @@ impl ArgKind {
         match self {
             // Binary is decoded as UTF-8 row by row; a row that is not UTF-8 is a row error.
             ArgKind::Text | ArgKind::Image => strings || binary,
+            ArgKind::Prompt => strings || binary || is_messages(t),
         }
     }
 
@@ -64,11 +70,30 @@ impl ArgKind {
     fn hint(self) -> &'static str {
         match self {
             ArgKind::Text => "; cast it in a SQL step, e.g. CAST(col AS VARCHAR)",
+            ArgKind::Prompt => {
+                "; pass text, or messages as a list of structs with string fields `role` and `content`"
+            }
             ArgKind::Image => {
                 "; pass encoded image bytes (e.g. the `bytes` column of a `files` source) or file paths"
             }
         }
     }
+}
+
+/// Whether a column type is a conversation: a list of structs with string `role` and `content`.
+pub fn is_messages(t: &DataType) -> bool {
+    use DataType::*;
+    let (List(item) | LargeList(item)) = t else {
+        return false;
+    };
+    let Struct(fields) = item.data_type() else {
+        return false;
+    };
+    ["role", "content"].iter().all(|name| {
+        fields
+            .iter()
+            .any(|f| f.name() == name && matches!(f.data_type(), Utf8 | LargeUtf8 | Utf8View))
+    })
 }
 
 /// Checks the arguments of a call at plan time: their number and each one's type. `columns`
@@ -154,6 +179,25 @@ pub trait Task: Send + Sync + 'static {
 
     /// Runs one call on a worker's sessions: one result per item, in order.
     fn run(&self, worker: &mut Worker, items: &[&Self::Item]) -> Result<Vec<Self::Out>, String>;
+
+    /// Tasks that schedule their own model calls over many items (generation: rows join and
+    /// leave a running batch) return true: each worker then gets one call with its share of a
+    /// key's items, and [`Task::run_within`] keeps inside the operator's limits itself.
+    fn schedules_calls(&self) -> bool {
+        false
+    }
+
+    /// [`Task::run`] for tasks that schedule their calls: at most `limits.items` items and
+    /// `limits.cost` cost in flight at once.
+    fn run_within(
+        &self,
+        worker: &mut Worker,
+        items: &[&Self::Item],
+        limits: CallLimits,
+    ) -> Result<Vec<Self::Out>, String> {
+        let _ = limits;
+        self.run(worker, items)
+    }
 
     /// Combines one row's item results, in item order.
     fn finish(&self, input: &Self::Input, outs: Vec<Self::Out>) -> Result<Self::Row, String>;
@@ -271,6 +315,30 @@ impl Lineage {
     }
 }
 
+/// An operator's `batch_size` and `max_batch_cost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallLimits {
+    pub items: usize,
+    pub cost: usize,
+}
+
+/// Items, sorted by (key, cost), dealt into one call per key and worker (for tasks that
+/// schedule their own calls).
+pub fn plan_shared(keys: &[(u64, usize)], workers: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    order.sort_by_key(|&i| keys[i]);
+    let mut calls: Vec<Vec<usize>> = Vec::new();
+    for group in order.chunk_by(|&a, &b| keys[a].0 == keys[b].0) {
+        let n = workers.clamp(1, group.len());
+        let mut dealt = vec![Vec::new(); n];
+        for (k, &i) in group.iter().enumerate() {
+            dealt[k % n].push(i);
+        }
+        calls.extend(dealt);
+    }
+    calls
+}
+
 /// Cuts items, sorted by (key, cost), into calls of at most `batch_size` items and at most
 /// `max_cost` padded cost (items x the largest item's cost), never mixing keys. Sorting by cost
 /// keeps padding small; bounding the padded cost keeps activation memory bounded (attention
@@ -352,10 +420,12 @@ fn run_split<T: Task>(
     task: &T,
     worker: &mut Worker,
     items: &[&T::Item],
+    limits: CallLimits,
 ) -> Vec<Result<T::Out, String>> {
-    let attempt =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.run(worker, items)))
-            .unwrap_or_else(|p| Err(format!("the task panicked: {}", panic_message(p))));
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        task.run_within(worker, items, limits)
+    }))
+    .unwrap_or_else(|p| Err(format!("the task panicked: {}", panic_message(p))));
     let error = match attempt {
         Ok(outs) if outs.len() == items.len() => return outs.into_iter().map(Ok).collect(),
         Ok(outs) => format!(
@@ -370,8 +440,8 @@ fn run_split<T: Task>(
     }
     tracing::debug!(items = items.len(), %error, "a model call failed; splitting it to find the failing rows");
     let (a, b) = items.split_at(items.len() / 2);
-    let mut out = run_split(task, worker, a);
-    out.extend(run_split(task, worker, b));
+    let mut out = run_split(task, worker, a, limits);
+    out.extend(run_split(task, worker, b, limits));
     out
 }
 
@@ -463,7 +533,15 @@ impl<T: Task> Core<T> {
                 .iter()
                 .map(|(_, it)| (self.task.batch_key(it), self.task.cost(it)))
                 .collect();
-            let calls = plan_calls(&keys, self.batch_size, self.max_batch_cost);
+            let limits = CallLimits {
+                items: self.batch_size,
+                cost: self.max_batch_cost,
+            };
+            let calls = if self.task.schedules_calls() {
+                plan_shared(&keys, self.pool.workers())
+            } else {
+                plan_calls(&keys, self.batch_size, self.max_batch_cost)
+            };
             let mut jobs = Vec::with_capacity(calls.len());
             for call in &calls {
                 let (task, items, stats, call) = (
@@ -478,7 +556,7 @@ impl<T: Task> Core<T> {
                     .sum();
                 jobs.push(self.pool.run(move |worker| {
                     let refs: Vec<&T::Item> = call.iter().map(|&i| &items[i].1).collect();
-                    let results = run_split(task.as_ref(), worker, &refs);
+                    let results = run_split(task.as_ref(), worker, &refs, limits);
                     stats.progress_milli.fetch_add(share, Ordering::Relaxed);
                     results
                 }));

@@ -24,13 +24,17 @@ pub struct Manifest {
     /// The ONNX file inside the model directory.
     #[serde(default = "default_file")]
     pub file: String,
-    /// Rows per inference call.
+    /// Rows per inference call. Generation tasks: rows generating at once (continuous
+    /// batching: a row that ends is replaced by a waiting one).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// At most this much padded cost per inference call: items x the largest item's cost, in
     /// the task's unit (tokens for text tasks, pixels for image tasks; see `ferry operators`).
     /// Long texts and large images run in smaller calls, which bounds memory and is faster on
-    /// CPU. Default: 1024 tokens for text tasks. `max_batch_tokens` is accepted as its old name.
+    /// CPU. Default: 1024 tokens for text tasks. Generation tasks: the KV cache positions the
+    /// rows generating at once can come to hold (prompt and new tokens, every beam, padding
+    /// included; default 16384), which bounds the cache's memory. `max_batch_tokens` is
+    /// accepted as its old name.
     #[serde(
         default,
         alias = "max_batch_tokens",

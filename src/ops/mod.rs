@@ -205,19 +205,22 @@ pub const TASKS: &[TaskInfo] = &[
         TaskKind::Generate,
         "generate",
         "text-generation",
-        "prompt: Utf8 | LargeUtf8 | Utf8View",
+        "prompt: Utf8 | LargeUtf8 | Utf8View | List<Struct<role: Utf8, content: Utf8>> (messages)",
+        &[ArgKind::Prompt],
     ),
     generation_task(
         TaskKind::Summarize,
         "summarize",
         "summarization",
         "text: Utf8 | LargeUtf8 | Utf8View",
+        &[ArgKind::Text],
     ),
     generation_task(
         TaskKind::Translate,
         "translate",
         "translation",
         "text: Utf8 | LargeUtf8 | Utf8View",
+        &[ArgKind::Text],
     ),
 ];
 
@@ -227,6 +230,7 @@ const fn generation_task(
     name: &'static str,
     hf_task: &'static str,
     inputs: &'static str,
+    args: &'static [ArgKind],
 ) -> TaskInfo {
     TaskInfo {
         kind,
@@ -235,7 +239,7 @@ const fn generation_task(
         inputs,
         output: "Utf8; Struct<text: Utf8, tokens: Int32, finish_reason: Utf8> with details; List<...> with num_return_sequences > 1",
         arity: 1..=1,
-        args: &[ArgKind::Text],
+        args,
         cost_unit: "tokens (prompt + new tokens, times beams)",
         default_max_batch_cost: GENERATION_BATCH_TOKENS,
         batch_rows: None,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
-use ort::session::{Session, SessionOutputs};
+use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::ValueType;
 use thiserror::Error;
 
@@ -120,6 +120,17 @@ impl Worker {
     /// Runs the session `role` on named inputs, each converted to the element type the model
     /// declares for it.
     pub fn run(&mut self, role: &str, inputs: Vec<Input>) -> Result<SessionOutputs<'_>, String> {
+        self.run_with(role, inputs, Vec::new())
+    }
+
+    /// [`Worker::run`] with some inputs already ONNX Runtime values (a cache kept between
+    /// steps), passed as they are.
+    pub fn run_with<'v>(
+        &mut self,
+        role: &str,
+        inputs: Vec<Input>,
+        ready: Vec<(String, SessionInputValue<'v>)>,
+    ) -> Result<SessionOutputs<'_>, String> {
         let (info, session) = self
             .sessions
             .iter_mut()
@@ -131,6 +142,7 @@ impl Worker {
             let name = input.name.clone();
             values.push((name, input.into_value(want)?));
         }
+        values.extend(ready);
         session.run(values).map_err(|e| e.to_string())
     }
 

@@ -109,6 +109,11 @@ impl Input {
         self,
         want: Option<TensorElementType>,
     ) -> Result<SessionInputValue<'static>, String> {
+        self.into_dyn(want).map(SessionInputValue::from)
+    }
+
+    /// The value itself, of element type `want` (the data's own type when None).
+    pub fn into_dyn(self, want: Option<TensorElementType>) -> Result<DynValue, String> {
         let name = self.name;
         let err = |e: ort::Error| format!("input '{name}': {e}");
         let data = match want {
@@ -120,13 +125,21 @@ impl Input {
         };
         let shape = self.shape;
         Ok(match data {
-            Data::F32(v) => Tensor::from_array((shape, v)).map_err(err)?.into(),
-            Data::F16(v) => Tensor::from_array((shape, v)).map_err(err)?.into(),
-            Data::I64(v) => Tensor::from_array((shape, v)).map_err(err)?.into(),
-            Data::I32(v) => Tensor::from_array((shape, v)).map_err(err)?.into(),
-            Data::Bool(v) => Tensor::from_array((shape, v)).map_err(err)?.into(),
-            Data::U8(v) => Tensor::from_array((shape, v)).map_err(err)?.into(),
+            Data::F32(v) => Tensor::from_array((shape, v)).map_err(err)?.into_dyn(),
+            Data::F16(v) => Tensor::from_array((shape, v)).map_err(err)?.into_dyn(),
+            Data::I64(v) => Tensor::from_array((shape, v)).map_err(err)?.into_dyn(),
+            Data::I32(v) => Tensor::from_array((shape, v)).map_err(err)?.into_dyn(),
+            Data::Bool(v) => Tensor::from_array((shape, v)).map_err(err)?.into_dyn(),
+            Data::U8(v) => Tensor::from_array((shape, v)).map_err(err)?.into_dyn(),
         })
+    }
+}
+
+/// The element type of a tensor value (None for other values).
+pub fn element_type(value: &DynValue) -> Option<TensorElementType> {
+    match value.dtype() {
+        ValueType::Tensor { ty, .. } => Some(*ty),
+        _ => None,
     }
 }
 

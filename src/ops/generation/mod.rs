@@ -3,7 +3,8 @@
 //! - [`model`]: the model shapes (decoder-only and encoder-decoder Optimum exports, with a
 //!   cache or without one), one batched step over sequences in flight;
 //! - [`logits`]: logits processors as `transformers` applies them;
-//! - [`search`]: greedy and beam search, identical to `transformers`' `generate`.
+//! - [`search`]: greedy and beam search, identical to `transformers`' `generate`, with
+//!   continuous batching.
 //!
 //! The generation operators (`generate`, `summarize`, `translate`) build on this.
 
@@ -14,5 +15,7 @@ pub mod search;
 pub mod task;
 
 pub use logits::{Processors, Sampling};
-pub use model::{DecoderOnly, Model, Seq2Seq};
-pub use search::{EarlyStopping, Finish, Hypothesis, Search, generate};
+pub use model::{Batch, DecoderOnly, Model, Seq2Seq};
+pub use search::{
+    EarlyStopping, Finish, Hypothesis, Limits, Search, StopStrings, generate, generate_within,
+};

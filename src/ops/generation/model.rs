@@ -2,14 +2,18 @@
 //! (GPT-2, Llama-family with grouped-query attention) and encoder-decoder exports (T5, BART,
 //! Marian), with their KV cache or without one (the decoder re-run over the whole prefix).
 //!
-//! A [`Seq`] is one sequence in flight (a row, or one beam of a row): its ids, its share of the
-//! cache and, for encoder-decoder models, its encoded source. [`Model::step`] feeds every
-//! sequence's pending ids in one batched call and returns each sequence's next-token logits.
+//! A [`Batch`] is the sequences stepped together (rows, or the beams of rows) with their KV
+//! cache, kept between steps as the ONNX Runtime values the model returned: a step passes the
+//! last step's `present` outputs back as its `past` inputs without copying them. The cache is
+//! copied only when the batch changes: sequences leave ([`Batch::select`], which also reorders
+//! beams and drops cache positions that have become padding for every sequence) or join
+//! ([`Batch::merge`], continuous batching).
 
-use std::sync::Arc;
+use ort::session::SessionInputValue;
+use ort::value::DynValue;
 
 use crate::runtime::pool::{SessionInfo, Worker};
-use crate::runtime::tensor::{Data, Input, read_f32};
+use crate::runtime::tensor::{Data, Input, element_type, read_f32};
 
 /// One layer's cache tensors: past inputs and the present outputs that feed them next step.
 #[derive(Debug, Clone)]
@@ -84,8 +88,23 @@ impl Cache {
         }))
     }
 
-    fn tensors(&self) -> usize {
-        self.layers.len() * 2
+    /// The past input names, key then value per layer (the order of a batch's cache values).
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.layers
+            .iter()
+            .flat_map(|l| [l.past_key.as_str(), l.past_value.as_str()])
+    }
+
+    /// The present output names, in the same order.
+    fn present_names(&self) -> impl Iterator<Item = &str> {
+        self.layers
+            .iter()
+            .flat_map(|l| [l.present_key.as_str(), l.present_value.as_str()])
+    }
+
+    /// Bytes of f32 cache one position of one sequence takes.
+    pub fn bytes_per_position(&self) -> usize {
+        self.layers.len() * 2 * self.kv_heads * self.head_dim * 4
     }
 }
 
@@ -268,18 +287,11 @@ pub enum Model {
     Seq2Seq(Seq2Seq),
 }
 
-/// A row's encoded source (encoder-decoder models), shared by its beams.
-#[derive(Debug)]
-pub struct Source {
-    /// [len, hidden], padded to the batch it was encoded in.
-    pub states: Vec<f32>,
-    /// [len]: 1 for the row's tokens, 0 for padding.
-    pub mask: Vec<i64>,
-}
-
 /// One sequence in flight: a row, or one beam of a row.
 #[derive(Debug, Clone)]
 pub struct Seq {
+    /// The row (prompt) it belongs to.
+    pub row: usize,
     /// What logits processors see: the prompt (decoder-only) or the decoder's start token
     /// (encoder-decoder), then every generated token.
     pub ids: Vec<i64>,
@@ -287,142 +299,410 @@ pub struct Seq {
     pub prefix: usize,
     /// `ids[..fed]` are in the cache (with a cache) or were fed last step (without one).
     fed: usize,
-    /// Decoder-only: the attention mask over the cache's positions (0 for padding).
-    mask: Vec<i64>,
-    /// Self-attention cache, key and value per layer, each [kv_heads, positions, head_dim].
-    cache: Vec<Arc<Vec<f32>>>,
-    /// Encoder-decoder: the encoded source and the cross-attention cache made from it.
-    source: Option<Arc<Source>>,
-    cross: Option<Arc<Vec<Vec<f32>>>>,
 }
 
 impl Seq {
-    /// A decoder-only prompt (not empty).
-    pub fn prompt(ids: Vec<i64>) -> Seq {
-        Seq {
-            prefix: ids.len(),
-            ids,
-            fed: 0,
-            mask: Vec::new(),
-            cache: Vec::new(),
-            source: None,
-            cross: None,
-        }
-    }
-
     /// The new tokens so far.
     pub fn generated(&self) -> &[i64] {
         &self.ids[self.prefix..]
     }
-
-    /// A copy that continues with `token` (the cache is shared until the next step replaces it).
-    pub fn child(&self, token: i64) -> Seq {
-        let mut seq = self.clone();
-        seq.ids.push(token);
-        seq
-    }
-
-    pub fn push(&mut self, token: i64) {
-        self.ids.push(token);
-    }
 }
 
-impl Model {
-    /// Encoder-decoder models: encodes the rows' ids (none empty) in one call and returns one
-    /// start sequence per row, beginning with `decoder_start`. Decoder-only: the prompts.
-    pub fn start(
-        &self,
-        worker: &mut Worker,
-        prompts: &[Vec<i64>],
-        decoder_start: i64,
-        pad: i64,
-    ) -> Result<Vec<Seq>, String> {
-        if let Some(i) = prompts.iter().position(Vec::is_empty) {
-            return Err(format!("prompt {i} has no tokens"));
+/// The encoded sources of an encoder-decoder batch, a row per sequence.
+#[derive(Debug)]
+struct Sources {
+    /// Source positions (the longest source of the encoded batch).
+    len: usize,
+    /// [seqs, len]: 1 for source tokens, 0 for padding (on the right).
+    mask: Vec<i64>,
+    /// `last_hidden_state`, [seqs, len, hidden]; dropped once no later step takes it.
+    states: Option<DynValue>,
+    /// Cross-attention cache, key then value per layer, [seqs, heads, len, head_dim]; made by
+    /// the first step.
+    cross: Vec<DynValue>,
+}
+
+/// Sequences stepped together, with their cache.
+#[derive(Debug)]
+pub struct Batch {
+    pub seqs: Vec<Seq>,
+    /// Self-attention cache positions held (decoder-only: left padding included).
+    positions: usize,
+    /// Decoder-only: each sequence's attention mask over the positions (0 = padding).
+    masks: Vec<Vec<i64>>,
+    /// Self-attention cache, key then value per layer, [seqs, heads, positions, head_dim];
+    /// empty before the first step and without a cache.
+    cache: Vec<DynValue>,
+    /// Encoder-decoder models.
+    sources: Option<Sources>,
+}
+
+/// Where a tensor's positions sit when a row is padded: self-attention caches of decoder-only
+/// models are left-padded (positions aligned right), sources are padded on the right.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Align {
+    Right,
+    Left,
+}
+
+/// Row `row` of a [rows, outer, len, inner] value.
+struct Part<'a> {
+    value: &'a DynValue,
+    row: usize,
+    len: usize,
+}
+
+/// Assembles a [parts, outer, to_len, inner] value from rows of others (reordered, repeated,
+/// from several values), each row's positions aligned in `to_len` (dropping positions beyond
+/// it, padding with zeros), in the element type of the first part.
+fn assemble(
+    name: &str,
+    parts: &[Part<'_>],
+    outer: usize,
+    inner: usize,
+    to_len: usize,
+    align: Align,
+) -> Result<DynValue, String> {
+    let want = parts.first().and_then(|p| element_type(p.value));
+    let mut data = vec![0f32; parts.len() * outer * to_len * inner];
+    // Values read once each (a converted read copies).
+    let mut read: Vec<(*const DynValue, crate::runtime::tensor::Output<'_>)> = Vec::new();
+    for part in parts {
+        if !read.iter().any(|(v, _)| std::ptr::eq(*v, part.value)) {
+            read.push((part.value, read_f32(name, part.value)?));
         }
-        let m = match self {
-            Model::DecoderOnly(_) => return Ok(prompts.iter().cloned().map(Seq::prompt).collect()),
-            Model::Seq2Seq(m) => m,
-        };
-        if prompts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (n, len) = (
-            prompts.len(),
-            prompts.iter().map(Vec::len).max().unwrap_or(0),
-        );
-        let mut ids = Vec::with_capacity(n * len);
-        let mut mask = Vec::with_capacity(n * len);
-        for p in prompts {
-            ids.extend_from_slice(p);
-            ids.resize(ids.len() + len - p.len(), pad);
-            mask.extend(std::iter::repeat_n(1i64, p.len()));
-            mask.resize(mask.len() + len - p.len(), 0);
-        }
-        let shape = vec![n as i64, len as i64];
-        let outputs = worker.run(
-            m.encoder,
-            vec![
-                Input::new("input_ids", shape.clone(), Data::I64(ids)),
-                Input::new("attention_mask", shape, Data::I64(mask.clone())),
-            ],
-        )?;
-        let states = read_f32("last_hidden_state", &outputs["last_hidden_state"])?;
-        states.expect_shape(&[n, len, m.hidden])?;
-        Ok(states
+    }
+    for (r, part) in parts.iter().enumerate() {
+        let src = &read
+            .iter()
+            .find(|(v, _)| std::ptr::eq(*v, part.value))
+            .expect("read above")
+            .1;
+        let per_row = outer * part.len * inner;
+        let row = src
             .data
-            .chunks_exact(len * m.hidden)
-            .zip(mask.chunks_exact(len))
-            .map(|(states, mask)| Seq {
-                ids: vec![decoder_start],
-                prefix: 1,
-                fed: 0,
-                mask: Vec::new(),
-                cache: Vec::new(),
-                source: Some(Arc::new(Source {
-                    states: states.to_vec(),
-                    mask: mask.to_vec(),
-                })),
-                cross: None,
-            })
-            .collect())
+            .get(part.row * per_row..(part.row + 1) * per_row)
+            .ok_or_else(|| format!("{name}: row {} is missing", part.row))?;
+        let keep = part.len.min(to_len);
+        let (from, to) = match align {
+            Align::Right => (part.len - keep, to_len - keep),
+            Align::Left => (0, 0),
+        };
+        for o in 0..outer {
+            let src = &row[(o * part.len + from) * inner..(o * part.len + from + keep) * inner];
+            let at = ((r * outer + o) * to_len + to) * inner;
+            data[at..at + keep * inner].copy_from_slice(src);
+        }
+    }
+    // Encoder states are [rows, len, hidden]: the same layout with `outer` 1.
+    let shape = if outer == 1 && name == "last_hidden_state" {
+        vec![parts.len() as i64, to_len as i64, inner as i64]
+    } else {
+        vec![
+            parts.len() as i64,
+            outer as i64,
+            to_len as i64,
+            inner as i64,
+        ]
+    };
+    Input::new(name, shape, Data::F32(data)).into_dyn(want)
+}
+
+impl Batch {
+    /// A batch of no sequences.
+    pub fn empty() -> Batch {
+        Batch {
+            seqs: Vec::new(),
+            positions: 0,
+            masks: Vec::new(),
+            cache: Vec::new(),
+            sources: None,
+        }
     }
 
-    /// Feeds every sequence's pending ids in one call and returns the logits of each one's
-    /// next token ([seqs, vocabulary], flat) and the vocabulary size. Sequences stepped together
-    /// must have been started together (same cache length, same encoded batch).
-    pub fn step(
-        &self,
-        worker: &mut Worker,
-        seqs: &mut [Seq],
-        pad: i64,
-    ) -> Result<(Vec<f32>, usize), String> {
-        match self {
-            Model::DecoderOnly(m) => step_decoder_only(m, worker, seqs, pad),
-            Model::Seq2Seq(m) => step_seq2seq(m, worker, seqs),
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Cache positions each sequence holds (left padding included).
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+
+    /// Encoder-decoder: source positions each sequence's cross-attention cache holds.
+    pub fn source_len(&self) -> usize {
+        self.sources.as_ref().map_or(0, |s| s.len)
+    }
+
+    /// The batch that continues from this one: sequence `i` of the result is `picks[i].0` of
+    /// this batch followed by token `picks[i].1` (beams reorder and repeat their parents;
+    /// sequences not picked leave). The cache follows its sequences; cache positions that are
+    /// padding for every sequence left are dropped.
+    pub fn select(&mut self, model: &Model, picks: &[(usize, i64)]) -> Result<(), String> {
+        let seqs: Vec<Seq> = picks
+            .iter()
+            .map(|&(p, token)| {
+                let mut seq = self.seqs[p].clone();
+                seq.ids.push(token);
+                seq
+            })
+            .collect();
+        let identity =
+            picks.len() == self.seqs.len() && picks.iter().enumerate().all(|(i, &(p, _))| i == p);
+        self.seqs = seqs;
+        if identity {
+            return Ok(());
         }
+        let masks: Vec<Vec<i64>> = picks
+            .iter()
+            .filter_map(|&(p, _)| self.masks.get(p).cloned())
+            .collect();
+        // Leading positions that are padding in every sequence left.
+        let lead = if masks.is_empty() {
+            0
+        } else {
+            masks
+                .iter()
+                .map(|m| m.iter().take_while(|&&v| v == 0).count())
+                .min()
+                .unwrap_or(0)
+        };
+        let positions = self.positions - lead;
+        self.masks = masks.into_iter().map(|m| m[lead..].to_vec()).collect();
+        if let Some(cache) = model.cache() {
+            self.cache = self
+                .cache
+                .iter()
+                .zip(cache.names())
+                .map(|(value, name)| {
+                    let parts: Vec<Part<'_>> = picks
+                        .iter()
+                        .map(|&(p, _)| Part {
+                            value,
+                            row: p,
+                            len: self.positions,
+                        })
+                        .collect();
+                    assemble(
+                        name,
+                        &parts,
+                        cache.kv_heads,
+                        cache.head_dim,
+                        positions,
+                        Align::Right,
+                    )
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        self.positions = positions;
+        if let (Some(src), Model::Seq2Seq(m)) = (self.sources.as_mut(), model) {
+            let len = src.len;
+            src.mask = picks
+                .iter()
+                .flat_map(|&(p, _)| src.mask[p * len..(p + 1) * len].iter().copied())
+                .collect();
+            if let Some(states) = &src.states {
+                let parts: Vec<Part<'_>> = picks
+                    .iter()
+                    .map(|&(p, _)| Part {
+                        value: states,
+                        row: p,
+                        len,
+                    })
+                    .collect();
+                src.states = Some(assemble(
+                    "last_hidden_state",
+                    &parts,
+                    1,
+                    m.hidden,
+                    len,
+                    Align::Left,
+                )?);
+            }
+            if let Some(cross) = &m.cross {
+                src.cross = src
+                    .cross
+                    .iter()
+                    .zip(cross.names())
+                    .map(|(value, name)| {
+                        let parts: Vec<Part<'_>> = picks
+                            .iter()
+                            .map(|&(p, _)| Part { value, row: p, len })
+                            .collect();
+                        assemble(
+                            name,
+                            &parts,
+                            cross.kv_heads,
+                            cross.head_dim,
+                            len,
+                            Align::Left,
+                        )
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `other` can join this batch (both have stepped, or neither): decoder-only
+    /// batches always can (the shorter cache is left-padded); an encoder-decoder decoder takes no self-attention mask, so its
+    /// sequences can only step together at the same decoder length.
+    pub fn can_merge(&self, other: &Batch, model: &Model) -> bool {
+        match model {
+            Model::DecoderOnly(_) => self.cache.len() == other.cache.len(),
+            Model::Seq2Seq(_) => {
+                self.positions == other.positions
+                    && self.seqs.first().map(|s| (s.ids.len(), s.fed))
+                        == other.seqs.first().map(|s| (s.ids.len(), s.fed))
+                    && self.cache.len() == other.cache.len()
+                    && self.sources.as_ref().map(|s| s.cross.len())
+                        == other.sources.as_ref().map(|s| s.cross.len())
+            }
+        }
+    }
+
+    /// Appends the sequences of `others` (continuous batching: rows started while this batch
+    /// runs), copying every cache once. All must be able to step together ([`Batch::can_merge`]).
+    pub fn merge(&mut self, model: &Model, others: Vec<Batch>) -> Result<(), String> {
+        let mut all: Vec<Batch> = std::iter::once(std::mem::replace(self, Batch::empty()))
+            .chain(others)
+            .filter(|b| !b.is_empty())
+            .collect();
+        if all.len() <= 1 {
+            *self = all.pop().unwrap_or_else(Batch::empty);
+            return Ok(());
+        }
+        if all.iter().any(|b| !all[0].can_merge(b, model)) {
+            return Err("these batches cannot step together".into());
+        }
+        let positions = all.iter().map(|b| b.positions).max().unwrap_or(0);
+        let mut merged = Batch::empty();
+        if let Some(cache) = model.cache() {
+            for (t, name) in cache.names().enumerate() {
+                let parts: Vec<Part<'_>> = all
+                    .iter()
+                    .flat_map(|b| {
+                        (0..b.len()).map(move |row| Part {
+                            value: &b.cache[t],
+                            row,
+                            len: b.positions,
+                        })
+                    })
+                    .collect();
+                merged.cache.push(assemble(
+                    name,
+                    &parts,
+                    cache.kv_heads,
+                    cache.head_dim,
+                    positions,
+                    Align::Right,
+                )?);
+            }
+        }
+        for b in &all {
+            merged.masks.extend(b.masks.iter().map(|m| {
+                let mut padded = vec![0; positions - b.positions];
+                padded.extend_from_slice(m);
+                padded
+            }));
+        }
+        merged.positions = positions;
+        if let Model::Seq2Seq(m) = model {
+            let sources: Vec<&Sources> = all
+                .iter()
+                .map(|b| {
+                    b.sources
+                        .as_ref()
+                        .ok_or("an encoder-decoder batch without its sources")
+                })
+                .collect::<Result<_, _>>()?;
+            let len = sources.iter().map(|s| s.len).max().unwrap_or(0);
+            let mut mask = Vec::new();
+            for src in &sources {
+                for row in src.mask.chunks_exact(src.len.max(1)) {
+                    mask.extend_from_slice(row);
+                    mask.resize(mask.len() + len - src.len, 0);
+                }
+            }
+            let rows_of = |value: &dyn for<'s> Fn(&'s Sources) -> &'s DynValue| -> Vec<Part<'_>> {
+                all.iter()
+                    .zip(&sources)
+                    .flat_map(|(b, s)| {
+                        let v = value(s);
+                        (0..b.len()).map(move |row| Part {
+                            value: v,
+                            row,
+                            len: s.len,
+                        })
+                    })
+                    .collect()
+            };
+            let states = if sources.iter().all(|s| s.states.is_some()) {
+                Some(assemble(
+                    "last_hidden_state",
+                    &rows_of(&|s| s.states.as_ref().expect("checked")),
+                    1,
+                    m.hidden,
+                    len,
+                    Align::Left,
+                )?)
+            } else {
+                None
+            };
+            let mut cross = Vec::new();
+            if let (Some(layout), true) = (&m.cross, sources.iter().all(|s| !s.cross.is_empty())) {
+                for (t, name) in layout.names().enumerate() {
+                    cross.push(assemble(
+                        name,
+                        &rows_of(&|s| &s.cross[t]),
+                        layout.kv_heads,
+                        layout.head_dim,
+                        len,
+                        Align::Left,
+                    )?);
+                }
+            }
+            merged.sources = Some(Sources {
+                len,
+                mask,
+                states,
+                cross,
+            });
+        }
+        merged.seqs = all.into_iter().flat_map(|b| b.seqs).collect();
+        *self = merged;
+        Ok(())
     }
 }
 
-/// Concatenates every sequence's cache tensor `t` as one [batch, heads, positions, dim] input.
-fn cache_input(name: &str, seqs: &[Seq], t: usize, cache: &Cache, positions: usize) -> Input {
-    let data: Vec<f32> = if positions == 0 {
-        Vec::new()
-    } else {
-        seqs.iter()
-            .flat_map(|s| s.cache[t].iter().copied())
-            .collect()
-    };
-    Input::new(
-        name,
-        vec![
-            seqs.len() as i64,
-            cache.kv_heads as i64,
-            positions as i64,
-            cache.head_dim as i64,
-        ],
-        Data::F32(data),
-    )
+/// Takes the values `names` from a step's outputs, each checked to be
+/// [batch, heads, positions, head_dim].
+fn take_presents<'n>(
+    outputs: &mut ort::session::SessionOutputs<'_>,
+    names: impl Iterator<Item = &'n str>,
+    cache: &Cache,
+    batch: usize,
+    positions: usize,
+) -> Result<Vec<DynValue>, String> {
+    let want = [batch, cache.kv_heads, positions, cache.head_dim];
+    names
+        .map(|name| {
+            let value = outputs
+                .remove(name)
+                .ok_or_else(|| format!("the model returned no `{name}`"))?;
+            match value.dtype() {
+                ort::value::ValueType::Tensor { shape, .. } => {
+                    crate::runtime::tensor::check_shape(name, shape, &want)?
+                }
+                _ => return Err(format!("`{name}` is not a tensor")),
+            }
+            Ok(value)
+        })
+        .collect()
 }
 
 /// The logits of each sequence's last position, from [batch, steps, vocabulary] logits.
@@ -446,89 +726,176 @@ fn last_logits(
     Ok((out, vocab))
 }
 
-/// Stores each sequence's share of the present outputs of `cache` ([batch, heads, positions,
-/// dim]) as its cache.
-fn store_cache(
-    outputs: &ort::session::SessionOutputs<'_>,
-    cache: &Cache,
-    seqs: &mut [Seq],
-    positions: usize,
-) -> Result<(), String> {
-    let per_seq = cache.kv_heads * positions * cache.head_dim;
-    for s in seqs.iter_mut() {
-        s.cache.resize(cache.tensors(), Arc::new(Vec::new()));
-    }
-    for (l, layer) in cache.layers.iter().enumerate() {
-        for (t, name) in [
-            (2 * l, &layer.present_key),
-            (2 * l + 1, &layer.present_value),
-        ] {
-            let present = read_f32(name, &outputs[name.as_str()])?;
-            present.expect_shape(&[seqs.len(), cache.kv_heads, positions, cache.head_dim])?;
-            for (s, data) in seqs.iter_mut().zip(present.data.chunks_exact(per_seq)) {
-                s.cache[t] = Arc::new(data.to_vec());
-            }
+/// An empty cache input, [batch, heads, 0, head_dim], for the first step of a merged export.
+fn empty_past(name: &str, batch: usize, cache: &Cache) -> Input {
+    Input::new(
+        name,
+        vec![
+            batch as i64,
+            cache.kv_heads as i64,
+            0,
+            cache.head_dim as i64,
+        ],
+        Data::F32(Vec::new()),
+    )
+}
+
+impl Model {
+    /// The self-attention cache layout, None for exports without a cache.
+    pub fn cache(&self) -> Option<&Cache> {
+        match self {
+            Model::DecoderOnly(m) => m.cache.as_ref(),
+            Model::Seq2Seq(m) => m.cache.as_ref(),
         }
     }
-    Ok(())
+
+    /// The batch of `prompts` ((row, token ids), none empty) before its first step.
+    /// Encoder-decoder models encode the prompts now, in one call, and start each decoder with
+    /// `decoder_start`.
+    pub fn start(
+        &self,
+        worker: &mut Worker,
+        prompts: &[(usize, &[i64])],
+        decoder_start: i64,
+        pad: i64,
+    ) -> Result<Batch, String> {
+        if let Some((row, _)) = prompts.iter().find(|(_, p)| p.is_empty()) {
+            return Err(format!("prompt {row} has no tokens"));
+        }
+        let mut batch = Batch::empty();
+        let m = match self {
+            Model::DecoderOnly(_) => {
+                batch.seqs = prompts
+                    .iter()
+                    .map(|&(row, ids)| Seq {
+                        row,
+                        ids: ids.to_vec(),
+                        prefix: ids.len(),
+                        fed: 0,
+                    })
+                    .collect();
+                batch.masks = vec![Vec::new(); prompts.len()];
+                return Ok(batch);
+            }
+            Model::Seq2Seq(m) => m,
+        };
+        if prompts.is_empty() {
+            return Ok(batch);
+        }
+        let (n, len) = (
+            prompts.len(),
+            prompts.iter().map(|(_, p)| p.len()).max().unwrap_or(0),
+        );
+        let mut ids = Vec::with_capacity(n * len);
+        let mut mask = Vec::with_capacity(n * len);
+        for (_, p) in prompts {
+            ids.extend_from_slice(p);
+            ids.resize(ids.len() + len - p.len(), pad);
+            mask.extend(std::iter::repeat_n(1i64, p.len()));
+            mask.resize(mask.len() + len - p.len(), 0);
+        }
+        let shape = vec![n as i64, len as i64];
+        let mut outputs = worker.run(
+            m.encoder,
+            vec![
+                Input::new("input_ids", shape.clone(), Data::I64(ids)),
+                Input::new("attention_mask", shape, Data::I64(mask.clone())),
+            ],
+        )?;
+        read_f32("last_hidden_state", &outputs["last_hidden_state"])?
+            .expect_shape(&[n, len, m.hidden])?;
+        let states = outputs
+            .remove("last_hidden_state")
+            .ok_or("the encoder returned no `last_hidden_state`")?;
+        batch.seqs = prompts
+            .iter()
+            .map(|&(row, _)| Seq {
+                row,
+                ids: vec![decoder_start],
+                prefix: 1,
+                fed: 0,
+            })
+            .collect();
+        batch.sources = Some(Sources {
+            len,
+            mask,
+            states: Some(states),
+            cross: Vec::new(),
+        });
+        Ok(batch)
+    }
+
+    /// Feeds every sequence's pending ids in one call and returns the logits of each one's
+    /// next token ([seqs, vocabulary], flat) and the vocabulary size. The cache stays in the
+    /// batch for the next step.
+    pub fn step(
+        &self,
+        worker: &mut Worker,
+        batch: &mut Batch,
+        pad: i64,
+    ) -> Result<(Vec<f32>, usize), String> {
+        if batch.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        match self {
+            Model::DecoderOnly(m) => step_decoder_only(m, worker, batch, pad),
+            Model::Seq2Seq(m) => step_seq2seq(m, worker, batch),
+        }
+    }
 }
 
 fn step_decoder_only(
     m: &DecoderOnly,
     worker: &mut Worker,
-    seqs: &mut [Seq],
+    b: &mut Batch,
     pad: i64,
 ) -> Result<(Vec<f32>, usize), String> {
-    let batch = seqs.len();
-    if batch == 0 {
-        return Ok((Vec::new(), 0));
-    }
+    let n = b.len();
     // Without a cache every step feeds the whole sequence.
     if m.cache.is_none() {
-        for s in seqs.iter_mut() {
+        for s in b.seqs.iter_mut() {
             s.fed = 0;
-            s.mask.clear();
         }
+        b.masks = vec![Vec::new(); n];
+        b.positions = 0;
     }
-    let past = seqs[0].mask.len();
-    if seqs.iter().any(|s| s.mask.len() != past) {
-        return Err("sequences stepped together must share their cache length".into());
-    }
-    let steps = seqs.iter().map(|s| s.ids.len() - s.fed).max().unwrap_or(0);
+    let past = b.positions;
+    let steps = b
+        .seqs
+        .iter()
+        .map(|s| s.ids.len() - s.fed)
+        .max()
+        .unwrap_or(0);
     if steps == 0 {
         return Err("no sequence has a token to feed".into());
     }
     let total = past + steps;
     // Each sequence's pending ids, left-padded to the longest.
-    let mut ids = Vec::with_capacity(batch * steps);
-    let mut mask = Vec::with_capacity(batch * total);
-    for s in seqs.iter_mut() {
+    let mut ids = Vec::with_capacity(n * steps);
+    let mut mask = Vec::with_capacity(n * total);
+    for (s, m) in b.seqs.iter().zip(b.masks.iter_mut()) {
         let pending = &s.ids[s.fed..];
         let padding = steps - pending.len();
         ids.extend(std::iter::repeat_n(pad, padding));
         ids.extend_from_slice(pending);
-        s.mask.extend(std::iter::repeat_n(0, padding));
-        s.mask.extend(std::iter::repeat_n(1, pending.len()));
-        mask.extend_from_slice(&s.mask);
+        m.extend(std::iter::repeat_n(0, padding));
+        m.extend(std::iter::repeat_n(1, pending.len()));
+        mask.extend_from_slice(m);
     }
     let mut inputs = vec![
-        Input::new(
-            "input_ids",
-            vec![batch as i64, steps as i64],
-            Data::I64(ids),
-        ),
+        Input::new("input_ids", vec![n as i64, steps as i64], Data::I64(ids)),
         Input::new(
             "attention_mask",
-            vec![batch as i64, total as i64],
+            vec![n as i64, total as i64],
             Data::I64(mask),
         ),
     ];
     if m.position_ids {
         // transformers: cumsum(mask) - 1, padding at position 1; this step's last `steps`.
-        let mut positions = Vec::with_capacity(batch * steps);
-        for s in seqs.iter() {
+        let mut positions = Vec::with_capacity(n * steps);
+        for mask in &b.masks {
             let mut running = 0i64;
-            for (i, &v) in s.mask.iter().enumerate() {
+            for (i, &v) in mask.iter().enumerate() {
                 running += v;
                 if i >= past {
                     positions.push(if v == 0 { 1 } else { running - 1 });
@@ -537,7 +904,7 @@ fn step_decoder_only(
         }
         inputs.push(Input::new(
             "position_ids",
-            vec![batch as i64, steps as i64],
+            vec![n as i64, steps as i64],
             Data::I64(positions),
         ));
     }
@@ -548,18 +915,26 @@ fn step_decoder_only(
             Data::Bool(vec![past > 0]),
         ));
     }
+    let mut ready = Vec::new();
     if let Some(cache) = &m.cache {
-        for (l, layer) in cache.layers.iter().enumerate() {
-            inputs.push(cache_input(&layer.past_key, seqs, 2 * l, cache, past));
-            inputs.push(cache_input(&layer.past_value, seqs, 2 * l + 1, cache, past));
+        if b.cache.is_empty() {
+            inputs.extend(cache.names().map(|name| empty_past(name, n, cache)));
+        } else {
+            ready.extend(
+                cache
+                    .names()
+                    .zip(&b.cache)
+                    .map(|(name, v)| (name.to_string(), SessionInputValue::from(v))),
+            );
         }
     }
-    let outputs = worker.run(m.role, inputs)?;
-    let logits = last_logits(&outputs, batch, steps)?;
+    let mut outputs = worker.run_with(m.role, inputs, ready)?;
+    let logits = last_logits(&outputs, n, steps)?;
     if let Some(cache) = &m.cache {
-        store_cache(&outputs, cache, seqs, total)?;
+        b.cache = take_presents(&mut outputs, cache.present_names(), cache, n, total)?;
+        b.positions = total;
     }
-    for s in seqs.iter_mut() {
+    for s in b.seqs.iter_mut() {
         s.fed = s.ids.len();
     }
     Ok(logits)
@@ -568,54 +943,39 @@ fn step_decoder_only(
 fn step_seq2seq(
     m: &Seq2Seq,
     worker: &mut Worker,
-    seqs: &mut [Seq],
+    b: &mut Batch,
 ) -> Result<(Vec<f32>, usize), String> {
-    let batch = seqs.len();
-    if batch == 0 {
-        return Ok((Vec::new(), 0));
+    let n = b.len();
+    let src = b
+        .sources
+        .as_mut()
+        .ok_or("an encoder-decoder batch without its sources")?;
+    if m.cache.is_none() {
+        for s in b.seqs.iter_mut() {
+            s.fed = 0;
+        }
     }
-    let sources: Vec<&Arc<Source>> = seqs
-        .iter()
-        .map(|s| {
-            s.source
-                .as_ref()
-                .ok_or("an encoder-decoder sequence without its source")
-        })
-        .collect::<Result<_, _>>()?;
-    let src_len = sources[0].mask.len();
-    if sources.iter().any(|s| s.mask.len() != src_len) {
-        return Err("sequences stepped together must come from one encoded batch".into());
-    }
-    let first = seqs[0].fed == 0 || m.cache.is_none();
-    let past = if m.cache.is_none() { 0 } else { seqs[0].fed };
-    if seqs
-        .iter()
-        .any(|s| (if m.cache.is_none() { 0 } else { s.fed }) != past)
+    let first = b.cache.is_empty();
+    let past = b.seqs[0].fed;
+    let steps = b.seqs[0].ids.len() - past;
+    if steps == 0
+        || b.seqs
+            .iter()
+            .any(|s| s.fed != past || s.ids.len() - past != steps)
     {
-        return Err("sequences stepped together must share their cache length".into());
+        return Err("sequences stepped together must have the same decoder length".into());
     }
-    let steps = seqs[0].ids.len() - past;
-    if seqs.iter().any(|s| s.ids.len() - past != steps) || steps == 0 {
-        return Err("sequences stepped together must have the same number of pending ids".into());
-    }
-    let ids: Vec<i64> = seqs
+    let ids: Vec<i64> = b
+        .seqs
         .iter()
         .flat_map(|s| s.ids[past..].iter().copied())
         .collect();
-    let enc_mask: Vec<i64> = sources
-        .iter()
-        .flat_map(|s| s.mask.iter().copied())
-        .collect();
     let mut inputs = vec![
-        Input::new(
-            "input_ids",
-            vec![batch as i64, steps as i64],
-            Data::I64(ids),
-        ),
+        Input::new("input_ids", vec![n as i64, steps as i64], Data::I64(ids)),
         Input::new(
             "encoder_attention_mask",
-            vec![batch as i64, src_len as i64],
-            Data::I64(enc_mask),
+            vec![n as i64, src.len as i64],
+            Data::I64(src.mask.clone()),
         ),
     ];
     let role = if first {
@@ -623,19 +983,11 @@ fn step_seq2seq(
     } else {
         m.decoder_with_past.unwrap_or(m.decoder)
     };
-    let takes_states = first || m.decoder_with_past.is_none();
-    if takes_states {
-        let states: Vec<f32> = sources
-            .iter()
-            .flat_map(|s| s.states.iter().copied())
-            .collect();
-        inputs.push(Input::new(
-            "encoder_hidden_states",
-            vec![batch as i64, src_len as i64, m.hidden as i64],
-            Data::F32(states),
-        ));
+    let mut ready: Vec<(String, SessionInputValue<'_>)> = Vec::new();
+    if first || m.decoder_with_past.is_none() {
+        let states = src.states.as_ref().ok_or("the encoder's states are gone")?;
+        ready.push(("encoder_hidden_states".into(), states.into()));
     }
-    let feeds_past = !first || m.use_cache_branch;
     if m.use_cache_branch {
         inputs.push(Input::new(
             "use_cache_branch",
@@ -643,60 +995,34 @@ fn step_seq2seq(
             Data::Bool(vec![!first]),
         ));
     }
-    if let (Some(cache), Some(cross), true) = (&m.cache, &m.cross, feeds_past) {
-        for (l, layer) in cache.layers.iter().enumerate() {
-            inputs.push(cache_input(&layer.past_key, seqs, 2 * l, cache, past));
-            inputs.push(cache_input(&layer.past_value, seqs, 2 * l + 1, cache, past));
-        }
-        let cross_len = if first { 0 } else { src_len };
-        for (l, layer) in cross.layers.iter().enumerate() {
-            for (t, name) in [(2 * l, &layer.past_key), (2 * l + 1, &layer.past_value)] {
-                let data: Vec<f32> = if first {
-                    Vec::new()
-                } else {
-                    seqs.iter()
-                        .flat_map(|s| {
-                            s.cross.as_ref().expect("cross cache after the first step")[t]
-                                .iter()
-                                .copied()
-                        })
-                        .collect()
-                };
-                inputs.push(Input::new(
-                    name,
-                    vec![
-                        batch as i64,
-                        cross.kv_heads as i64,
-                        cross_len as i64,
-                        cross.head_dim as i64,
-                    ],
-                    Data::F32(data),
-                ));
-            }
+    if let (Some(cache), Some(cross)) = (&m.cache, &m.cross) {
+        if first && m.use_cache_branch {
+            inputs.extend(cache.names().map(|name| empty_past(name, n, cache)));
+            inputs.extend(cross.names().map(|name| empty_past(name, n, cross)));
+        } else if !first {
+            ready.extend(
+                cache
+                    .names()
+                    .zip(&b.cache)
+                    .chain(cross.names().zip(&src.cross))
+                    .map(|(name, v)| (name.to_string(), SessionInputValue::from(v))),
+            );
         }
     }
-    let outputs = worker.run(role, inputs)?;
-    let logits = last_logits(&outputs, batch, steps)?;
+    let mut outputs = worker.run_with(role, inputs, ready)?;
+    let logits = last_logits(&outputs, n, steps)?;
     if let Some(cache) = &m.cache {
-        store_cache(&outputs, cache, seqs, past + steps)?;
+        b.cache = take_presents(&mut outputs, cache.present_names(), cache, n, past + steps)?;
+        b.positions = past + steps;
     }
     if let (Some(cross), true) = (&m.cross, first) {
-        let per_seq = cross.kv_heads * src_len * cross.head_dim;
-        let mut tensors: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(cross.tensors()); batch];
-        for layer in &cross.layers {
-            for name in [&layer.present_key, &layer.present_value] {
-                let present = read_f32(name, &outputs[name.as_str()])?;
-                present.expect_shape(&[batch, cross.kv_heads, src_len, cross.head_dim])?;
-                for (t, data) in tensors.iter_mut().zip(present.data.chunks_exact(per_seq)) {
-                    t.push(data.to_vec());
-                }
-            }
-        }
-        for (s, t) in seqs.iter_mut().zip(tensors) {
-            s.cross = Some(Arc::new(t));
+        src.cross = take_presents(&mut outputs, cross.present_names(), cross, n, src.len)?;
+        // Split exports' later decoder takes the cross cache instead of the states.
+        if m.decoder_with_past.is_some() {
+            src.states = None;
         }
     }
-    for s in seqs.iter_mut() {
+    for s in b.seqs.iter_mut() {
         s.fed = s.ids.len();
     }
     Ok(logits)

@@ -3,14 +3,18 @@
 //! `max(2, 1 + #eos) * num_beams` continuations, finished hypotheses scored with
 //! `length_penalty`, `early_stopping` true / false / "never" and its heuristic).
 //!
-//! Rows are independent: a row's result never depends on the other rows of its batch, and a
-//! row leaves the batch as soon as it is done.
+//! Rows are independent: a row's result never depends on the other rows of its batch. Rows are
+//! batched continuously: a row leaves the running batch as soon as it is done, and waiting rows
+//! join it (within [`Limits`]), so a long generation never holds short ones back.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::logits::{Position, Processors, Sampling, draw, log_softmax, top_k};
-use super::model::{Model, Seq};
+use super::model::{Batch, Model, Seq};
 use crate::runtime::pool::Worker;
 
 /// `early_stopping` of beam search.
@@ -44,6 +48,73 @@ pub struct Search {
     pub processors: Processors,
     /// Sample instead of taking the best token (greedy only).
     pub sampling: Option<Sampling>,
+    /// `stop_strings`: a sequence ends once its generated text contains one of them.
+    pub stop_strings: Option<StopStrings>,
+}
+
+/// Token ids to text (the model's tokenizer, special tokens kept).
+pub type Decode = Arc<dyn Fn(&[i64]) -> String + Send + Sync>;
+
+/// `stop_strings`, with the model's tokenizer to see the generated text.
+#[derive(Clone)]
+pub struct StopStrings {
+    strings: Vec<String>,
+    decode: Decode,
+    /// Trailing tokens decoded at each step: enough for the longest string (a character can
+    /// take four byte-level tokens) and a token on each side of it.
+    window: usize,
+}
+
+impl StopStrings {
+    /// None when `strings` has none (empty strings are ignored).
+    pub fn new(strings: &[String], decode: Decode) -> Option<StopStrings> {
+        let strings: Vec<String> = strings.iter().filter(|s| !s.is_empty()).cloned().collect();
+        let longest = strings.iter().map(|s| s.chars().count()).max()?;
+        Some(StopStrings {
+            strings,
+            decode,
+            window: 4 * longest + 2,
+        })
+    }
+
+    /// Whether the text of `generated` ends a stop string with its last token. Checked after
+    /// every token, so a string completed earlier has already stopped the sequence.
+    fn hit(&self, generated: &[i64]) -> bool {
+        let tail = &generated[generated.len().saturating_sub(self.window)..];
+        let text = (self.decode)(tail);
+        self.strings.iter().any(|s| text.contains(s.as_str()))
+    }
+}
+
+impl std::fmt::Debug for StopStrings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.strings).finish()
+    }
+}
+
+impl PartialEq for StopStrings {
+    fn eq(&self, other: &Self) -> bool {
+        self.strings == other.strings
+    }
+}
+
+/// How much one call holds in flight: rows join the running batch while both bounds hold (a
+/// row alone may exceed them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Rows generating at once.
+    pub rows: usize,
+    /// Cache positions held at once over every sequence (each beam counts), padding included,
+    /// at the most the running rows can reach: bounds the KV cache's memory.
+    pub tokens: usize,
+}
+
+impl Limits {
+    /// Every row at once.
+    pub const ALL: Limits = Limits {
+        rows: usize::MAX,
+        tokens: usize::MAX,
+    };
 }
 
 /// Why a sequence ended.
@@ -53,6 +124,8 @@ pub enum Finish {
     Eos,
     /// It reached `max_new_tokens`.
     Length,
+    /// Its text contains one of the stop strings.
+    Stop,
 }
 
 impl Finish {
@@ -60,6 +133,7 @@ impl Finish {
         match self {
             Finish::Eos => "eos",
             Finish::Length => "length",
+            Finish::Stop => "stop",
         }
     }
 }
@@ -75,25 +149,24 @@ pub struct Hypothesis {
 }
 
 impl Search {
-    fn max_length(&self, seq: &Seq) -> usize {
-        seq.prefix + self.max_new_tokens
-    }
-
     fn position<'a>(&'a self, seq: &'a Seq) -> Position<'a> {
         Position {
             ids: &seq.ids,
             prefix: seq.prefix,
-            max_length: self.max_length(seq),
+            max_length: seq.prefix + self.max_new_tokens,
             eos_token_ids: &self.eos_token_ids,
         }
     }
 
-    fn finish_of(&self, seq: &Seq) -> Option<Finish> {
-        let last = *seq.generated().last()?;
+    /// Why a sequence whose new tokens are `generated` ends, if it does.
+    fn finish_of(&self, generated: &[i64]) -> Option<Finish> {
+        let last = *generated.last()?;
         if self.eos_token_ids.contains(&last) {
             Some(Finish::Eos)
-        } else if seq.generated().len() >= self.max_new_tokens {
+        } else if generated.len() >= self.max_new_tokens {
             Some(Finish::Length)
+        } else if self.stop_strings.as_ref().is_some_and(|s| s.hit(generated)) {
+            Some(Finish::Stop)
         } else {
             None
         }
@@ -118,242 +191,412 @@ impl Search {
 }
 
 /// Generates for each prompt (token ids, none empty): `num_return_sequences` hypotheses per
-/// prompt, best first.
+/// prompt, best first. Every row runs at once; [`generate_within`] bounds what runs at once.
 pub fn generate(
     worker: &mut Worker,
     model: &Model,
     prompts: &[Vec<i64>],
     search: &Search,
 ) -> Result<Vec<Vec<Hypothesis>>, String> {
-    search.check()?;
-    if prompts.is_empty() {
-        return Ok(Vec::new());
-    }
-    let starts = model.start(
-        worker,
-        prompts,
-        search.decoder_start_token_id,
-        search.pad_token_id,
-    )?;
-    if search.max_new_tokens == 0 {
-        return Ok(starts
-            .iter()
-            .map(|_| {
-                vec![
-                    Hypothesis {
-                        tokens: Vec::new(),
-                        score: None,
-                        finish: Finish::Length,
-                    };
-                    search.num_return_sequences
-                ]
-            })
-            .collect());
-    }
-    if search.num_beams == 1 {
-        greedy(worker, model, starts, search)
-    } else {
-        beam(worker, model, starts, search)
-    }
+    generate_within(worker, model, prompts, search, Limits::ALL)
 }
 
-fn greedy(
-    worker: &mut Worker,
-    model: &Model,
-    starts: Vec<Seq>,
-    search: &Search,
-) -> Result<Vec<Vec<Hypothesis>>, String> {
-    let mut out: Vec<Vec<Hypothesis>> = vec![Vec::new(); starts.len()];
-    // Sampling: a generator per row, seeded with the seed and the row's prompt.
-    let mut rngs: Vec<Option<ChaCha8Rng>> = starts
-        .iter()
-        .map(|seq| {
-            search.sampling.as_ref().map(|s| {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                (s.seed, &seq.ids, seq.prefix).hash(&mut h);
-                ChaCha8Rng::seed_from_u64(h.finish())
-            })
-        })
-        .collect();
-    let mut rows: Vec<usize> = (0..starts.len()).collect();
-    let mut seqs = starts;
-    while !seqs.is_empty() {
-        let (logits, vocab) = model.step(worker, &mut seqs, search.pad_token_id)?;
-        let mut kept_rows = Vec::with_capacity(rows.len());
-        let mut kept = Vec::with_capacity(seqs.len());
-        for ((row, mut seq), scores) in rows.into_iter().zip(seqs).zip(logits.chunks_exact(vocab)) {
-            let mut scores = scores.to_vec();
-            search.processors.apply(&search.position(&seq), &mut scores);
-            let token = match (&search.sampling, rngs[row].as_mut()) {
-                (Some(sampling), Some(rng)) => {
-                    sampling.probabilities(&mut scores);
-                    draw(&scores, rng.random::<f32>())
-                }
-                _ => crate::ops::argmax(&scores),
-            };
-            seq.push(token as i64);
-            match search.finish_of(&seq) {
-                Some(finish) => {
-                    out[row] = vec![Hypothesis {
-                        tokens: seq.generated().to_vec(),
-                        score: None,
-                        finish,
-                    }]
-                }
-                None => {
-                    kept_rows.push(row);
-                    kept.push(seq);
-                }
-            }
-        }
-        rows = kept_rows;
-        seqs = kept;
-    }
-    Ok(out)
+/// A row's search state while it runs.
+enum RowSearch {
+    /// Greedy or sampling (with the row's generator).
+    Greedy(Option<Box<ChaCha8Rng>>),
+    Beams(Beams),
 }
 
 /// One row's beam search state.
 struct Beams {
-    row: usize,
-    /// Running beams and their scores (sums of log-probabilities), best first.
-    running: Vec<(Seq, f32)>,
+    /// The running beams' scores (sums of log-probabilities), in the batch's order.
+    scores: Vec<f32>,
     /// Finished hypotheses, best first, at most `num_beams`.
     finished: Vec<(f32, Vec<i64>, Finish)>,
     /// transformers' `is_early_stop_heuristic_unsatisfied`.
     improvable: bool,
 }
 
-fn beam(
+/// [`generate`] with continuous batching: at most `limits` run at once; when rows finish,
+/// waiting rows (in the order given) join the running batch. Decoder-only rows join the one
+/// running batch (its cache left-padded); an encoder-decoder's decoder takes no mask over its
+/// own positions, so rows that start later run as their own batch until it empties.
+pub fn generate_within(
     worker: &mut Worker,
     model: &Model,
-    starts: Vec<Seq>,
+    prompts: &[Vec<i64>],
     search: &Search,
+    limits: Limits,
 ) -> Result<Vec<Vec<Hypothesis>>, String> {
-    let beams = search.num_beams;
-    let keep = beams * 2.max(1 + search.eos_token_ids.len());
+    search.check()?;
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(format!("prompt {i} has no tokens"));
+    }
+    if search.max_new_tokens == 0 {
+        let none = Hypothesis {
+            tokens: Vec::new(),
+            score: None,
+            finish: Finish::Length,
+        };
+        return Ok(vec![vec![none; search.num_return_sequences]; prompts.len()]);
+    }
+    let mut run = Run {
+        worker,
+        model,
+        prompts,
+        search,
+        limits: Limits {
+            rows: limits.rows.max(1),
+            tokens: limits.tokens,
+        },
+        out: vec![Vec::new(); prompts.len()],
+        rows: (0..prompts.len()).map(|_| None).collect(),
+        waiting: (0..prompts.len()).collect(),
+        batches: Vec::new(),
+    };
+    loop {
+        run.admit()?;
+        if run.batches.is_empty() {
+            break;
+        }
+        for i in 0..run.batches.len() {
+            let mut batch = std::mem::replace(&mut run.batches[i], Batch::empty());
+            run.step(&mut batch)?;
+            run.batches[i] = batch;
+        }
+        run.batches.retain(|b| !b.is_empty());
+    }
+    Ok(run.out)
+}
+
+struct Run<'a> {
+    worker: &'a mut Worker,
+    model: &'a Model,
+    prompts: &'a [Vec<i64>],
+    search: &'a Search,
+    limits: Limits,
+    out: Vec<Vec<Hypothesis>>,
+    rows: Vec<Option<RowSearch>>,
+    waiting: VecDeque<usize>,
+    /// Running batches (decoder-only: at most one).
+    batches: Vec<Batch>,
+}
+
+impl Run<'_> {
+    /// The most cache positions a batch's sequences can come to hold, together.
+    fn projected(&self, seqs: usize, positions: usize, source: usize, remaining: usize) -> usize {
+        seqs.saturating_mul(positions + source + remaining)
+    }
+
+    fn remaining(&self, batch: &Batch) -> usize {
+        let least = batch
+            .seqs
+            .iter()
+            .map(|s| s.generated().len())
+            .min()
+            .unwrap_or(0);
+        self.search.max_new_tokens.saturating_sub(least)
+    }
+
+    /// Starts waiting rows while the limits hold: once nothing runs, or once a quarter of the
+    /// rows have left (joining costs a copy of the running cache, so rows join in groups).
+    fn admit(&mut self) -> Result<(), String> {
+        if self.waiting.is_empty() {
+            return Ok(());
+        }
+        let beams = self.search.num_beams;
+        let running: usize = self.batches.iter().map(|b| b.len() / beams).sum();
+        let free = self.limits.rows.saturating_sub(running);
+        if free == 0 || (running > 0 && free < (self.limits.rows / 4).max(1)) {
+            return Ok(());
+        }
+        let decoder_only = matches!(self.model, Model::DecoderOnly(_));
+        // What stays as it is, and the batch new rows join (decoder-only).
+        let joined = if decoder_only {
+            self.batches.first()
+        } else {
+            None
+        };
+        let others: usize = self
+            .batches
+            .iter()
+            .skip(usize::from(joined.is_some()))
+            .map(|b| self.projected(b.len(), b.positions(), b.source_len(), self.remaining(b)))
+            .sum();
+        let (mut seqs, mut longest, mut remaining) = match joined {
+            Some(b) => (b.len(), b.positions(), self.remaining(b)),
+            None => (0, 0, 0),
+        };
+        remaining = remaining.max(self.search.max_new_tokens);
+        let mut admitted = Vec::new();
+        while let Some(&row) = self.waiting.front() {
+            if admitted.len() == free {
+                break;
+            }
+            let len = self.prompts[row].len();
+            let (s, l) = (seqs + beams, longest.max(len));
+            let cost = if decoder_only {
+                others.saturating_add(self.projected(s, l, 0, remaining))
+            } else {
+                // Its own batch: the decoder's positions plus the source's.
+                others.saturating_add(self.projected(s, 1, l, remaining))
+            };
+            if cost > self.limits.tokens && (running > 0 || !admitted.is_empty()) {
+                break;
+            }
+            (seqs, longest) = (s, l);
+            admitted.push(row);
+            self.waiting.pop_front();
+        }
+        if admitted.is_empty() {
+            return Ok(());
+        }
+        let all = self.prompts;
+        for &row in &admitted {
+            self.rows[row] = Some(if beams == 1 {
+                RowSearch::Greedy(self.search.sampling.as_ref().map(|s| {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    (s.seed, &all[row]).hash(&mut h);
+                    Box::new(ChaCha8Rng::seed_from_u64(h.finish()))
+                }))
+            } else {
+                // transformers starts every beam but the first at -1e9, so the first step's
+                // continuations all come from the first beam: one sequence until then.
+                RowSearch::Beams(Beams {
+                    scores: vec![0.0],
+                    finished: Vec::new(),
+                    improvable: true,
+                })
+            });
+        }
+        // The first step runs over whole prompts, where padding costs the most: rows of
+        // similar lengths run together, then join the running batch at once.
+        let mut started = Vec::new();
+        for group in prefill_groups(&admitted, |r| all[r].len()) {
+            let prompts: Vec<(usize, &[i64])> =
+                group.iter().map(|&r| (r, all[r].as_slice())).collect();
+            let mut batch = self.model.start(
+                self.worker,
+                &prompts,
+                self.search.decoder_start_token_id,
+                self.search.pad_token_id,
+            )?;
+            self.step(&mut batch)?;
+            started.push(batch);
+        }
+        let mut started = started.into_iter().filter(|b| !b.is_empty());
+        let Some(mut joined) = started.next() else {
+            return Ok(());
+        };
+        joined.merge(self.model, started.collect())?;
+        match self
+            .batches
+            .iter()
+            .position(|b| b.can_merge(&joined, self.model))
+        {
+            Some(i) => self.batches[i].merge(self.model, vec![joined]),
+            None => {
+                self.batches.push(joined);
+                Ok(())
+            }
+        }
+    }
+
+    /// One step of a batch: the model's logits, each row's search, and the batch that
+    /// continues (finished rows gone, beams reordered).
+    fn step(&mut self, batch: &mut Batch) -> Result<(), String> {
+        let (logits, vocab) = self
+            .model
+            .step(self.worker, batch, self.search.pad_token_id)?;
+        let mut picks: Vec<(usize, i64)> = Vec::with_capacity(batch.len());
+        let mut i = 0;
+        while i < batch.len() {
+            let row = batch.seqs[i].row;
+            let end = i + batch.seqs[i..].iter().take_while(|s| s.row == row).count();
+            let seqs = &batch.seqs[i..end];
+            let logits = &logits[i * vocab..end * vocab];
+            let state = self.rows[row]
+                .as_mut()
+                .expect("a running row has its state");
+            let done = match state {
+                RowSearch::Greedy(rng) => {
+                    greedy_step(self.search, &seqs[0], logits, rng).map(|(token, finish)| {
+                        match finish {
+                            Some(finish) => {
+                                let mut tokens = seqs[0].generated().to_vec();
+                                tokens.push(token);
+                                Some(vec![Hypothesis {
+                                    tokens,
+                                    score: None,
+                                    finish,
+                                }])
+                            }
+                            None => {
+                                picks.push((i, token));
+                                None
+                            }
+                        }
+                    })
+                }
+                RowSearch::Beams(beams) => {
+                    beam_step(self.search, beams, seqs, logits, vocab).map(|next| match next {
+                        Some(next) => {
+                            picks.extend(next.into_iter().map(|(b, t)| (i + b, t)));
+                            None
+                        }
+                        None => Some(
+                            std::mem::take(&mut beams.finished)
+                                .into_iter()
+                                .take(self.search.num_return_sequences)
+                                .map(|(score, tokens, finish)| Hypothesis {
+                                    tokens,
+                                    score: Some(score),
+                                    finish,
+                                })
+                                .collect(),
+                        ),
+                    })
+                }
+            }?;
+            if let Some(hyps) = done {
+                self.out[row] = hyps;
+                self.rows[row] = None;
+            }
+            i = end;
+        }
+        batch.select(self.model, &picks)
+    }
+}
+
+/// Rows (sorted longest first) cut into groups whose padding to their longest row is at most
+/// a fifth of their tokens.
+fn prefill_groups(rows: &[usize], len: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let mut sorted = rows.to_vec();
+    sorted.sort_by_key(|&r| std::cmp::Reverse(len(r)));
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let (mut longest, mut tokens) = (0, 0);
+    for r in sorted {
+        let l = len(r);
+        match groups.last_mut() {
+            Some(g) if 5 * (g.len() + 1) * longest <= 6 * (tokens + l) => {
+                g.push(r);
+                tokens += l;
+            }
+            _ => {
+                groups.push(vec![r]);
+                (longest, tokens) = (l, l);
+            }
+        }
+    }
+    groups
+}
+
+/// A greedy (or sampled) row's next token, and whether it ends the row.
+fn greedy_step(
+    search: &Search,
+    seq: &Seq,
+    logits: &[f32],
+    rng: &mut Option<Box<ChaCha8Rng>>,
+) -> Result<(i64, Option<Finish>), String> {
+    let mut scores = logits.to_vec();
+    search.processors.apply(&search.position(seq), &mut scores);
+    let token = match (&search.sampling, rng.as_mut()) {
+        (Some(sampling), Some(rng)) => {
+            sampling.probabilities(&mut scores);
+            draw(&scores, rng.random::<f32>())
+        }
+        _ => crate::ops::argmax(&scores),
+    } as i64;
+    let mut generated = seq.generated().to_vec();
+    generated.push(token);
+    Ok((token, search.finish_of(&generated)))
+}
+
+/// One step of a row's beam search, as transformers 4.57's `_beam_search`: the beams that
+/// continue ((beam, token), best first, their scores kept in `beams`), or None when the row is
+/// done (its hypotheses in `beams.finished`).
+fn beam_step(
+    search: &Search,
+    beams: &mut Beams,
+    parents: &[Seq],
+    logits: &[f32],
+    vocab: usize,
+) -> Result<Option<Vec<(usize, i64)>>, String> {
+    let n = search.num_beams;
+    let keep = n * 2.max(1 + search.eos_token_ids.len());
+    if vocab < keep {
+        return Err(format!(
+            "num_beams {n} needs a vocabulary of at least {keep} tokens; the model has {vocab}"
+        ));
+    }
     let lp = search.length_penalty as f64;
-    let mut out: Vec<Vec<Hypothesis>> = vec![Vec::new(); starts.len()];
-    // The first step runs each row once: transformers starts every beam but the first at -1e9,
-    // so the first step's continuations all come from the first beam.
-    let mut rows: Vec<Beams> = starts
-        .into_iter()
-        .enumerate()
-        .map(|(row, seq)| Beams {
-            row,
-            running: vec![(seq, 0.0)],
-            finished: Vec::new(),
-            improvable: true,
+    // Accumulated log-probabilities of every (beam, token).
+    let mut all = Vec::with_capacity(parents.len() * vocab);
+    for ((seq, score), logits) in parents
+        .iter()
+        .zip(&beams.scores)
+        .zip(logits.chunks_exact(vocab))
+    {
+        let mut lps = logits.to_vec();
+        log_softmax(&mut lps);
+        search.processors.apply(&search.position(seq), &mut lps);
+        all.extend(lps.iter().map(|&l| l + score));
+    }
+    let top = top_k(&all, keep);
+    let generated = parents[0].generated().len() + 1;
+    let candidates: Vec<(usize, i64, f32, Option<Finish>)> = top
+        .iter()
+        .map(|&i| {
+            let (beam, token) = (i / vocab, (i % vocab) as i64);
+            let mut ids = parents[beam].generated().to_vec();
+            ids.push(token);
+            (beam, token, all[i], search.finish_of(&ids))
         })
         .collect();
-    while !rows.is_empty() {
-        let mut seqs: Vec<Seq> = rows
-            .iter_mut()
-            .flat_map(|r| {
-                r.running
-                    .iter_mut()
-                    .map(|(s, _)| std::mem::replace(s, Seq::prompt(Vec::new())))
-            })
-            .collect();
-        let (logits, vocab) = model.step(worker, &mut seqs, search.pad_token_id)?;
-        if vocab < keep {
-            return Err(format!(
-                "num_beams {beams} needs a vocabulary of at least {keep} tokens; the model has {vocab}"
-            ));
-        }
-        let mut seqs = seqs.into_iter();
-        let mut logits = logits.chunks_exact(vocab);
-        let mut kept = Vec::with_capacity(rows.len());
-        for mut r in rows {
-            // Accumulated log-probabilities of every (beam, token).
-            let mut parents = Vec::with_capacity(r.running.len());
-            let mut all = Vec::with_capacity(r.running.len() * vocab);
-            for (_, score) in &r.running {
-                let seq = seqs.next().expect("one sequence per running beam");
-                let mut lps = logits.next().expect("logits per sequence").to_vec();
-                log_softmax(&mut lps);
-                search.processors.apply(&search.position(&seq), &mut lps);
-                all.extend(lps.iter().map(|&l| l + score));
-                parents.push(seq);
-            }
-            let top = top_k(&all, keep);
-            let generated = parents[0].generated().len() + 1;
-            let candidates: Vec<(usize, i64, f32, bool)> = top
-                .iter()
-                .map(|&i| {
-                    let (beam, token) = (i / vocab, (i % vocab) as i64);
-                    let hits =
-                        search.eos_token_ids.contains(&token) || generated >= search.max_new_tokens;
-                    (beam, token, all[i], hits)
-                })
-                .collect();
-            // Finished: only among the first `num_beams` candidates, and only while the row can
-            // still take them.
-            let full = r.finished.len() == beams && search.early_stopping == EarlyStopping::Done;
-            if r.improvable && !full {
-                let penalty = (generated as f64).powf(lp) as f32;
-                for &(beam, token, score, hits) in candidates.iter().take(beams) {
-                    if hits {
-                        let mut ids = parents[beam].generated().to_vec();
-                        ids.push(token);
-                        let finish = if search.eos_token_ids.contains(&token) {
-                            Finish::Eos
-                        } else {
-                            Finish::Length
-                        };
-                        let score = score / penalty;
-                        let at = r
-                            .finished
-                            .iter()
-                            .position(|(s, _, _)| *s < score)
-                            .unwrap_or(r.finished.len());
-                        r.finished.insert(at, (score, ids, finish));
-                        r.finished.truncate(beams);
-                    }
-                }
-            }
-            // Running: the best `num_beams` candidates, those that hit a stop pushed last.
-            let mut next: Vec<(usize, i64, f32, f32)> = candidates
-                .iter()
-                .map(|&(b, t, s, hits)| (b, t, s, if hits { s - 1.0e9 } else { s }))
-                .collect();
-            next.sort_by(|a, b| b.3.total_cmp(&a.3));
-            next.truncate(beams);
-            let all_hit = candidates.iter().all(|c| c.3);
-            r.running = next
-                .into_iter()
-                .map(|(b, t, _, adjusted)| (parents[b].child(t), adjusted))
-                .collect();
-            // transformers' _check_early_stop_heuristic, at the new length.
-            if r.finished.len() == beams {
-                let length = if search.early_stopping == EarlyStopping::Never && lp > 0.0 {
-                    search.max_new_tokens
-                } else {
-                    generated
-                };
-                let best_running = r.running[0].1 / (length as f64).powf(lp) as f32;
-                let worst_finished = r.finished.last().map_or(f32::NEG_INFINITY, |f| f.0);
-                r.improvable &= best_running > worst_finished;
-            }
-            let done = !r.improvable
-                || (r.finished.len() == beams && search.early_stopping == EarlyStopping::Done)
-                || all_hit;
-            if done {
-                out[r.row] = r
+    // Finished: only among the first `num_beams` candidates, and only while the row can still
+    // take them.
+    let full = beams.finished.len() == n && search.early_stopping == EarlyStopping::Done;
+    if beams.improvable && !full {
+        let penalty = (generated as f64).powf(lp) as f32;
+        for &(beam, token, score, finish) in candidates.iter().take(n) {
+            if let Some(finish) = finish {
+                let mut ids = parents[beam].generated().to_vec();
+                ids.push(token);
+                let score = score / penalty;
+                let at = beams
                     .finished
-                    .into_iter()
-                    .take(search.num_return_sequences)
-                    .map(|(score, tokens, finish)| Hypothesis {
-                        tokens,
-                        score: Some(score),
-                        finish,
-                    })
-                    .collect();
-            } else {
-                kept.push(r);
+                    .iter()
+                    .position(|(s, _, _)| *s < score)
+                    .unwrap_or(beams.finished.len());
+                beams.finished.insert(at, (score, ids, finish));
+                beams.finished.truncate(n);
             }
         }
-        rows = kept;
     }
-    Ok(out)
+    // Running: the best `num_beams` candidates, those that hit a stop pushed last.
+    let mut next: Vec<(usize, i64, f32)> = candidates
+        .iter()
+        .map(|&(b, t, s, f)| (b, t, if f.is_some() { s - 1.0e9 } else { s }))
+        .collect();
+    next.sort_by(|a, b| b.2.total_cmp(&a.2));
+    next.truncate(n);
+    let all_hit = candidates.iter().all(|c| c.3.is_some());
+    beams.scores = next.iter().map(|c| c.2).collect();
+    // transformers' _check_early_stop_heuristic, at the new length.
+    if beams.finished.len() == n {
+        let length = if search.early_stopping == EarlyStopping::Never && lp > 0.0 {
+            search.max_new_tokens
+        } else {
+            generated
+        };
+        let best_running = beams.scores[0] / (length as f64).powf(lp) as f32;
+        let worst_finished = beams.finished.last().map_or(f32::NEG_INFINITY, |f| f.0);
+        beams.improvable &= best_running > worst_finished;
+    }
+    let done = !beams.improvable
+        || (beams.finished.len() == n && search.early_stopping == EarlyStopping::Done)
+        || all_hit;
+    Ok((!done).then(|| next.into_iter().map(|(b, t, _)| (b, t)).collect()))
 }

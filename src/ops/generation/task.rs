@@ -17,9 +17,9 @@ use tokenizers::Tokenizer;
 
 use super::Processors;
 use super::model::{DecoderOnly, Model, Seq2Seq};
-use super::search::{EarlyStopping, Finish, Hypothesis, Search, generate};
+use super::search::{EarlyStopping, Finish, Hypothesis, Limits, Search, generate_within};
 use crate::ops::OpError;
-use crate::ops::core::{ArgColumn, RowErrors, Task};
+use crate::ops::core::{ArgColumn, CallLimits, RowErrors, Task};
 use crate::ops::text::read_texts;
 use crate::runtime::ModelDir;
 use crate::runtime::model_dir::read_json;
@@ -39,6 +39,23 @@ impl OneOrMany {
         match self {
             OneOrMany::One(t) => vec![*t],
             OneOrMany::Many(t) => t.clone(),
+        }
+    }
+}
+
+/// One string or several (`stop_strings`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Strings {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Strings {
+    fn list(&self) -> Vec<String> {
+        match self {
+            Strings::One(s) => vec![s.clone()],
+            Strings::Many(s) => s.clone(),
         }
     }
 }
@@ -101,6 +118,10 @@ pub struct GenerationSettings {
     /// global generator instead: sampled texts are not the same as transformers'.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// A sequence ends once its generated text contains one of these (kept in the output, as
+    /// transformers keeps it); checked on the text of the new tokens, after every token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_strings: Option<Strings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,6 +172,7 @@ impl GenerationSettings {
             top_p,
             min_p,
             seed,
+            stop_strings,
             repetition_penalty,
             no_repeat_ngram_size,
             bad_words_ids,
@@ -183,6 +205,7 @@ impl GenerationSettings {
             top_p: Some(0.0),
             min_p: Some(0.0),
             seed: Some(0),
+            stop_strings: Some(Strings::One(String::new())),
             repetition_penalty: Some(0.0),
             no_repeat_ngram_size: Some(0),
             bad_words_ids: Some(Vec::new()),
@@ -263,6 +286,11 @@ pub struct GenerationOptions {
     /// first generated token, as multilingual models (NLLB, M2M100, mBART) need.
     #[serde(default)]
     pub tgt_lang: Option<String>,
+    /// translate only: the source language's token (e.g. "fra_Latn", "fr_XX") for tokenizers
+    /// that mark it around each text (NLLB, mBART): it takes the place of the tokenizer's
+    /// default (tokenizer_config.json's `src_lang`), as the tokenizer's `src_lang` does.
+    #[serde(default)]
+    pub src_lang: Option<String>,
     /// Each input becomes a user message rendered with the model's chat template
     /// (`chat_template.jinja` or tokenizer_config.json's `chat_template`), the assistant's turn
     /// opened; the output is the reply. For instruct models.
@@ -344,7 +372,7 @@ pub fn model_files(
 pub struct GenerationTask {
     pipeline: Pipeline,
     model: Model,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     /// The search, its `max_new_tokens` set per call.
     search: Search,
     max_new_tokens: Option<usize>,
@@ -355,11 +383,130 @@ pub struct GenerationTask {
     context: Option<usize>,
     /// Decoder-only: an empty prompt starts from this token.
     bos: Option<i64>,
-    chat: Option<super::chat::ChatTemplate>,
+    /// The model's chat template (decoder-only models that have one).
+    chat_template: Option<super::chat::ChatTemplate>,
+    /// Text inputs are rendered as a user message with the chat template (`chat: true`).
+    chat: bool,
     template: Option<String>,
     /// Encoder-decoder: sources truncated to `context` tokens, special tokens kept.
     truncating: Option<crate::ops::text::Truncating>,
     details: bool,
+}
+
+/// The tokenizer with `lang` in place of the source language token `default` among the special
+/// tokens its post-processor adds around a text (what `src_lang` does to NLLB's and mBART's
+/// tokenizers).
+fn with_src_lang(tokenizer: &Tokenizer, default: &str, lang: &str) -> Result<Tokenizer, String> {
+    use serde_json::{Value, json};
+    let id = tokenizer
+        .token_to_id(lang)
+        .ok_or("not a token of the model's tokenizer")?;
+    let mut json: Value =
+        serde_json::from_str(&tokenizer.to_string(false).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    fn swap(processor: &mut Value, default: &str, lang: &str, id: u32) -> usize {
+        let mut swapped = 0;
+        match processor["type"].as_str() {
+            Some("TemplateProcessing") => {
+                for which in ["single", "pair"] {
+                    for piece in processor[which].as_array_mut().into_iter().flatten() {
+                        if piece["SpecialToken"]["id"] == default {
+                            piece["SpecialToken"]["id"] = Value::from(lang);
+                            swapped += 1;
+                        }
+                    }
+                }
+                if swapped > 0 {
+                    processor["special_tokens"][lang] =
+                        json!({"id": lang, "ids": [id], "tokens": [lang]});
+                }
+            }
+            Some("Sequence") => {
+                for p in processor["processors"].as_array_mut().into_iter().flatten() {
+                    swapped += swap(p, default, lang, id);
+                }
+            }
+            _ => {}
+        }
+        swapped
+    }
+    if swap(&mut json["post_processor"], default, lang, id) == 0 {
+        return Err(format!(
+            "the tokenizer does not add the source language token {default:?} around a text"
+        ));
+    }
+    json.to_string().parse().map_err(|e| format!("{e}"))
+}
+
+/// One row's input.
+pub enum PromptInput {
+    Text(String),
+    /// A conversation, (role, content) per message, rendered with the chat template.
+    Messages(Vec<(String, String)>),
+}
+
+/// Reads a column of conversations: a list of `{role, content}` structs per row. A row with a
+/// null message, role or content is a row error.
+fn read_messages(
+    field: &str,
+    array: &ArrayRef,
+    errors: &RowErrors,
+) -> Result<Vec<Option<PromptInput>>> {
+    use datafusion::arrow::array::{Array, AsArray, StructArray};
+    let rows: Vec<Option<ArrayRef>> = match array.data_type() {
+        DataType::List(_) => array.as_list::<i32>().iter().collect(),
+        DataType::LargeList(_) => array.as_list::<i64>().iter().collect(),
+        other => {
+            return datafusion::common::exec_err!(
+                "cannot read messages from a {other} column '{field}'"
+            );
+        }
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for (row, messages) in rows.into_iter().enumerate() {
+        let Some(messages) = messages else {
+            out.push(None);
+            continue;
+        };
+        let messages: &StructArray = messages.as_struct();
+        let strings = |name: &str| -> Result<Vec<Option<String>>> {
+            let column = messages.column_by_name(name).ok_or_else(|| {
+                datafusion::error::DataFusionError::Execution(format!(
+                    "'{field}': messages have no `{name}` field"
+                ))
+            })?;
+            read_texts(name, column, &RowErrors::default())
+        };
+        let (roles, contents) = (strings("role")?, strings("content")?);
+        let mut conversation = Vec::with_capacity(messages.len());
+        let mut bad = None;
+        for (i, (role, content)) in roles.into_iter().zip(contents).enumerate() {
+            match (messages.is_valid(i), role, content) {
+                (true, Some(role), Some(content)) => conversation.push((role, content)),
+                _ => {
+                    bad = Some(format!(
+                        "field '{field}': message {i} has no role or no content"
+                    ));
+                    break;
+                }
+            }
+        }
+        match bad {
+            Some(message) => {
+                errors.push(row, message);
+                out.push(None);
+            }
+            None if conversation.is_empty() => {
+                errors.push(
+                    row,
+                    format!("field '{field}': the conversation has no messages"),
+                );
+                out.push(None);
+            }
+            None => out.push(Some(PromptInput::Messages(conversation))),
+        }
+    }
+    Ok(out)
 }
 
 /// One row's prompt, tokenized.
@@ -409,7 +556,24 @@ impl GenerationTask {
             }
             _ => {}
         }
-        let tokenizer = dir.tokenizer("generation")?;
+        let mut tokenizer = dir.tokenizer("generation")?;
+        if let Some(lang) = &options.src_lang {
+            if pipeline != Pipeline::Translation {
+                return Err(OpError::Options(
+                    "src_lang is an option of translate".into(),
+                ));
+            }
+            let tokenizer_config: serde_json::Value =
+                read_json(&dir.dir.join("tokenizer_config.json"))?.unwrap_or_default();
+            let default = tokenizer_config["src_lang"].as_str().ok_or_else(|| {
+                OpError::Options(format!(
+                    "src_lang: {} names no default src_lang in tokenizer_config.json, so its tokenizer does not mark the source language",
+                    dir.dir.display()
+                ))
+            })?;
+            tokenizer = with_src_lang(&tokenizer, default, lang)
+                .map_err(|e| OpError::Options(format!("src_lang {lang:?}: {e}")))?;
+        }
         let config: serde_json::Value =
             read_json(&dir.dir.join("config.json"))?.unwrap_or_default();
         let from_config = GenerationSettings::from_json(&config, "config.json").map_err(err)?;
@@ -504,7 +668,19 @@ impl GenerationTask {
                 dir.dir.display()
             )));
         }
+        let tokenizer = Arc::new(tokenizer);
+        let stop_strings = settings.stop_strings.as_ref().and_then(|strings| {
+            let tokenizer = Arc::clone(&tokenizer);
+            super::StopStrings::new(
+                &strings.list(),
+                Arc::new(move |ids: &[i64]| {
+                    let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+                    tokenizer.decode(&ids, false).unwrap_or_default()
+                }),
+            )
+        });
         let search = Search {
+            stop_strings,
             num_beams: settings.num_beams.unwrap_or(1),
             num_return_sequences: settings.num_return_sequences.unwrap_or(1),
             length_penalty: settings.length_penalty.unwrap_or(1.0),
@@ -555,22 +731,28 @@ impl GenerationTask {
             )?),
             _ => None,
         };
-        let chat = if options.chat {
-            if seq2seq {
-                return Err(OpError::Options(
-                    "chat: chat templates are for decoder-only instruct models".into(),
-                ));
+        if options.chat && seq2seq {
+            return Err(OpError::Options(
+                "chat: chat templates are for decoder-only instruct models".into(),
+            ));
+        }
+        // Loaded for conversations even without `chat`; a template ferry cannot parse only
+        // matters when it is used.
+        let chat_template = match (seq2seq, super::chat::ChatTemplate::from_dir(&dir.dir)) {
+            (true, _) => None,
+            (false, Ok(t)) => t,
+            (false, Err(e)) if !options.chat => {
+                tracing::warn!(error = %e, "the model's chat template cannot be used; messages inputs will fail");
+                None
             }
-            let template = super::chat::ChatTemplate::from_dir(&dir.dir).map_err(err)?;
-            Some(template.ok_or_else(|| {
-                OpError::Options(format!(
-                    "chat: {} has no chat template (chat_template.jinja or tokenizer_config.json's chat_template)",
-                    dir.dir.display()
-                ))
-            })?)
-        } else {
-            None
+            (false, Err(e)) => return Err(err(e)),
         };
+        if options.chat && chat_template.is_none() {
+            return Err(OpError::Options(format!(
+                "chat: {} has no chat template (chat_template.jinja or tokenizer_config.json's chat_template)",
+                dir.dir.display()
+            )));
+        }
         if let Some(t) = &options.template
             && !t.contains("{text}")
         {
@@ -579,7 +761,8 @@ impl GenerationTask {
             )));
         }
         Ok(GenerationTask {
-            chat,
+            chat: options.chat,
+            chat_template,
             template: options.template.clone(),
             truncating,
             pipeline,
@@ -593,6 +776,43 @@ impl GenerationTask {
             bos: settings.bos_token_id,
             details: options.details,
         })
+    }
+
+    /// A tokenized input as a prompt: a BOS for an empty decoder-only prompt, `max_new` from the
+    /// settings, and a decoder-only prompt kept to its last tokens that leave room for the new
+    /// ones (the text-generation pipeline's "hole").
+    fn prompt(&self, encoding: tokenizers::Encoding) -> Result<Vec<Prompt>, String> {
+        let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
+        let seq2seq = matches!(self.model, Model::Seq2Seq(_));
+        if ids.is_empty() {
+            match (seq2seq, self.bos) {
+                (false, Some(bos)) => ids.push(bos),
+                _ => return Err("the input has no tokens".into()),
+            }
+        }
+        let max_new = |prefix: usize| match (self.max_new_tokens, self.max_length) {
+            (Some(n), _) => n,
+            (None, Some(l)) => l.saturating_sub(prefix),
+            (None, None) => 0,
+        };
+        let max_new = if seq2seq {
+            max_new(1)
+        } else {
+            let max_new = max_new(ids.len());
+            if let Some(c) = self.context {
+                let keep = c.saturating_sub(max_new);
+                if keep == 0 {
+                    return Err(format!(
+                        "max_new_tokens {max_new} leaves no room for the prompt in the model's {c} positions"
+                    ));
+                }
+                if ids.len() > keep {
+                    ids.drain(..ids.len() - keep);
+                }
+            }
+            max_new
+        };
+        Ok(vec![Prompt { ids, max_new }])
     }
 
     fn decode(&self, ids: &[i64]) -> Result<String, String> {
@@ -632,7 +852,7 @@ pub fn clean_up_tokenization(s: &str) -> String {
 }
 
 impl Task for GenerationTask {
-    type Input = String;
+    type Input = PromptInput;
     type Item = Prompt;
     /// The prompt's ids as generated from, and the hypotheses.
     type Out = (Vec<i64>, Vec<Hypothesis>);
@@ -647,21 +867,44 @@ impl Task for GenerationTask {
         }
     }
 
-    fn read(&self, args: &[ArgColumn<'_>], errors: &RowErrors) -> Result<Vec<Option<String>>> {
-        read_texts(args[0].field, args[0].array, errors)
+    fn read(&self, args: &[ArgColumn<'_>], errors: &RowErrors) -> Result<Vec<Option<PromptInput>>> {
+        let (field, array) = (args[0].field, args[0].array);
+        if crate::ops::core::is_messages(array.data_type()) {
+            return read_messages(field, array, errors);
+        }
+        Ok(read_texts(field, array, errors)?
+            .into_iter()
+            .map(|t| t.map(PromptInput::Text))
+            .collect())
     }
 
-    fn prepare(&self, input: &String) -> Result<Vec<Prompt>, String> {
+    fn prepare(&self, input: &PromptInput) -> Result<Vec<Prompt>, String> {
+        let chat = |messages: &[(&str, &str)]| -> Result<tokenizers::Encoding, String> {
+            let template = self.chat_template.as_ref().ok_or(
+                "messages need the model's chat template (chat_template.jinja or tokenizer_config.json's chat_template); this model has none",
+            )?;
+            // As apply_chat_template: the rendered text holds its own special tokens.
+            let rendered = template.render(messages, true)?;
+            self.tokenizer
+                .encode(rendered.as_str(), false)
+                .map_err(|e| e.to_string())
+        };
+        let input = match input {
+            PromptInput::Messages(messages) => {
+                let messages: Vec<(&str, &str)> = messages
+                    .iter()
+                    .map(|(r, c)| (r.as_str(), c.as_str()))
+                    .collect();
+                return self.prompt(chat(&messages)?);
+            }
+            PromptInput::Text(text) => text,
+        };
         let input = match &self.template {
             Some(t) => t.replace("{text}", input),
             None => input.clone(),
         };
-        let encoding = if let Some(chat) = &self.chat {
-            // As apply_chat_template: the rendered text holds its own special tokens.
-            let rendered = chat.render(&[("user", &input)], true)?;
-            self.tokenizer
-                .encode(rendered.as_str(), false)
-                .map_err(|e| e.to_string())?
+        let encoding = if self.chat {
+            chat(&[("user", &input)])?
         } else {
             let text = format!("{}{input}", self.prefix);
             match &self.truncating {
@@ -674,44 +917,13 @@ impl Task for GenerationTask {
                     .map_err(|e| e.to_string())?,
             }
         };
-        let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
-        let seq2seq = matches!(self.model, Model::Seq2Seq(_));
-        if ids.is_empty() {
-            match (seq2seq, self.bos) {
-                (false, Some(bos)) => ids.push(bos),
-                _ => return Err("the input has no tokens".into()),
-            }
-        }
-        let max_new = |prefix: usize| match (self.max_new_tokens, self.max_length) {
-            (Some(n), _) => n,
-            (None, Some(l)) => l.saturating_sub(prefix),
-            (None, None) => 0,
-        };
-        let max_new = if seq2seq {
-            max_new(1)
-        } else {
-            let max_new = max_new(ids.len());
-            if let Some(c) = self.context {
-                let keep = c.saturating_sub(max_new);
-                if keep == 0 {
-                    return Err(format!(
-                        "max_new_tokens {max_new} leaves no room for the prompt in the model's {c} positions"
-                    ));
-                }
-                if ids.len() > keep {
-                    ids.drain(..ids.len() - keep);
-                }
-            }
-            max_new
-        };
-        Ok(vec![Prompt { ids, max_new }])
+        self.prompt(encoding)
     }
 
     fn cost(&self, item: &Prompt) -> usize {
         // The cache holds prompt and new tokens, for every beam.
         (item.ids.len() + item.max_new) * self.search.num_beams
     }
-
     fn batch_key(&self, item: &Prompt) -> u64 {
         item.max_new as u64
     }
@@ -721,6 +933,29 @@ impl Task for GenerationTask {
     }
 
     fn run(&self, worker: &mut Worker, items: &[&Prompt]) -> Result<Vec<Self::Out>, String> {
+        self.run_within(
+            worker,
+            items,
+            CallLimits {
+                items: usize::MAX,
+                cost: usize::MAX,
+            },
+        )
+    }
+
+    fn schedules_calls(&self) -> bool {
+        true
+    }
+
+    /// Rows are batched continuously: `batch_size` rows generate at once, and the cache they
+    /// can come to hold (prompt and new tokens, every beam, padding included) stays within
+    /// `max_batch_cost` tokens.
+    fn run_within(
+        &self,
+        worker: &mut Worker,
+        items: &[&Prompt],
+        limits: CallLimits,
+    ) -> Result<Vec<Self::Out>, String> {
         let Some(first) = items.first() else {
             return Ok(Vec::new());
         };
@@ -729,11 +964,19 @@ impl Task for GenerationTask {
             ..self.search.clone()
         };
         let prompts: Vec<Vec<i64>> = items.iter().map(|p| p.ids.clone()).collect();
-        let results = generate(worker, &self.model, &prompts, &search)?;
+        let limits = Limits {
+            rows: limits.items,
+            tokens: limits.cost,
+        };
+        let results = generate_within(worker, &self.model, &prompts, &search, limits)?;
         Ok(prompts.into_iter().zip(results).collect())
     }
 
-    fn finish(&self, input: &String, mut outs: Vec<Self::Out>) -> Result<Vec<Generated>, String> {
+    fn finish(
+        &self,
+        input: &PromptInput,
+        mut outs: Vec<Self::Out>,
+    ) -> Result<Vec<Generated>, String> {
         let (prompt, hyps) = outs.pop().ok_or("no result")?;
         // The prompt as the pipeline decodes it, to strip from each continuation (generate).
         let prompt_chars = match self.pipeline {
@@ -752,7 +995,10 @@ impl Task for GenerationTask {
                         all.extend(&h.tokens);
                         let full = clean_up_tokenization(&self.decode(&all)?);
                         let new: String = full.chars().skip(prompt_chars).collect();
-                        if return_full_text && self.chat.is_none() {
+                        // Conversations and chat prompts give the assistant's reply alone.
+                        if let (true, false, PromptInput::Text(input)) =
+                            (return_full_text, self.chat, input)
+                        {
                             format!("{input}{new}")
                         } else {
                             new
@@ -837,5 +1083,54 @@ impl Task for GenerationTask {
             }
             Ok(Arc::new(b.finish()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::processors::template::TemplateProcessing;
+
+    /// src_lang replaces the default language token the post-processor adds (NLLB's layout:
+    /// language, text, `</s>`), for single texts; an unknown language is refused.
+    #[test]
+    fn src_lang_replaces_the_source_language_token() {
+        let vocab: std::collections::HashMap<String, u32> = [
+            ("eng_Latn", 0),
+            ("fra_Latn", 1),
+            ("</s>", 2),
+            ("hello", 3),
+            ("[UNK]", 4),
+        ]
+        .into_iter()
+        .map(|(t, i)| (t.to_string(), i))
+        .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("[UNK]".into())
+            .build()
+            .unwrap();
+        let mut tokenizer = Tokenizer::new(model);
+        tokenizer.with_pre_tokenizer(Some(Whitespace {}));
+        tokenizer.with_post_processor(Some(
+            TemplateProcessing::builder()
+                .try_single("eng_Latn $A </s>")
+                .unwrap()
+                .try_pair("eng_Latn $A </s> $B </s>")
+                .unwrap()
+                .special_tokens(vec![("eng_Latn", 0), ("</s>", 2)])
+                .build()
+                .unwrap(),
+        ));
+        assert_eq!(
+            tokenizer.encode("hello", true).unwrap().get_ids(),
+            [0, 3, 2]
+        );
+        let french = with_src_lang(&tokenizer, "eng_Latn", "fra_Latn").unwrap();
+        assert_eq!(french.encode("hello", true).unwrap().get_ids(), [1, 3, 2]);
+        assert!(with_src_lang(&tokenizer, "eng_Latn", "xx_Latn").is_err());
+        assert!(with_src_lang(&tokenizer, "deu_Latn", "fra_Latn").is_err());
     }
 }
