@@ -36,6 +36,12 @@ def build(out):
             [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", tmp, "-o", out, "-p", "fp32", "-e", "cpu"],
             check=True,
         )
+    # onnxruntime-genai derives the attention mask from the pad token, and SmolLM2 pads with its
+    # EOS, <|im_end|>, which chat prompts hold: pad with <|endoftext|> (0), which they do not.
+    config_file = Path(out) / "genai_config.json"
+    config = json.loads(config_file.read_text())
+    config["model"]["pad_token_id"] = 0
+    config_file.write_text(json.dumps(config, indent=4))
 
 
 def run(model_dir, prompts_file, batch, beams, max_new):

@@ -14,9 +14,10 @@
 //! the prompts at several `max_batch_tokens` budgets, each in a process of its own.
 //! Models: the tiny GPT-2 and BART fixtures and, when built (`make_fixtures.py smollm2`),
 //! SmolLM2-135M-Instruct. Prompts are the example texts, one to four joined, so every batch
-//! mixes lengths. Both sides run greedy and 4-beam search with `max_new_tokens` and count the
-//! new tokens of every row up to its first EOS; the model's own processors (forced BOS/EOS, bad
-//! words) run on both.
+//! mixes lengths (SmolLM2: asked to summarize them in one sentence, with its chat template).
+//! Every side runs greedy and 4-beam search with `max_new_tokens` and counts the new tokens of
+//! every row up to its first EOS; the model's own processors (forced BOS/EOS, bad words) run on
+//! all.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -139,13 +140,24 @@ fn baseline(
     Some(1.0 / median(rates))
 }
 
-/// The prompts of a model: one to four example texts each, so every batch mixes lengths.
+/// The prompts of a model: one to four example texts each, so every batch mixes lengths. A
+/// model with a chat template (SmolLM2) gets them as the summarize operator of
+/// `pipelines/summaries.yaml` does: "Summarize in one sentence: {text}" as a user message, so
+/// replies end (EOS) at different lengths.
 fn prompts(dir: &Path, texts: &[String], n: usize, context: usize) -> Vec<Vec<i64>> {
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let chat = ferry::ops::generation::chat::ChatTemplate::from_dir(dir).unwrap();
     (0..n)
         .map(|i| {
             let text = texts[i * 4..i * 4 + 1 + i % 4].join(" ");
-            let ids = tokenizer.encode(text.as_str(), true).unwrap();
+            let ids = match &chat {
+                Some(chat) => {
+                    let message = format!("Summarize in one sentence: {text}");
+                    let prompt = chat.render(&[("user", &message)], true).unwrap();
+                    tokenizer.encode(prompt.as_str(), false).unwrap()
+                }
+                None => tokenizer.encode(text.as_str(), true).unwrap(),
+            };
             let mut ids: Vec<i64> = ids.get_ids().iter().map(|&t| t as i64).collect();
             ids.truncate(context);
             ids
@@ -218,7 +230,12 @@ fn main() {
         "case", "ferry", "static", "optimum", "ort-genai", "/optimum", "/genai"
     );
     for (name, dir) in &models {
-        let context = if *name == "smollm2" { 256 } else { 40 };
+        // The tiny models have 64 positions: a decoder-only prompt leaves room for the new tokens.
+        let context = match *name {
+            "smollm2" => 256,
+            "tiny-gpt2" => 64usize.saturating_sub(max_new).max(8),
+            _ => 40,
+        };
         let prompts = prompts(dir, &texts, n, context);
         let listing = std::env::temp_dir().join(format!("ferry-bench-generation-{name}.json"));
         std::fs::write(&listing, serde_json::to_vec(&prompts).unwrap()).unwrap();
