@@ -26,16 +26,12 @@ use std::time::Instant;
 mod common;
 
 use common::{bench_texts, env_usize, median, peak_rss_mb};
+use ferry::ops::generation::task::GenerationSettings;
 use ferry::ops::generation::{
-    DecoderOnly, EarlyStopping, Limits, Model, Processors, Search, Seq2Seq, generate,
-    generate_within,
+    DecoderOnly, Limits, Model, Search, Seq2Seq, generate, generate_within,
 };
 use ferry::runtime::ExecutionProvider;
 use ferry::runtime::pool::{ModelFile, PoolSize, SessionPool};
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
 
 fn open(dir: &Path) -> (SessionPool, Model) {
     let seq2seq = dir.join("encoder_model.onnx").is_file();
@@ -74,36 +70,17 @@ fn open(dir: &Path) -> (SessionPool, Model) {
     (pool, model)
 }
 
-/// The model's generation_config.json as a search (no sampling).
+/// The model's generation_config.json (over config.json) as a search (no sampling).
 fn search(dir: &Path, beams: usize, max_new: usize) -> Search {
-    let c = json(&dir.join("generation_config.json"));
-    let list = |v: &serde_json::Value| -> Vec<i64> {
-        match v {
-            serde_json::Value::Array(a) => a.iter().filter_map(|t| t.as_i64()).collect(),
-            v => v.as_i64().into_iter().collect(),
-        }
+    let settings = GenerationSettings {
+        num_beams: Some(beams),
+        do_sample: Some(false),
+        ..Default::default()
     };
-    let eos = list(&c["eos_token_id"]);
+    let settings = settings.or(GenerationSettings::of_model(dir).unwrap());
     Search {
-        num_beams: beams,
-        num_return_sequences: 1,
-        length_penalty: 1.0,
-        early_stopping: EarlyStopping::Heuristic,
         max_new_tokens: max_new,
-        pad_token_id: c["pad_token_id"].as_i64().unwrap_or(eos[0]),
-        decoder_start_token_id: c["decoder_start_token_id"].as_i64().unwrap_or(0),
-        processors: Processors {
-            forced_bos_token_id: c["forced_bos_token_id"].as_i64(),
-            forced_eos_token_ids: list(&c["forced_eos_token_id"]),
-            bad_words_ids: c["bad_words_ids"]
-                .as_array()
-                .map(|w| w.iter().map(list).collect())
-                .unwrap_or_default(),
-            ..Default::default()
-        },
-        eos_token_ids: eos,
-        sampling: None,
-        stop_strings: None,
+        ..settings.search(None, None).unwrap()
     }
 }
 

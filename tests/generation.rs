@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use ferry::ops::generation::task::GenerationSettings;
 use ferry::ops::generation::{
-    DecoderOnly, EarlyStopping, Limits, Model, Processors, Search, Seq2Seq, generate,
-    generate_within,
+    DecoderOnly, Limits, Model, Search, Seq2Seq, generate, generate_within,
 };
 use ferry::runtime::ExecutionProvider;
 use ferry::runtime::pool::{ModelFile, PoolSize, SessionPool};
@@ -99,40 +99,15 @@ fn open(dir: &Path, export: Export) -> (SessionPool, Model) {
     (pool, model)
 }
 
-/// The model's generation_config.json with the golden's search settings on top.
+/// The model's generation_config.json (over config.json) with the golden's search settings on
+/// top, as transformers' `generate(**settings)` takes them.
 fn search_for(dir: &Path, settings: &Value, max_new_tokens: usize) -> Search {
-    let config = json(&dir.join("generation_config.json"));
-    let list = |v: &Value| -> Vec<i64> {
-        match v {
-            Value::Array(a) => a.iter().map(|t| t.as_i64().unwrap()).collect(),
-            Value::Number(n) => vec![n.as_i64().unwrap()],
-            _ => Vec::new(),
-        }
-    };
-    let eos = list(&config["eos_token_id"]);
+    let settings = GenerationSettings::from_json(settings, "golden")
+        .unwrap()
+        .or(GenerationSettings::of_model(dir).unwrap());
     Search {
-        num_beams: settings["num_beams"].as_u64().unwrap_or(1) as usize,
-        num_return_sequences: settings["num_return_sequences"].as_u64().unwrap_or(1) as usize,
-        length_penalty: settings["length_penalty"].as_f64().unwrap_or(1.0) as f32,
-        early_stopping: EarlyStopping::Heuristic,
         max_new_tokens,
-        pad_token_id: config["pad_token_id"].as_i64().unwrap_or(eos[0]),
-        decoder_start_token_id: config["decoder_start_token_id"].as_i64().unwrap_or(0),
-        processors: Processors {
-            no_repeat_ngram_size: settings["no_repeat_ngram_size"]
-                .as_u64()
-                .map(|n| n as usize),
-            forced_bos_token_id: config["forced_bos_token_id"].as_i64(),
-            forced_eos_token_ids: list(&config["forced_eos_token_id"]),
-            bad_words_ids: config["bad_words_ids"]
-                .as_array()
-                .map(|w| w.iter().map(ids).collect())
-                .unwrap_or_default(),
-            ..Default::default()
-        },
-        eos_token_ids: eos,
-        sampling: None,
-        stop_strings: None,
+        ..settings.search(None, None).unwrap()
     }
 }
 

@@ -470,8 +470,13 @@ impl Run<'_> {
     }
 }
 
+/// Padded prompt tokens of one first step at most (a longer prompt runs alone): the first step
+/// returns logits for every prompt position (Optimum exports have no way to ask for the last
+/// one only), 196 KB per token for a 49k vocabulary.
+const PREFILL_TOKENS: usize = 2048;
+
 /// Rows (sorted longest first) cut into groups whose padding to their longest row is at most
-/// a fifth of their tokens.
+/// a fifth of their tokens, and of at most [`PREFILL_TOKENS`] padded tokens.
 fn prefill_groups(rows: &[usize], len: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
     let mut sorted = rows.to_vec();
     sorted.sort_by_key(|&r| std::cmp::Reverse(len(r)));
@@ -480,7 +485,10 @@ fn prefill_groups(rows: &[usize], len: impl Fn(usize) -> usize) -> Vec<Vec<usize
     for r in sorted {
         let l = len(r);
         match groups.last_mut() {
-            Some(g) if 5 * (g.len() + 1) * longest <= 6 * (tokens + l) => {
+            Some(g)
+                if 5 * (g.len() + 1) * longest <= 6 * (tokens + l)
+                    && (g.len() + 1) * longest <= PREFILL_TOKENS =>
+            {
                 g.push(r);
                 tokens += l;
             }
@@ -599,4 +607,22 @@ fn beam_step(
         || (beams.finished.len() == n && search.early_stopping == EarlyStopping::Done)
         || all_hit;
     Ok((!done).then(|| next.into_iter().map(|(b, t, _)| (b, t)).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prompts start in groups of similar lengths, none over the prefill bound but a prompt
+    /// longer than it, alone.
+    #[test]
+    fn prefill_groups_pad_little_and_stay_bounded() {
+        let lens = [100, 10, 95, 12, 90, 3000, 11, 100];
+        let groups = prefill_groups(&(0..lens.len()).collect::<Vec<_>>(), |r| lens[r]);
+        assert_eq!(groups, vec![vec![5], vec![0, 7, 2, 4], vec![3, 6, 1]]);
+        let many = vec![500; 10];
+        let groups = prefill_groups(&(0..10).collect::<Vec<_>>(), |r| many[r]);
+        assert!(groups.iter().all(|g| g.len() * 500 <= PREFILL_TOKENS));
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 10);
+    }
 }

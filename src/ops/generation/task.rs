@@ -187,9 +187,102 @@ impl GenerationSettings {
         )
     }
 
+    /// A model's own settings: its generation_config.json over its config.json (transformers'
+    /// global defaults left unset).
+    pub fn of_model(dir: &std::path::Path) -> Result<GenerationSettings, String> {
+        let read = |file: &str| -> Result<GenerationSettings, String> {
+            let value: serde_json::Value = read_json(&dir.join(file))
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+            GenerationSettings::from_json(&value, file)
+        };
+        Ok(read("generation_config.json")?.or(read("config.json")?))
+    }
+
+    /// The search these settings make, unset ones at transformers' defaults (greedy, no
+    /// processors); `max_new_tokens` is left 0, set per call. The pad token is `pad_token_id`,
+    /// else `pad`, else the first EOS; stop strings need the model's tokenizer.
+    pub fn search(
+        &self,
+        pad: Option<i64>,
+        tokenizer: Option<&Arc<Tokenizer>>,
+    ) -> Result<Search, String> {
+        let eos = self
+            .eos_token_id
+            .as_ref()
+            .map(OneOrMany::ids)
+            .unwrap_or_default();
+        let early_stopping = match &self.early_stopping {
+            None | Some(EarlyStoppingSetting::Bool(false)) => EarlyStopping::Heuristic,
+            Some(EarlyStoppingSetting::Bool(true)) => EarlyStopping::Done,
+            Some(EarlyStoppingSetting::Never(s)) if s == "never" => EarlyStopping::Never,
+            Some(EarlyStoppingSetting::Never(s)) => {
+                return Err(format!(
+                    "early_stopping is true, false or \"never\", not {s:?}"
+                ));
+            }
+        };
+        let stop_strings = match (&self.stop_strings, tokenizer) {
+            (None, _) => None,
+            (Some(_), None) => return Err("stop_strings need the model's tokenizer".into()),
+            (Some(strings), Some(tokenizer)) => {
+                let tokenizer = Arc::clone(tokenizer);
+                super::StopStrings::new(
+                    &strings.list(),
+                    Arc::new(move |ids: &[i64]| {
+                        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+                        tokenizer.decode(&ids, false).unwrap_or_default()
+                    }),
+                )
+            }
+        };
+        let search = Search {
+            stop_strings,
+            num_beams: self.num_beams.unwrap_or(1),
+            num_return_sequences: self.num_return_sequences.unwrap_or(1),
+            length_penalty: self.length_penalty.unwrap_or(1.0),
+            early_stopping,
+            max_new_tokens: 0,
+            pad_token_id: self
+                .pad_token_id
+                .or(pad)
+                .or(eos.first().copied())
+                .unwrap_or(0),
+            eos_token_ids: eos,
+            decoder_start_token_id: self
+                .decoder_start_token_id
+                .or(self.bos_token_id)
+                .unwrap_or(0),
+            sampling: (self.do_sample == Some(true)).then(|| super::Sampling {
+                temperature: self.temperature.unwrap_or(1.0),
+                top_k: self.top_k.unwrap_or(50),
+                top_p: self.top_p.unwrap_or(1.0),
+                min_p: self.min_p,
+                seed: self.seed.unwrap_or(0),
+            }),
+            processors: Processors {
+                repetition_penalty: self.repetition_penalty,
+                no_repeat_ngram_size: self.no_repeat_ngram_size,
+                bad_words_ids: self.bad_words_ids.clone().unwrap_or_default(),
+                min_length: self.min_length,
+                min_new_tokens: self.min_new_tokens,
+                forced_bos_token_id: self.forced_bos_token_id,
+                forced_eos_token_ids: self
+                    .forced_eos_token_id
+                    .as_ref()
+                    .map(OneOrMany::ids)
+                    .unwrap_or_default(),
+                suppress_tokens: self.suppress_tokens.clone().unwrap_or_default(),
+                begin_suppress_tokens: self.begin_suppress_tokens.clone().unwrap_or_default(),
+            },
+        };
+        search.check()?;
+        Ok(search)
+    }
+
     /// The settings among a JSON object's keys (a model file's other keys are not ours).
     /// transformers' global defaults count as unset (`max_length` 20, `num_beams` 1, ...).
-    fn from_json(value: &serde_json::Value, file: &str) -> Result<GenerationSettings, String> {
+    pub fn from_json(value: &serde_json::Value, file: &str) -> Result<GenerationSettings, String> {
         let known = serde_json::to_value(GenerationSettings {
             max_new_tokens: Some(0),
             max_length: Some(0),
@@ -641,26 +734,9 @@ impl GenerationTask {
             })?;
             settings.forced_bos_token_id = Some(i64::from(id));
         }
-        let eos = settings
-            .eos_token_id
-            .as_ref()
-            .map(OneOrMany::ids)
-            .unwrap_or_default();
         let pad = settings
             .pad_token_id
-            .or_else(|| dir.pad_id(&tokenizer).ok().map(i64::from))
-            .or(eos.first().copied())
-            .unwrap_or(0);
-        let early_stopping = match &settings.early_stopping {
-            None | Some(EarlyStoppingSetting::Bool(false)) => EarlyStopping::Heuristic,
-            Some(EarlyStoppingSetting::Bool(true)) => EarlyStopping::Done,
-            Some(EarlyStoppingSetting::Never(s)) if s == "never" => EarlyStopping::Never,
-            Some(EarlyStoppingSetting::Never(s)) => {
-                return Err(OpError::Options(format!(
-                    "early_stopping is true, false or \"never\", not {s:?}"
-                )));
-            }
-        };
+            .or_else(|| dir.pad_id(&tokenizer).ok().map(i64::from));
         let decoder_start = settings.decoder_start_token_id.or(settings.bos_token_id);
         if seq2seq && decoder_start.is_none() {
             return Err(OpError::Model(format!(
@@ -669,50 +745,9 @@ impl GenerationTask {
             )));
         }
         let tokenizer = Arc::new(tokenizer);
-        let stop_strings = settings.stop_strings.as_ref().and_then(|strings| {
-            let tokenizer = Arc::clone(&tokenizer);
-            super::StopStrings::new(
-                &strings.list(),
-                Arc::new(move |ids: &[i64]| {
-                    let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-                    tokenizer.decode(&ids, false).unwrap_or_default()
-                }),
-            )
-        });
-        let search = Search {
-            stop_strings,
-            num_beams: settings.num_beams.unwrap_or(1),
-            num_return_sequences: settings.num_return_sequences.unwrap_or(1),
-            length_penalty: settings.length_penalty.unwrap_or(1.0),
-            early_stopping,
-            max_new_tokens: 0,
-            eos_token_ids: eos,
-            pad_token_id: pad,
-            decoder_start_token_id: decoder_start.unwrap_or(0),
-            sampling: (settings.do_sample == Some(true)).then(|| super::Sampling {
-                temperature: settings.temperature.unwrap_or(1.0),
-                top_k: settings.top_k.unwrap_or(50),
-                top_p: settings.top_p.unwrap_or(1.0),
-                min_p: settings.min_p,
-                seed: settings.seed.unwrap_or(0),
-            }),
-            processors: Processors {
-                repetition_penalty: settings.repetition_penalty,
-                no_repeat_ngram_size: settings.no_repeat_ngram_size,
-                bad_words_ids: settings.bad_words_ids.clone().unwrap_or_default(),
-                min_length: settings.min_length,
-                min_new_tokens: settings.min_new_tokens,
-                forced_bos_token_id: settings.forced_bos_token_id,
-                forced_eos_token_ids: settings
-                    .forced_eos_token_id
-                    .as_ref()
-                    .map(OneOrMany::ids)
-                    .unwrap_or_default(),
-                suppress_tokens: settings.suppress_tokens.clone().unwrap_or_default(),
-                begin_suppress_tokens: settings.begin_suppress_tokens.clone().unwrap_or_default(),
-            },
-        };
-        search.check().map_err(OpError::Options)?;
+        let search = settings
+            .search(pad, Some(&tokenizer))
+            .map_err(OpError::Options)?;
         if settings.max_new_tokens.is_none() && settings.max_length.is_none() {
             return Err(OpError::Options("set generation.max_new_tokens".into()));
         }
