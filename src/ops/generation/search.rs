@@ -620,7 +620,7 @@ mod tests {
         let lens = [100, 10, 95, 12, 90, 3000, 11, 100];
         let groups = prefill_groups(&(0..lens.len()).collect::<Vec<_>>(), |r| lens[r]);
         assert_eq!(groups, vec![vec![5], vec![0, 7, 2, 4], vec![3, 6, 1]]);
-        let many = vec![500; 10];
+        let many = [500; 10];
         let groups = prefill_groups(&(0..10).collect::<Vec<_>>(), |r| many[r]);
         assert!(groups.iter().all(|g| g.len() * 500 <= PREFILL_TOKENS));
         assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 10);
