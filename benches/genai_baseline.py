@@ -48,6 +48,8 @@ def run(model_dir, prompts_file, batch, beams, max_new):
     import numpy as np
     import onnxruntime_genai as og
 
+    from generation_baselines import new_tokens  # same directory
+
     prompts = json.load(open(prompts_file))
     config = json.load(open(Path(model_dir) / "genai_config.json"))
     eos = config["model"]["eos_token_id"]
@@ -70,13 +72,7 @@ def run(model_dir, prompts_file, batch, beams, max_new):
         generator.append_tokens(ids)
         while not generator.is_done():
             generator.generate_next_token()
-        tokens = 0
-        for i in range(len(rows)):
-            for t in generator.get_sequence(i)[longest:]:
-                tokens += 1
-                if t in eos:
-                    break
-        return tokens
+        return new_tokens((generator.get_sequence(i)[longest:] for i in range(len(rows))), eos)
 
     generate(prompts[:batch])
     start = time.perf_counter()

@@ -10,10 +10,21 @@ import json
 import sys
 import time
 
-import torch
+
+def new_tokens(rows, eos):
+    """New tokens of each row up to and with its first EOS, summed (what ferry counts)."""
+    tokens = 0
+    for row in rows:
+        for t in row:
+            tokens += 1
+            if t in eos:
+                break
+    return tokens
 
 
 def main():
+    import torch
+
     model_dir, prompts_file, batch, beams, max_new = sys.argv[1:6]
     batch, beams, max_new = int(batch), int(beams), int(max_new)
     prompts = json.load(open(prompts_file))
@@ -45,13 +56,7 @@ def main():
             pad_token_id=pad,
         )
         new = out[:, 1:] if seq2seq else out[:, longest:]
-        tokens = 0
-        for row in new.tolist():
-            for t in row:
-                tokens += 1
-                if t in eos:
-                    break
-        return tokens
+        return new_tokens(new.tolist(), eos)
 
     run(prompts[:batch])
     start = time.perf_counter()

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use ferry::ops::generation::task::GenerationSettings;
 use ferry::ops::generation::{
-    DecoderOnly, Limits, Model, Search, Seq2Seq, generate, generate_within,
+    DecoderOnly, Hypothesis, Limits, Model, Search, Seq2Seq, generate, generate_within,
 };
 use ferry::runtime::ExecutionProvider;
 use ferry::runtime::pool::{ModelFile, PoolSize, SessionPool};
@@ -131,78 +131,115 @@ fn prompt_ids(dir: &Path, row: &Value, keep: usize) -> Vec<i64> {
     want
 }
 
+/// One model's goldens with one export: its sessions, rows and prompt ids.
+struct Goldens {
+    g: Value,
+    name: String,
+    max_new: usize,
+    dir: PathBuf,
+    pool: SessionPool,
+    model: Model,
+    prompts: Vec<Vec<i64>>,
+}
+
+impl Goldens {
+    fn load(name: &str, export: Export) -> Goldens {
+        let g = goldens();
+        let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
+        let dir = model_dir(name);
+        let (pool, model) = open(&dir, export);
+        let keep = if matches!(model, Model::Seq2Seq(_)) {
+            usize::MAX
+        } else {
+            64 - max_new
+        };
+        let prompts = g["models"][name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| prompt_ids(&dir, r, keep))
+            .collect();
+        Goldens {
+            g,
+            name: name.to_string(),
+            max_new,
+            dir,
+            pool,
+            model,
+            prompts,
+        }
+    }
+
+    fn rows(&self) -> &[Value] {
+        self.g["models"][&self.name].as_array().unwrap()
+    }
+
+    fn seq2seq(&self) -> bool {
+        matches!(self.model, Model::Seq2Seq(_))
+    }
+
+    fn search(&self, which: &str) -> Search {
+        search_for(&self.dir, &self.g["searches"][which], self.max_new)
+    }
+
+    /// Every prompt's hypotheses: one prompt at a time (None), or within `limits`.
+    async fn run(&self, search: &Search, limits: Option<Limits>) -> Vec<Vec<Hypothesis>> {
+        let (m, s, p) = (self.model.clone(), search.clone(), self.prompts.clone());
+        self.pool
+            .run(move |w| match limits {
+                Some(limits) => generate_within(w, &m, &p, &s, limits),
+                None => p
+                    .iter()
+                    .map(|prompt| {
+                        generate(w, &m, std::slice::from_ref(prompt), &s).map(|mut o| o.remove(0))
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
 /// Runs every golden of `name` with one export, one prompt at a time, all prompts in one
 /// batch, and continuously batched (rows joining a running batch as others finish, by rows and
 /// by a cache budget), and compares the token ids.
 async fn check_goldens(name: &str, export: Export, searches: &[&str]) {
-    let g = goldens();
-    let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
-    let dir = model_dir(name);
-    let (pool, model) = open(&dir, export);
-    let seq2seq = matches!(model, Model::Seq2Seq(_));
-    let rows = g["models"][name].as_array().unwrap();
-    let prompts: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| prompt_ids(&dir, r, if seq2seq { usize::MAX } else { 64 - max_new }))
-        .collect();
+    let gold = Goldens::load(name, export);
     for &which in searches {
-        let search = search_for(&dir, &g["searches"][which], max_new);
+        let search = gold.search(which);
         // transformers pads shorter hypotheses with pad_token_id, or EOS when that is 0.
         let fill = if search.pad_token_id != 0 {
             search.pad_token_id
         } else {
             search.eos_token_ids[0]
         };
-        let (m, s, p) = (model.clone(), search.clone(), prompts.clone());
-        let one_by_one = pool
-            .run(move |w| {
-                p.iter()
-                    .map(|prompt| {
-                        generate(w, &m, std::slice::from_ref(prompt), &s).map(|mut o| o.remove(0))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .unwrap()
-            .unwrap();
-        let (m, s, p) = (model.clone(), search.clone(), prompts.clone());
-        let batched = pool
-            .run(move |w| generate(w, &m, &p, &s))
-            .await
-            .unwrap()
-            .unwrap();
-        let mut continuous = Vec::new();
-        for limits in [
-            Limits {
-                rows: 2,
-                tokens: usize::MAX,
-            },
-            Limits {
-                rows: usize::MAX,
-                tokens: 3 * (24 + max_new) * search.num_beams,
-            },
+        for (how, limits) in [
+            ("one prompt at a time", None),
+            ("in one batch", Some(Limits::ALL)),
+            (
+                "two rows at a time",
+                Some(Limits {
+                    rows: 2,
+                    tokens: usize::MAX,
+                }),
+            ),
+            (
+                "within a cache budget",
+                Some(Limits {
+                    rows: usize::MAX,
+                    tokens: 3 * (24 + gold.max_new) * search.num_beams,
+                }),
+            ),
         ] {
-            let (m, s, p) = (model.clone(), search.clone(), prompts.clone());
-            continuous.push(
-                pool.run(move |w| generate_within(w, &m, &p, &s, limits))
-                    .await
-                    .unwrap()
-                    .unwrap(),
-            );
-        }
-        for (how, results) in [
-            ("one prompt at a time", &one_by_one),
-            ("in one batch", &batched),
-            ("two rows at a time", &continuous[0]),
-            ("within a cache budget", &continuous[1]),
-        ] {
-            for (row, hyps) in rows.iter().zip(results) {
+            let results = gold.run(&search, limits).await;
+            for (row, hyps) in gold.rows().iter().zip(&results) {
                 let want = row[which]["tokens"].as_array().unwrap();
                 assert_eq!(hyps.len(), want.len(), "{name} {export:?} {which} {how}");
                 for (hyp, want) in hyps.iter().zip(want) {
                     let want = ids(want);
                     let mut got = hyp.tokens.clone();
-                    if seq2seq {
+                    if gold.seq2seq() {
                         got.insert(0, search.decoder_start_token_id);
                     }
                     assert!(
@@ -225,28 +262,20 @@ const ALL: [&str; 3] = ["greedy", "beam2", "beam4"];
 /// waiting rows join the running batch (decoder-only: its cache left-padded; encoder-decoder:
 /// as a batch of their own), and cache positions that became padding are dropped.
 async fn check_continuous(name: &str, export: Export, searches: &[&str]) {
-    let g = goldens();
-    let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
-    let dir = model_dir(name);
-    let (pool, model) = open(&dir, export);
-    let seq2seq = matches!(model, Model::Seq2Seq(_));
-    let rows = g["models"][name].as_array().unwrap();
-    let prompts: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| prompt_ids(&dir, r, if seq2seq { usize::MAX } else { 64 - max_new }))
-        .collect();
+    let gold = Goldens::load(name, export);
+    let rows = gold.rows();
     for &which in searches {
-        let mut search = search_for(&dir, &g["searches"][which], max_new);
+        let mut search = gold.search(which);
         // One more end token: the one of the goldens' greedy outputs that ends most rows at
         // different steps.
         let outputs: Vec<Vec<i64>> = rows
             .iter()
-            .map(|r| ids(&r["greedy"]["tokens"][0])[usize::from(seq2seq)..].to_vec())
+            .map(|r| ids(&r["greedy"]["tokens"][0])[usize::from(gold.seq2seq())..].to_vec())
             .collect();
         let ends = |t: i64| -> std::collections::BTreeSet<usize> {
             outputs
                 .iter()
-                .map(|o| o.iter().position(|&x| x == t).unwrap_or(max_new))
+                .map(|o| o.iter().position(|&x| x == t).unwrap_or(gold.max_new))
                 .collect()
         };
         let extra = outputs
@@ -256,19 +285,7 @@ async fn check_continuous(name: &str, export: Export, searches: &[&str]) {
             .max_by_key(|&t| (ends(t).len(), -t))
             .unwrap();
         search.eos_token_ids.push(extra);
-        let run = |limits: Option<Limits>| {
-            let (m, s, p) = (model.clone(), search.clone(), prompts.clone());
-            pool.run(move |w| match limits {
-                Some(limits) => generate_within(w, &m, &p, &s, limits),
-                None => p
-                    .iter()
-                    .map(|prompt| {
-                        generate(w, &m, std::slice::from_ref(prompt), &s).map(|mut o| o.remove(0))
-                    })
-                    .collect(),
-            })
-        };
-        let alone = run(None).await.unwrap().unwrap();
+        let alone = gold.run(&search, None).await;
         let lengths: std::collections::BTreeSet<usize> =
             alone.iter().map(|h| h[0].tokens.len()).collect();
         assert!(
@@ -286,10 +303,10 @@ async fn check_continuous(name: &str, export: Export, searches: &[&str]) {
             },
             Limits {
                 rows: usize::MAX,
-                tokens: 2 * (24 + max_new) * search.num_beams,
+                tokens: 2 * (24 + gold.max_new) * search.num_beams,
             },
         ] {
-            let got = run(Some(limits)).await.unwrap().unwrap();
+            let got = gold.run(&search, Some(limits)).await;
             for ((a, b), row) in alone.iter().zip(&got).zip(rows) {
                 assert_eq!(a.len(), b.len());
                 for (a, b) in a.iter().zip(b) {

@@ -101,11 +101,6 @@ impl Cache {
             .iter()
             .flat_map(|l| [l.present_key.as_str(), l.present_value.as_str()])
     }
-
-    /// Bytes of f32 cache one position of one sequence takes.
-    pub fn bytes_per_position(&self) -> usize {
-        self.layers.len() * 2 * self.kv_heads * self.head_dim * 4
-    }
 }
 
 fn require(info: &SessionInfo, inputs: &[&str], what: &str) -> Result<(), String> {
@@ -453,104 +448,18 @@ impl Batch {
             .collect();
         let identity =
             picks.len() == self.seqs.len() && picks.iter().enumerate().all(|(i, &(p, _))| i == p);
+        if !identity {
+            let rows: Vec<(usize, usize)> = picks.iter().map(|&(p, _)| (0, p)).collect();
+            *self = gather(model, &[&*self], &rows)?;
+        }
         self.seqs = seqs;
-        if identity {
-            return Ok(());
-        }
-        let masks: Vec<Vec<i64>> = picks
-            .iter()
-            .filter_map(|&(p, _)| self.masks.get(p).cloned())
-            .collect();
-        // Leading positions that are padding in every sequence left.
-        let lead = if masks.is_empty() {
-            0
-        } else {
-            masks
-                .iter()
-                .map(|m| m.iter().take_while(|&&v| v == 0).count())
-                .min()
-                .unwrap_or(0)
-        };
-        let positions = self.positions - lead;
-        self.masks = masks.into_iter().map(|m| m[lead..].to_vec()).collect();
-        if let Some(cache) = model.cache() {
-            self.cache = self
-                .cache
-                .iter()
-                .zip(cache.names())
-                .map(|(value, name)| {
-                    let parts: Vec<Part<'_>> = picks
-                        .iter()
-                        .map(|&(p, _)| Part {
-                            value,
-                            row: p,
-                            len: self.positions,
-                        })
-                        .collect();
-                    assemble(
-                        name,
-                        &parts,
-                        cache.kv_heads,
-                        cache.head_dim,
-                        positions,
-                        Align::Right,
-                    )
-                })
-                .collect::<Result<_, _>>()?;
-        }
-        self.positions = positions;
-        if let (Some(src), Model::Seq2Seq(m)) = (self.sources.as_mut(), model) {
-            let len = src.len;
-            src.mask = picks
-                .iter()
-                .flat_map(|&(p, _)| src.mask[p * len..(p + 1) * len].iter().copied())
-                .collect();
-            if let Some(states) = &src.states {
-                let parts: Vec<Part<'_>> = picks
-                    .iter()
-                    .map(|&(p, _)| Part {
-                        value: states,
-                        row: p,
-                        len,
-                    })
-                    .collect();
-                src.states = Some(assemble(
-                    "last_hidden_state",
-                    &parts,
-                    1,
-                    m.hidden,
-                    len,
-                    Align::Left,
-                )?);
-            }
-            if let Some(cross) = &m.cross {
-                src.cross = src
-                    .cross
-                    .iter()
-                    .zip(cross.names())
-                    .map(|(value, name)| {
-                        let parts: Vec<Part<'_>> = picks
-                            .iter()
-                            .map(|&(p, _)| Part { value, row: p, len })
-                            .collect();
-                        assemble(
-                            name,
-                            &parts,
-                            cross.kv_heads,
-                            cross.head_dim,
-                            len,
-                            Align::Left,
-                        )
-                    })
-                    .collect::<Result<_, _>>()?;
-            }
-        }
         Ok(())
     }
 
     /// Whether `other` can join this batch (both have stepped, or neither): decoder-only
-    /// batches always can (the shorter cache is left-padded); an encoder-decoder decoder takes no self-attention mask, so its
-    /// sequences can only step together at the same decoder length.
+    /// batches always can (the shorter cache is left-padded); an encoder-decoder decoder takes
+    /// no self-attention mask, so its sequences can only step together at the same decoder
+    /// length.
     pub fn can_merge(&self, other: &Batch, model: &Model) -> bool {
         match model {
             Model::DecoderOnly(_) => self.cache.len() == other.cache.len(),
@@ -579,104 +488,128 @@ impl Batch {
         if all.iter().any(|b| !all[0].can_merge(b, model)) {
             return Err("these batches cannot step together".into());
         }
-        let positions = all.iter().map(|b| b.positions).max().unwrap_or(0);
-        let mut merged = Batch::empty();
-        if let Some(cache) = model.cache() {
-            for (t, name) in cache.names().enumerate() {
-                let parts: Vec<Part<'_>> = all
-                    .iter()
-                    .flat_map(|b| {
-                        (0..b.len()).map(move |row| Part {
-                            value: &b.cache[t],
-                            row,
-                            len: b.positions,
-                        })
-                    })
-                    .collect();
-                merged.cache.push(assemble(
-                    name,
-                    &parts,
-                    cache.kv_heads,
-                    cache.head_dim,
-                    positions,
-                    Align::Right,
-                )?);
-            }
-        }
-        for b in &all {
-            merged.masks.extend(b.masks.iter().map(|m| {
-                let mut padded = vec![0; positions - b.positions];
-                padded.extend_from_slice(m);
-                padded
-            }));
-        }
-        merged.positions = positions;
-        if let Model::Seq2Seq(m) = model {
-            let sources: Vec<&Sources> = all
-                .iter()
-                .map(|b| {
-                    b.sources
-                        .as_ref()
-                        .ok_or("an encoder-decoder batch without its sources")
-                })
-                .collect::<Result<_, _>>()?;
-            let len = sources.iter().map(|s| s.len).max().unwrap_or(0);
-            let mut mask = Vec::new();
-            for src in &sources {
-                for row in src.mask.chunks_exact(src.len.max(1)) {
-                    mask.extend_from_slice(row);
-                    mask.resize(mask.len() + len - src.len, 0);
-                }
-            }
-            let rows_of = |value: &dyn for<'s> Fn(&'s Sources) -> &'s DynValue| -> Vec<Part<'_>> {
-                all.iter()
-                    .zip(&sources)
-                    .flat_map(|(b, s)| {
-                        let v = value(s);
-                        (0..b.len()).map(move |row| Part {
-                            value: v,
-                            row,
-                            len: s.len,
-                        })
-                    })
-                    .collect()
-            };
-            let states = if sources.iter().all(|s| s.states.is_some()) {
-                Some(assemble(
-                    "last_hidden_state",
-                    &rows_of(&|s| s.states.as_ref().expect("checked")),
-                    1,
-                    m.hidden,
-                    len,
-                    Align::Left,
-                )?)
-            } else {
-                None
-            };
-            let mut cross = Vec::new();
-            if let (Some(layout), true) = (&m.cross, sources.iter().all(|s| !s.cross.is_empty())) {
-                for (t, name) in layout.names().enumerate() {
-                    cross.push(assemble(
-                        name,
-                        &rows_of(&|s| &s.cross[t]),
-                        layout.kv_heads,
-                        layout.head_dim,
-                        len,
-                        Align::Left,
-                    )?);
-                }
-            }
-            merged.sources = Some(Sources {
-                len,
-                mask,
-                states,
-                cross,
-            });
-        }
+        let from: Vec<&Batch> = all.iter().collect();
+        let rows: Vec<(usize, usize)> = all
+            .iter()
+            .enumerate()
+            .flat_map(|(b, batch)| (0..batch.len()).map(move |s| (b, s)))
+            .collect();
+        let mut merged = gather(model, &from, &rows)?;
         merged.seqs = all.into_iter().flat_map(|b| b.seqs).collect();
         *self = merged;
         Ok(())
     }
+}
+
+/// The cache, masks and sources of the sequences `rows` ((batch, sequence) of `from`, batches
+/// that can step together), without their ids: every self-attention cache right-aligned in the
+/// longest one, leading positions that are padding for every sequence dropped; every source
+/// left-aligned in the longest one. One copy of each tensor.
+fn gather(model: &Model, from: &[&Batch], rows: &[(usize, usize)]) -> Result<Batch, String> {
+    let mut out = Batch::empty();
+    if let Some(cache) = model.cache() {
+        let longest = from.iter().map(|b| b.positions).max().unwrap_or(0);
+        let masks: Vec<Vec<i64>> = rows
+            .iter()
+            .map(|&(b, s)| {
+                let mut mask = vec![0; longest - from[b].positions];
+                mask.extend_from_slice(from[b].masks.get(s).map_or(&[][..], Vec::as_slice));
+                mask
+            })
+            .collect();
+        // Decoder-only masks (encoder-decoder batches have none: nothing to drop).
+        let lead = masks
+            .iter()
+            .filter(|m| !m.is_empty())
+            .map(|m| m.iter().take_while(|&&v| v == 0).count())
+            .min()
+            .unwrap_or(0);
+        out.positions = longest - lead;
+        if matches!(model, Model::DecoderOnly(_)) {
+            out.masks = masks.into_iter().map(|m| m[lead..].to_vec()).collect();
+        }
+        for (t, name) in cache.names().enumerate() {
+            let parts: Vec<Part<'_>> = rows
+                .iter()
+                .map(|&(b, s)| Part {
+                    value: &from[b].cache[t],
+                    row: s,
+                    len: from[b].positions,
+                })
+                .collect();
+            out.cache.push(assemble(
+                name,
+                &parts,
+                cache.kv_heads,
+                cache.head_dim,
+                out.positions,
+                Align::Right,
+            )?);
+        }
+    } else if matches!(model, Model::DecoderOnly(_)) {
+        // Without a cache every step feeds whole sequences and makes their masks anew.
+        out.masks = vec![Vec::new(); rows.len()];
+    }
+    if let Model::Seq2Seq(m) = model {
+        let sources: Vec<&Sources> = from
+            .iter()
+            .map(|b| {
+                b.sources
+                    .as_ref()
+                    .ok_or("an encoder-decoder batch without its sources")
+            })
+            .collect::<Result<_, _>>()?;
+        let len = sources.iter().map(|s| s.len).max().unwrap_or(0);
+        let mut mask = Vec::with_capacity(rows.len() * len);
+        for &(b, s) in rows {
+            let src = sources[b];
+            mask.extend_from_slice(&src.mask[s * src.len..(s + 1) * src.len]);
+            mask.resize(mask.len() + len - src.len, 0);
+        }
+        let parts = |value: &dyn for<'s> Fn(&'s Sources) -> &'s DynValue| -> Vec<Part<'_>> {
+            rows.iter()
+                .map(|&(b, s)| Part {
+                    value: value(sources[b]),
+                    row: s,
+                    len: sources[b].len,
+                })
+                .collect()
+        };
+        let states = if sources.iter().all(|s| s.states.is_some()) {
+            let parts = parts(&|s| s.states.as_ref().expect("checked"));
+            Some(assemble(
+                "last_hidden_state",
+                &parts,
+                1,
+                m.hidden,
+                len,
+                Align::Left,
+            )?)
+        } else {
+            None
+        };
+        let mut cross = Vec::new();
+        if let (Some(layout), true) = (&m.cross, sources.iter().all(|s| !s.cross.is_empty())) {
+            for (t, name) in layout.names().enumerate() {
+                let parts = parts(&|s| &s.cross[t]);
+                cross.push(assemble(
+                    name,
+                    &parts,
+                    layout.kv_heads,
+                    layout.head_dim,
+                    len,
+                    Align::Left,
+                )?);
+            }
+        }
+        out.sources = Some(Sources {
+            len,
+            mask,
+            states,
+            cross,
+        });
+    }
+    Ok(out)
 }
 
 /// Takes the values `names` from a step's outputs, each checked to be

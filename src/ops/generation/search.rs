@@ -158,14 +158,16 @@ impl Search {
         }
     }
 
-    /// Why a sequence whose new tokens are `generated` ends, if it does.
-    fn finish_of(&self, generated: &[i64]) -> Option<Finish> {
-        let last = *generated.last()?;
-        if self.eos_token_ids.contains(&last) {
+    /// Why a sequence whose new tokens are `generated` ends if it continues with `token`, if it
+    /// does (the tokens are only copied to look for stop strings).
+    fn finish_of(&self, generated: &[i64], token: i64) -> Option<Finish> {
+        if self.eos_token_ids.contains(&token) {
             Some(Finish::Eos)
-        } else if generated.len() >= self.max_new_tokens {
+        } else if generated.len() + 1 >= self.max_new_tokens {
             Some(Finish::Length)
-        } else if self.stop_strings.as_ref().is_some_and(|s| s.hit(generated)) {
+        } else if let Some(stop) = &self.stop_strings
+            && stop.hit(&[generated, &[token]].concat())
+        {
             Some(Finish::Stop)
         } else {
             None
@@ -283,12 +285,13 @@ struct Run<'a> {
     batches: Vec<Batch>,
 }
 
-impl Run<'_> {
-    /// The most cache positions a batch's sequences can come to hold, together.
-    fn projected(&self, seqs: usize, positions: usize, source: usize, remaining: usize) -> usize {
-        seqs.saturating_mul(positions + source + remaining)
-    }
+/// The most cache positions `seqs` sequences can come to hold together: each holds `positions`
+/// self-attention and `source` cross-attention positions and may add `remaining`.
+fn projected(seqs: usize, positions: usize, source: usize, remaining: usize) -> usize {
+    seqs.saturating_mul(positions + source + remaining)
+}
 
+impl Run<'_> {
     fn remaining(&self, batch: &Batch) -> usize {
         let least = batch
             .seqs
@@ -322,7 +325,7 @@ impl Run<'_> {
             .batches
             .iter()
             .skip(usize::from(joined.is_some()))
-            .map(|b| self.projected(b.len(), b.positions(), b.source_len(), self.remaining(b)))
+            .map(|b| projected(b.len(), b.positions(), b.source_len(), self.remaining(b)))
             .sum();
         let (mut seqs, mut longest, mut remaining) = match joined {
             Some(b) => (b.len(), b.positions(), self.remaining(b)),
@@ -337,10 +340,10 @@ impl Run<'_> {
             let len = self.prompts[row].len();
             let (s, l) = (seqs + beams, longest.max(len));
             let cost = if decoder_only {
-                others.saturating_add(self.projected(s, l, 0, remaining))
+                others.saturating_add(projected(s, l, 0, remaining))
             } else {
                 // Its own batch: the decoder's positions plus the source's.
-                others.saturating_add(self.projected(s, 1, l, remaining))
+                others.saturating_add(projected(s, 1, l, remaining))
             };
             if cost > self.limits.tokens && (running > 0 || !admitted.is_empty()) {
                 break;
@@ -517,9 +520,7 @@ fn greedy_step(
         }
         _ => crate::ops::argmax(&scores),
     } as i64;
-    let mut generated = seq.generated().to_vec();
-    generated.push(token);
-    Ok((token, search.finish_of(&generated)))
+    Ok((token, search.finish_of(seq.generated(), token)))
 }
 
 /// One step of a row's beam search, as transformers 4.57's `_beam_search`: the beams that
@@ -558,9 +559,8 @@ fn beam_step(
         .iter()
         .map(|&i| {
             let (beam, token) = (i / vocab, (i % vocab) as i64);
-            let mut ids = parents[beam].generated().to_vec();
-            ids.push(token);
-            (beam, token, all[i], search.finish_of(&ids))
+            let finish = search.finish_of(parents[beam].generated(), token);
+            (beam, token, all[i], finish)
         })
         .collect();
     // Finished: only among the first `num_beams` candidates, and only while the row can still

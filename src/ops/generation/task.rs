@@ -26,36 +26,20 @@ use crate::runtime::model_dir::read_json;
 use crate::runtime::pool::{SessionPool, Worker};
 use crate::runtime::tensor::Input;
 
-/// One token id or several (`eos_token_id`, `forced_eos_token_id`).
+/// One value or several (`eos_token_id`, `forced_eos_token_id`, `stop_strings`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
-pub enum OneOrMany {
-    One(i64),
-    Many(Vec<i64>),
+#[schemars(rename = "OneOrMany_{T}")]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
 }
 
-impl OneOrMany {
-    fn ids(&self) -> Vec<i64> {
+impl<T: Clone> OneOrMany<T> {
+    fn list(&self) -> Vec<T> {
         match self {
-            OneOrMany::One(t) => vec![*t],
+            OneOrMany::One(t) => vec![t.clone()],
             OneOrMany::Many(t) => t.clone(),
-        }
-    }
-}
-
-/// One string or several (`stop_strings`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(untagged)]
-pub enum Strings {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Strings {
-    fn list(&self) -> Vec<String> {
-        match self {
-            Strings::One(s) => vec![s.clone()],
-            Strings::Many(s) => s.clone(),
         }
     }
 }
@@ -121,7 +105,7 @@ pub struct GenerationSettings {
     /// A sequence ends once its generated text contains one of these (kept in the output, as
     /// transformers keeps it); checked on the text of the new tokens, after every token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_strings: Option<Strings>,
+    pub stop_strings: Option<OneOrMany<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,13 +115,13 @@ pub struct GenerationSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forced_bos_token_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub forced_eos_token_id: Option<OneOrMany>,
+    pub forced_eos_token_id: Option<OneOrMany<i64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suppress_tokens: Option<Vec<i64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub begin_suppress_tokens: Option<Vec<i64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eos_token_id: Option<OneOrMany>,
+    pub eos_token_id: Option<OneOrMany<i64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,7 +194,7 @@ impl GenerationSettings {
         let eos = self
             .eos_token_id
             .as_ref()
-            .map(OneOrMany::ids)
+            .map(OneOrMany::list)
             .unwrap_or_default();
         let early_stopping = match &self.early_stopping {
             None | Some(EarlyStoppingSetting::Bool(false)) => EarlyStopping::Heuristic,
@@ -270,7 +254,7 @@ impl GenerationSettings {
                 forced_eos_token_ids: self
                     .forced_eos_token_id
                     .as_ref()
-                    .map(OneOrMany::ids)
+                    .map(OneOrMany::list)
                     .unwrap_or_default(),
                 suppress_tokens: self.suppress_tokens.clone().unwrap_or_default(),
                 begin_suppress_tokens: self.begin_suppress_tokens.clone().unwrap_or_default(),
@@ -298,7 +282,7 @@ impl GenerationSettings {
             top_p: Some(0.0),
             min_p: Some(0.0),
             seed: Some(0),
-            stop_strings: Some(Strings::One(String::new())),
+            stop_strings: Some(OneOrMany::One(String::new())),
             repetition_penalty: Some(0.0),
             no_repeat_ngram_size: Some(0),
             bad_words_ids: Some(Vec::new()),
