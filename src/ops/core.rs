@@ -39,6 +39,9 @@ pub enum ArgKind {
     Image,
     /// A text, or a conversation: a list of `{role, content}` structs (generation).
     Prompt,
+    /// Encoded audio bytes, a path to an audio file, a list of samples, or a struct of
+    /// `array` samples and their `sampling_rate`.
+    Audio,
 }
 
 impl ArgKind {
@@ -49,6 +52,9 @@ impl ArgKind {
             ArgKind::Image => "Binary image bytes or a path string",
             ArgKind::Prompt => {
                 "text (Utf8, LargeUtf8 or Utf8View) or a list of {role, content} messages"
+            }
+            ArgKind::Audio => {
+                "Binary audio bytes, a path string, a list of Float32/Float64 samples or a struct {array, sampling_rate}"
             }
         }
     }
@@ -63,6 +69,12 @@ impl ArgKind {
             // Binary is decoded as UTF-8 row by row; a row that is not UTF-8 is a row error.
             ArgKind::Text | ArgKind::Image => strings || binary,
             ArgKind::Prompt => strings || binary || is_messages(t),
+            ArgKind::Audio => {
+                strings
+                    || binary
+                    || super::audio::is_samples_list(t)
+                    || super::audio::is_samples_struct(t)
+            }
         }
     }
 
@@ -75,6 +87,9 @@ impl ArgKind {
             }
             ArgKind::Image => {
                 "; pass encoded image bytes (e.g. the `bytes` column of a `files` source) or file paths"
+            }
+            ArgKind::Audio => {
+                "; pass encoded audio bytes (e.g. the `bytes` column of a `files` source), file paths, or samples"
             }
         }
     }

@@ -51,7 +51,7 @@ pub struct Manifest {
     /// ONNX Runtime intra-op threads per session (default: the number of cores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads_per_worker: Option<usize>,
-    /// Task options: see `EmbedOptions`, `ClassifyTextOptions`, `TagTokensOptions`, `AnswerOptions`, `ClassifyImageOptions`, `DetectOptions`, `SegmentOptions`, `EstimateDepthOptions` and `GenerationOptions` (generate, summarize, translate) in this schema.
+    /// Task options: see `EmbedOptions`, `ClassifyTextOptions`, `TagTokensOptions`, `AnswerOptions`, `ClassifyImageOptions`, `DetectOptions`, `SegmentOptions`, `EstimateDepthOptions`, `GenerationOptions` (generate, summarize, translate), `TranscribeOptions`, `ClassifyAudioOptions` and `DetectSpeechOptions` in this schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<TaskOptions>")]
     pub options: Option<serde_yaml::Value>,
@@ -71,6 +71,9 @@ enum TaskOptions {
     Segment(super::segment::SegmentOptions),
     EstimateDepth(super::estimate_depth::EstimateDepthOptions),
     Generation(super::generation::task::GenerationOptions),
+    Transcribe(super::transcribe::TranscribeOptions),
+    ClassifyAudio(super::classify_audio::ClassifyAudioOptions),
+    DetectSpeech(super::detect_speech::DetectSpeechOptions),
 }
 
 fn default_file() -> String {

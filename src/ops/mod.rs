@@ -6,10 +6,13 @@
 //! [`core::Task`] (or a [`text::TextTask`] for text), and one entry in [`TASKS`] and [`build`].
 
 pub mod answer;
+pub mod audio;
+pub mod classify_audio;
 pub mod classify_image;
 pub mod classify_text;
 pub mod core;
 pub mod detect;
+pub mod detect_speech;
 pub mod embed;
 pub mod estimate_depth;
 pub mod generate;
@@ -21,6 +24,7 @@ pub mod similarity;
 pub mod summarize;
 pub mod tag_tokens;
 pub mod text;
+pub mod transcribe;
 pub mod translate;
 
 use std::sync::Arc;
@@ -79,6 +83,12 @@ pub enum TaskKind {
     Summarize,
     /// Translation with encoder-decoder models.
     Translate,
+    /// Speech recognition (CTC models such as wav2vec2).
+    Transcribe,
+    /// Audio classification (wav2vec2-style sequence classification).
+    ClassifyAudio,
+    /// Voice activity detection (Silero VAD): speech segments with start and end.
+    DetectSpeech,
 }
 
 /// A task kind's entry in the registration list.
@@ -222,7 +232,53 @@ pub const TASKS: &[TaskInfo] = &[
         "text: Utf8 | LargeUtf8 | Utf8View",
         &[ArgKind::Text],
     ),
+    TaskInfo {
+        kind: TaskKind::Transcribe,
+        name: "transcribe",
+        hf_task: "automatic-speech-recognition",
+        inputs: AUDIO_INPUTS,
+        output: "Utf8; Struct<text: Utf8, chunks: List<Struct<text: Utf8, start: Float64, end: Float64>>> with return_timestamps",
+        arity: 1..=1,
+        args: &[ArgKind::Audio],
+        cost_unit: "samples",
+        default_max_batch_cost: AUDIO_BATCH_SAMPLES,
+        batch_rows: Some(AUDIO_BATCH_ROWS),
+    },
+    TaskInfo {
+        kind: TaskKind::ClassifyAudio,
+        name: "classify_audio",
+        hf_task: "audio-classification",
+        inputs: AUDIO_INPUTS,
+        output: "Struct<label: Utf8, score: Float64>; List<Struct<label, score>> with top_k",
+        arity: 1..=1,
+        args: &[ArgKind::Audio],
+        cost_unit: "samples",
+        default_max_batch_cost: AUDIO_BATCH_SAMPLES,
+        batch_rows: Some(AUDIO_BATCH_ROWS),
+    },
+    TaskInfo {
+        kind: TaskKind::DetectSpeech,
+        name: "detect_speech",
+        hf_task: "voice-activity-detection (silero-vad get_speech_timestamps)",
+        inputs: AUDIO_INPUTS,
+        output: "List<Struct<start: Float64, end: Float64>> (seconds)",
+        arity: 1..=1,
+        args: &[ArgKind::Audio],
+        cost_unit: "samples",
+        default_max_batch_cost: AUDIO_BATCH_SAMPLES,
+        batch_rows: Some(AUDIO_BATCH_ROWS),
+    },
 ];
+
+/// What every audio task takes.
+const AUDIO_INPUTS: &str = "audio: Binary (encoded WAV, FLAC, MP3, Ogg Vorbis) | Utf8 (path) | List<Float32 | Float64> (samples) | Struct<array: List<Float>, sampling_rate: Int>";
+
+/// Default `max_batch_cost` of audio tasks: 8 minutes of 16 kHz samples per call.
+const AUDIO_BATCH_SAMPLES: usize = 8 * 60 * 16000;
+
+/// Rows per DataFusion batch in a plan with an audio task (encoded recordings are held a batch
+/// at a time per partition).
+const AUDIO_BATCH_ROWS: usize = 64;
 
 /// The entry of a generation task: one text argument, the same output and cost for all.
 const fn generation_task(
@@ -451,6 +507,40 @@ impl Loading<'_> {
     }
 }
 
+impl Loading<'_> {
+    /// An audio task over raw samples: one model file, a feature extractor, and the task
+    /// resolved against both.
+    fn audio<O, T: audio::model::AudioTask>(
+        self,
+        audio_options: impl FnOnce(&O) -> &audio::AudioOptions,
+        resolve: impl FnOnce(&O, &ModelDir, &audio::model::AudioModel) -> Result<T, OpError>,
+    ) -> Result<Operator, OpError>
+    where
+        O: serde::de::DeserializeOwned + Default,
+    {
+        let options: O = self.loaded.options()?;
+        let pool = self.pool(&[(MODEL, &self.loaded.manifest.file)])?;
+        let session = pool.session(MODEL).expect("the model session");
+        let model = audio::model::AudioModel::open(
+            self.loaded.manifest.task.info().name,
+            &self.model.dir,
+            session,
+            audio_options(&options),
+        )?;
+        let task = resolve(&options, &self.model, &model)?;
+        Ok(self.operator(pool, audio::model::AudioOp { model, task }))
+    }
+
+    /// Voice activity detection: one stateful model run window by window.
+    fn detect_speech(self) -> Result<Operator, OpError> {
+        let options: detect_speech::DetectSpeechOptions = self.loaded.options()?;
+        let pool = self.pool(&[(MODEL, &self.loaded.manifest.file)])?;
+        let session = pool.session(MODEL).expect("the model session");
+        let task = detect_speech::DetectSpeech::resolve(&options, session)?;
+        Ok(self.operator(pool, task))
+    }
+}
+
 /// Loads a manifest's model (sessions created now) and builds its SQL function.
 pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
     let m = &loaded.manifest;
@@ -501,5 +591,14 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
             |o: &estimate_depth::EstimateDepthOptions| &o.image,
             estimate_depth::EstimateDepth::resolve,
         ),
+        TaskKind::Transcribe => loading.audio(
+            |o: &transcribe::TranscribeOptions| &o.audio,
+            |o, model, audio| transcribe::CtcTranscribe::resolve(o, &model.dir, audio),
+        ),
+        TaskKind::ClassifyAudio => loading.audio(
+            |o: &classify_audio::ClassifyAudioOptions| &o.audio,
+            classify_audio::ClassifyAudio::resolve,
+        ),
+        TaskKind::DetectSpeech => loading.detect_speech(),
     }
 }

@@ -337,7 +337,7 @@ impl ImageReading {
     }
 
     /// The file a path argument names, if it may be read.
-    fn resolve(&self, path: &str) -> Result<PathBuf, String> {
+    pub(crate) fn resolve(&self, path: &str) -> Result<PathBuf, String> {
         let path = path.strip_prefix("file://").unwrap_or(path);
         if path.is_empty() {
             return Err("empty path".into());

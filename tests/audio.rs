@@ -1,0 +1,697 @@
+//! Audio operators against `transformers`' feature extractor and pipelines and the silero-vad
+//! package, as recorded by tests/fixtures/audio.py on espeak-ng speech, silence, noise and
+//! files of other rates, channel counts and codecs.
+
+use std::sync::Arc;
+
+use ferry::datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, Float32Array, Int64Array, LargeListArray, ListArray,
+    RecordBatch, StringArray, StructArray,
+};
+use ferry::datafusion::arrow::buffer::OffsetBuffer;
+use ferry::datafusion::arrow::datatypes::{DataType, Field, Fields, Float64Type, Schema};
+use ferry::datafusion::datasource::MemTable;
+use ferry::datafusion::prelude::SessionContext;
+use ferry::ops::audio::features::Wav2Vec2Features;
+use ferry::ops::audio::{AudioOptions, AudioReading};
+
+use crate::util::*;
+
+fn clip_path(name: &str) -> std::path::PathBuf {
+    root().join("tests/fixtures/audio").join(name)
+}
+
+fn audio_golden() -> serde_json::Value {
+    golden("audio")
+}
+
+fn clip_names(g: &serde_json::Value) -> Vec<String> {
+    g["clips"].as_object().unwrap().keys().cloned().collect()
+}
+
+/// Clips whose samples reach the model exactly as ffmpeg gives them to the pipeline: PCM at
+/// 16 kHz (no resampling, no lossy decoder).
+fn exact(name: &str) -> bool {
+    name.contains("16k") && name.ends_with(".wav")
+}
+
+/// Clips at another rate than the model's (resampled by ffmpeg for the pipeline, by rubato
+/// for ferry).
+fn resampled(name: &str) -> bool {
+    !name.contains("16k")
+}
+
+/// Character-level similarity of two texts: 1 - edit distance / the longer length.
+fn similarity(a: &str, b: &str) -> f64 {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    1.0 - row[b.len()] as f64 / a.len().max(b.len()).max(1) as f64
+}
+
+/// Registers `clips(name Utf8, bytes Binary, path Utf8)`.
+fn register_clips(ctx: &SessionContext, names: &[String]) {
+    let bytes: Vec<Vec<u8>> = names
+        .iter()
+        .map(|n| std::fs::read(clip_path(n)).unwrap())
+        .collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("bytes", DataType::Binary, true),
+        Field::new("path", DataType::Utf8, true),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(names.to_vec())),
+        Arc::new(BinaryArray::from_iter_values(bytes.iter())),
+        Arc::new(StringArray::from(
+            names
+                .iter()
+                .map(|n| format!("tests/fixtures/audio/{n}"))
+                .collect::<Vec<_>>(),
+        )),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+    ctx.register_table(
+        "clips",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+}
+
+/// Mono samples of a clip as ferry decodes it, at its own rate and at 16 kHz.
+fn decode(name: &str) -> (Vec<f32>, u32, Vec<f32>) {
+    let reading = AudioReading::new(&AudioOptions::default(), 16000).unwrap();
+    let (samples, rate) = reading
+        .decode(std::fs::read(clip_path(name)).unwrap())
+        .unwrap();
+    let at16 = ferry::ops::audio::resample(&samples, rate, 16000).unwrap();
+    (samples, rate, at16)
+}
+
+/// The 95 s clip the fixture script builds: en2 and half a second of silence, repeated.
+fn long_clip() -> Vec<f32> {
+    let (en2, rate, _) = decode("en2_16k_s16.wav");
+    assert_eq!(rate, 16000);
+    let mut unit = en2.clone();
+    unit.extend(std::iter::repeat_n(0.0, 8000));
+    unit.iter().copied().cycle().take(95 * 16000).collect()
+}
+
+#[track_caller]
+fn assert_summary(got: &[f32], want: &serde_json::Value, tol: f64, what: &str) {
+    assert_eq!(
+        got.len() as u64,
+        want["len"].as_u64().unwrap(),
+        "{what}: length"
+    );
+    let head = floats(&want["head"]);
+    let stride = want["stride"].as_u64().unwrap() as usize;
+    let strided = floats(&want["strided"]);
+    let got_strided: Vec<f32> = got.iter().step_by(stride).copied().collect();
+    assert_eq!(got_strided.len(), strided.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(&head).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= tol,
+            "{what}: value {i}: {g} vs {w}"
+        );
+    }
+    for (i, (g, w)) in got_strided.iter().zip(&strided).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= tol,
+            "{what}: value {}: {g} vs {w}",
+            i * stride
+        );
+    }
+}
+
+/// PCM at 16 kHz (8 to 32 bits, integer and float, stereo averaged) decodes to ffmpeg's
+/// samples, and the Wav2Vec2 extractor's input_values follow within 1e-4. Resampled and lossy
+/// sources are compared in `resampling_and_lossy_codecs_stay_close_to_ffmpeg`.
+#[test]
+fn pcm_decodes_to_the_pipelines_samples_and_input_values() {
+    let g = audio_golden();
+    let features =
+        Wav2Vec2Features::load(&root().join("tests/fixtures/models/tiny-wav2vec2-ctc")).unwrap();
+    let mut checked = 0;
+    for name in clip_names(&g) {
+        if !exact(&name) {
+            continue;
+        }
+        let (samples, rate, _) = decode(&name);
+        assert_eq!(rate, 16000, "{name}");
+        let row = &g["clips"][&name];
+        assert_summary(&samples, &row["decoded"], 1e-6, &format!("{name}: decoded"));
+        assert_summary(
+            &features.apply(&samples),
+            &row["input_values"],
+            1e-4,
+            &format!("{name}: input_values"),
+        );
+        checked += 1;
+    }
+    assert!(checked >= 8, "{checked}");
+}
+
+/// Whisper's log-mel features (80 and 128 mel bins) of speech, noise, a 0.1 s clip and
+/// silence, within 1e-4 of WhisperFeatureExtractor's.
+#[test]
+fn whisper_log_mel_features_match_the_extractor() {
+    let g = audio_golden();
+    let all = g["whisper_features"].as_object().unwrap();
+    for (key, want) in all {
+        let (name, mels) = key.split_once('/').unwrap();
+        let mels: usize = mels.parse().unwrap();
+        let f = ferry::ops::audio::features::WhisperFeatures::new(16000, 400, 160, 480000, mels);
+        let (samples, _, _) = decode(name);
+        let got = f.apply(&samples);
+        assert_eq!(floats(&want["shape"]), vec![mels as f64, 3000.0], "{key}");
+        assert_summary(&got, want, 1e-4, key);
+    }
+    assert_eq!(all.len(), 8);
+}
+
+/// Resampled (8, 22.05 and 44.1 kHz sources) and lossy (MP3, Vorbis) clips: the same length
+/// as ffmpeg's within a few samples and close sample by sample (README: Audio has the figures
+/// printed here: 35-40 dB SNR resampled, Vorbis exact).
+#[test]
+fn resampling_and_lossy_codecs_stay_close_to_ffmpeg() {
+    let g = audio_golden();
+    for name in clip_names(&g) {
+        if exact(&name) {
+            continue;
+        }
+        let (_, _, at16) = decode(&name);
+        if let Ok(dir) = std::env::var("FERRY_DUMP") {
+            let bytes: Vec<u8> = at16.iter().flat_map(|v| v.to_le_bytes()).collect();
+            std::fs::write(format!("{dir}/{name}.f32"), bytes).unwrap();
+        }
+        let want = &g["clips"][&name]["decoded"];
+        let len = want["len"].as_u64().unwrap() as i64;
+        // ffmpeg's MP3 decoder keeps the encoder delay's padding that symphonia trims.
+        let slack = if name.ends_with(".mp3") { 1200 } else { 2 };
+        assert!(
+            (at16.len() as i64 - len).abs() <= slack,
+            "{name}: {} samples vs ffmpeg's {len}",
+            at16.len()
+        );
+        if name.ends_with(".mp3") {
+            continue;
+        }
+        let strided = floats(&want["strided"]);
+        let (mut worst, mut sq, mut sig, mut own, mut dot) = (0f64, 0f64, 0f64, 0f64, 0f64);
+        for (g, w) in at16.iter().step_by(97).zip(&strided) {
+            let g = *g as f64;
+            let d = g - w;
+            worst = worst.max(d.abs());
+            sq += d * d;
+            sig += w * w;
+            own += g * g;
+            dot += g * w;
+        }
+        let snr = 10.0 * (sig / sq.max(1e-20)).log10();
+        let correlation = dot / (sig * own).sqrt();
+        eprintln!(
+            "{name}: largest difference {worst:.4}, SNR {snr:.1} dB, correlation {correlation:.4}, energy ratio {:.4} against ffmpeg",
+            own / sig
+        );
+        if resampled(&name) {
+            assert!(
+                snr > 30.0,
+                "{name}: SNR {snr:.1} dB against ffmpeg's samples"
+            );
+            assert!(correlation > 0.999, "{name}: correlation {correlation}");
+        } else {
+            assert!(
+                snr > 40.0,
+                "{name}: SNR {snr:.1} dB against ffmpeg's samples"
+            );
+        }
+    }
+}
+
+/// One string per clip, in clip order, of `SELECT op(arg) FROM clips`.
+async fn run_clips(op: &str, arg: &str, names: &[String]) -> Vec<ArrayRef> {
+    let (ctx, _ops) = context_with(&[op]);
+    register_clips(&ctx, names);
+    let batches = sql(&ctx, &format!("SELECT name, {op}({arg}) AS out FROM clips")).await;
+    let order: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let n = b.column(0).as_string::<i32>();
+            (0..n.len())
+                .map(|i| n.value(i).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(order, names, "rows come back in input order");
+    batches.iter().map(|b| b.column(1).clone()).collect()
+}
+
+fn strings(cols: &[ArrayRef]) -> Vec<Option<String>> {
+    cols.iter()
+        .flat_map(|c| {
+            let s = c.as_string::<i32>();
+            (0..s.len())
+                .map(|i| s.is_valid(i).then(|| s.value(i).to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Timestamped pieces of a transcript: (text, start s, end s).
+type Pieces = Vec<(String, f64, f64)>;
+
+/// (text, [(piece, start, end)]) of each row of a timestamped transcript column.
+fn timestamped(cols: &[ArrayRef]) -> Vec<(String, Pieces)> {
+    let mut out = Vec::new();
+    for c in cols {
+        let s = c.as_struct();
+        let text = s.column(0).as_string::<i32>();
+        let chunks = s.column(1).as_list::<i32>();
+        for i in 0..s.len() {
+            let items = chunks.value(i);
+            let items = items.as_struct();
+            let pieces = (0..items.len())
+                .map(|j| {
+                    (
+                        items.column(0).as_string::<i32>().value(j).to_string(),
+                        items.column(1).as_primitive::<Float64Type>().value(j),
+                        items.column(2).as_primitive::<Float64Type>().value(j),
+                    )
+                })
+                .collect();
+            out.push((text.value(i).to_string(), pieces));
+        }
+    }
+    out
+}
+
+#[track_caller]
+fn assert_pieces(got: &[(String, f64, f64)], want: &serde_json::Value, what: &str) {
+    let want = want.as_array().unwrap();
+    assert_eq!(got.len(), want.len(), "{what}: pieces");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.0, w[0].as_str().unwrap(), "{what}");
+        // Timestamps within one frame (20 ms).
+        assert!(
+            (g.1 - w[1].as_f64().unwrap()).abs() < 0.02,
+            "{what}: start {g:?} vs {w}"
+        );
+        assert!(
+            (g.2 - w[2].as_f64().unwrap()).abs() < 0.02,
+            "{what}: end {g:?} vs {w}"
+        );
+    }
+}
+
+/// CTC transcripts of every clip at the model's rate (PCM, stereo, MP3, Vorbis) equal the
+/// pipeline's (which reads each file with ffmpeg), by bytes and by path; char and word
+/// timestamps of the PCM clips too. Resampled clips: the random-weight model's frames are
+/// near-ties that the resamplers' small differences flip, so their transcripts are only close
+/// (printed).
+#[tokio::test]
+async fn ctc_transcripts_match_the_pipeline() {
+    let g = audio_golden();
+    let names = clip_names(&g);
+    let texts = strings(&run_clips("tiny_ctc", "bytes", &names).await);
+    let by_path = strings(&run_clips("tiny_ctc", "path", &names).await);
+    assert_eq!(texts, by_path);
+    let mut differ = Vec::new();
+    for (name, got) in names.iter().zip(&texts) {
+        let want = g["clips"][name]["text"].as_str().unwrap();
+        let got = got.as_deref().unwrap_or_default();
+        if resampled(name) {
+            let s = similarity(got, want);
+            eprintln!("{name}: transcript similarity {s:.3} to the pipeline's");
+            assert!(s > 0.5, "{name}: {got:?}\n  vs the pipeline's {want:?}");
+        } else if got != want {
+            differ.push(format!("{name}: {got:?}\n  vs the pipeline's {want:?}"));
+        }
+    }
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
+
+    let pcm: Vec<String> = names.iter().filter(|n| exact(n)).cloned().collect();
+    for (op, key) in [
+        ("tiny_ctc_chars", "ctc_chars"),
+        ("tiny_ctc_words", "ctc_words"),
+    ] {
+        let rows = timestamped(&run_clips(op, "bytes", &pcm).await);
+        for (name, (text, pieces)) in pcm.iter().zip(&rows) {
+            let row = &g["clips"][name];
+            assert_eq!(text, row["ctc_text"].as_str().unwrap(), "{op} {name}");
+            assert_pieces(pieces, &row[key], &format!("{op} {name}"));
+        }
+    }
+}
+
+/// Registers `samples(name Utf8, x List<Float32>, s Struct<array, sampling_rate>)`.
+fn register_samples(ctx: &SessionContext, rows: &[(&str, Vec<f32>, i64)]) {
+    let item = Arc::new(Field::new_list_field(DataType::Float32, true));
+    let lists = |rows: &[(&str, Vec<f32>, i64)]| {
+        ListArray::new(
+            item.clone(),
+            OffsetBuffer::from_lengths(rows.iter().map(|r| r.1.len())),
+            Arc::new(Float32Array::from(
+                rows.iter().flat_map(|r| r.1.clone()).collect::<Vec<_>>(),
+            )),
+            None,
+        )
+    };
+    let list = lists(rows);
+    let fields = Fields::from(vec![
+        Field::new("array", list.data_type().clone(), true),
+        Field::new("sampling_rate", DataType::Int64, true),
+    ]);
+    let s = StructArray::new(
+        fields.clone(),
+        vec![
+            Arc::new(list.clone()),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            )),
+        ],
+        None,
+    );
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("x", list.data_type().clone(), true),
+        Field::new("s", DataType::Struct(fields), true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            )),
+            Arc::new(list),
+            Arc::new(s),
+        ],
+    )
+    .unwrap();
+    ctx.register_table(
+        "samples",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+}
+
+/// A 95 s recording given as samples: whole, in 10 s windows (stride 10/6 s), in 8 s windows
+/// with strides [1, 2], and with word timestamps across windows, as the pipeline transcribes
+/// it; classified and segmented as the pipeline and the package do (below).
+#[tokio::test]
+async fn long_recordings_are_chunked_as_the_pipeline_chunks_them() {
+    let g = audio_golden();
+    let long = &g["long"];
+    let ops = [
+        "tiny_ctc",
+        "tiny_ctc_chunked",
+        "tiny_ctc_strided",
+        "tiny_ctc_chunked_words",
+    ];
+    let (ctx, _set) = context_with(&ops);
+    register_samples(&ctx, &[("long", long_clip(), 16000)]);
+    let one = |q: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            sql(&ctx, q)
+                .await
+                .into_iter()
+                .map(|b| b.column(0).clone())
+                .collect::<Vec<_>>()
+        }
+    };
+    let text = strings(&one("SELECT tiny_ctc(x) FROM samples").await);
+    assert_eq!(text[0].as_deref(), long["text"].as_str());
+    let chunked = strings(&one("SELECT tiny_ctc_chunked(s) FROM samples").await);
+    assert_eq!(chunked[0].as_deref(), long["chunked_10s"].as_str());
+    let strided = strings(&one("SELECT tiny_ctc_strided(x) FROM samples").await);
+    assert_eq!(
+        strided[0].as_deref(),
+        long["chunked_8s_stride_1_2"].as_str()
+    );
+    let words = timestamped(&one("SELECT tiny_ctc_chunked_words(x) FROM samples").await);
+    assert_pieces(&words[0].1, &long["chunked_10s_words"], "chunked words");
+}
+
+/// (label, score) lists of a `classify_audio` column with top_k.
+fn ranked(cols: &[ArrayRef]) -> Vec<Vec<(String, f64)>> {
+    cols.iter()
+        .flat_map(|c| {
+            let l = c.as_list::<i32>();
+            (0..l.len())
+                .map(|i| {
+                    let v = l.value(i);
+                    let s = v.as_struct();
+                    (0..s.len())
+                        .map(|j| {
+                            (
+                                s.column(0).as_string::<i32>().value(j).to_string(),
+                                s.column(1).as_primitive::<Float64Type>().value(j),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every label and score of the audio-classification pipeline, within 1e-4, for the PCM
+/// clips (the model sees the same samples); the best label of every clip.
+#[tokio::test]
+async fn audio_classification_matches_the_pipeline() {
+    let g = audio_golden();
+    let names = clip_names(&g);
+    let got = ranked(&run_clips("tiny_audio_cls", "bytes", &names).await);
+    for (name, labels) in names.iter().zip(&got) {
+        let want = g["clips"][name]["labels"].as_array().unwrap();
+        assert_eq!(labels.len(), want.len(), "{name}");
+        let tol = if exact(name) { 1e-4 } else { 2e-3 };
+        for (l, w) in labels.iter().zip(want) {
+            if exact(name) {
+                assert_eq!(
+                    l.0,
+                    w[0].as_str().unwrap(),
+                    "{name}: {labels:?} vs {want:?}"
+                );
+            }
+            let ws = want.iter().find(|w| w[0].as_str() == Some(&l.0)).unwrap()[1]
+                .as_f64()
+                .unwrap();
+            assert!((l.1 - ws).abs() <= tol, "{name}: {} {} vs {ws}", l.0, l.1);
+        }
+    }
+    let best = run_clips("tiny_audio_cls_best", "path", &names).await;
+    let s = best[0].as_struct();
+    assert_eq!(s.column(0).as_string::<i32>().value(0), got[0][0].0);
+
+    let (ctx, _set) = context_with(&["tiny_audio_cls"]);
+    register_samples(&ctx, &[("long", long_clip(), 16000)]);
+    let cols: Vec<ArrayRef> = sql(&ctx, "SELECT tiny_audio_cls(x) FROM samples")
+        .await
+        .into_iter()
+        .map(|b| b.column(0).clone())
+        .collect();
+    let long = &ranked(&cols)[0];
+    let want = g["long"]["labels"].as_array().unwrap();
+    for (l, w) in long.iter().zip(want) {
+        assert_eq!(l.0, w[0].as_str().unwrap());
+        assert!((l.1 - w[1].as_f64().unwrap()).abs() <= 1e-4);
+    }
+}
+
+/// The real Silero VAD (PyPI's silero-vad wheel, operators/silero_vad.yaml) finds the speech
+/// segments the package's get_speech_timestamps finds, recordings batched side by side.
+#[tokio::test]
+async fn silero_vad_segments_match_the_package() {
+    let models = root().join("models");
+    ferry::fetch::fetch("silero-vad", &models).expect("fetching silero-vad from PyPI");
+    let g = audio_golden();
+    let names: Vec<String> = clip_names(&g).into_iter().filter(|n| exact(n)).collect();
+    let ctx = ferry::engine::session_context();
+    let manifests = ferry::ops::load_manifests(&root().join("operators")).unwrap();
+    let mut set = ferry::engine::OperatorSet::new(manifests);
+    ctx.register_udf(set.get("silero_vad").unwrap().udf.clone());
+    register_clips(&ctx, &names);
+    register_samples(&ctx, &[("long", long_clip(), 16000)]);
+    let mut got: Vec<Vec<(f64, f64)>> = Vec::new();
+    for q in [
+        "SELECT silero_vad(bytes) FROM clips",
+        "SELECT silero_vad(x) FROM samples",
+    ] {
+        for b in sql(&ctx, q).await {
+            let l = b.column(0).as_list::<i32>();
+            for i in 0..l.len() {
+                let v = l.value(i);
+                let s = v.as_struct();
+                got.push(
+                    (0..s.len())
+                        .map(|j| {
+                            (
+                                s.column(0).as_primitive::<Float64Type>().value(j),
+                                s.column(1).as_primitive::<Float64Type>().value(j),
+                            )
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+    let mut want: Vec<&serde_json::Value> =
+        names.iter().map(|n| &g["clips"][n]["speech"]).collect();
+    want.push(&g["long"]["speech"]);
+    let mut segments = 0;
+    for ((got, want), name) in got
+        .iter()
+        .zip(want)
+        .zip(names.iter().chain(["long".to_string()].iter()))
+    {
+        let want: Vec<(f64, f64)> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s[0].as_f64().unwrap() / 16000.0,
+                    s[1].as_f64().unwrap() / 16000.0,
+                )
+            })
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}: {got:?} vs {want:?}");
+        for (a, b) in got.iter().zip(&want) {
+            assert!(
+                (a.0 - b.0).abs() < 1e-9 && (a.1 - b.1).abs() < 1e-9,
+                "{name}: {got:?} vs {want:?}"
+            );
+        }
+        segments += want.len();
+    }
+    assert!(segments >= 8, "{segments}");
+}
+
+/// Bad recordings are row errors; the other rows are transcribed.
+#[tokio::test]
+async fn bad_audio_is_a_row_error_and_the_rest_flows() {
+    let good = std::fs::read(clip_path("en2_16k_s16.wav")).unwrap();
+    let mut huge = good.clone();
+    // A WAV header claiming 10^12 samples (the data chunk's size field), then a little data.
+    huge[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
+    let mut rate_zero = good.clone();
+    rate_zero[24..28].copy_from_slice(&0u32.to_le_bytes());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("good", good.clone()),
+        ("empty", Vec::new()),
+        ("text", b"this is a text file named clip.wav\n".to_vec()),
+        ("truncated header", good[..30].to_vec()),
+        (
+            "garbage",
+            (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect(),
+        ),
+        ("huge header", huge),
+        ("rate zero", rate_zero),
+        ("good again", good),
+    ];
+    let (ctx, mut set) = context_with(&["tiny_ctc"]);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("bytes", DataType::Binary, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(
+                cases.iter().map(|c| c.0).collect::<Vec<_>>(),
+            )),
+            Arc::new(BinaryArray::from_iter_values(
+                cases.iter().map(|c| c.1.clone()),
+            )),
+        ],
+    )
+    .unwrap();
+    ctx.register_table(
+        "bad",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    let cols: Vec<ArrayRef> = sql(&ctx, "SELECT tiny_ctc(bytes) FROM bad")
+        .await
+        .into_iter()
+        .map(|b| b.column(0).clone())
+        .collect();
+    let texts = strings(&cols);
+    let g = audio_golden();
+    let want = g["clips"]["en2_16k_s16.wav"]["text"].as_str().unwrap();
+    assert_eq!(texts[0].as_deref(), Some(want));
+    assert_eq!(texts[7].as_deref(), Some(want));
+    // The huge header holds the real samples: decoded up to the end of the file, or refused.
+    for (i, (name, _)) in cases.iter().enumerate().skip(1).take(6) {
+        if *name != "huge header" {
+            assert!(texts[i].is_none(), "{name}: {:?}", texts[i]);
+        }
+    }
+    let op = set.get("tiny_ctc").unwrap();
+    assert!(op.row_errors() >= 5, "{}", op.row_errors());
+
+    // Samples: NaN, infinite, empty, and a recording too short for the model.
+    let (ctx, mut set) = context_with(&["tiny_ctc"]);
+    register_samples(
+        &ctx,
+        &[
+            ("nan", vec![0.0, f32::NAN, 0.1], 16000),
+            (
+                "inf",
+                vec![0.0; 4000].into_iter().chain([f32::INFINITY]).collect(),
+                16000,
+            ),
+            ("empty", vec![], 16000),
+            ("short", vec![0.1; 100], 16000),
+            ("fine", long_clip()[..32000].to_vec(), 16000),
+        ],
+    );
+    let cols: Vec<ArrayRef> = sql(&ctx, "SELECT tiny_ctc(x) FROM samples")
+        .await
+        .into_iter()
+        .map(|b| b.column(0).clone())
+        .collect();
+    let texts = strings(&cols);
+    assert!(texts[..4].iter().all(|t| t.is_none()), "{texts:?}");
+    assert!(texts[4].is_some());
+    assert_eq!(set.get("tiny_ctc").unwrap().row_errors(), 4);
+
+    // A column of the wrong type is refused at plan time.
+    let err = sql_err(&ctx, "SELECT tiny_ctc(length(name)) FROM samples").await;
+    assert!(err.contains("expects Binary audio bytes"), "{err}");
+}
+
+/// A limit on duration refuses long recordings before decoding them, and raw samples past it.
+#[test]
+fn duration_limit_refuses_long_recordings() {
+    let reading = AudioReading::new(
+        &AudioOptions {
+            max_duration_s: Some(2.0),
+            ..Default::default()
+        },
+        16000,
+    )
+    .unwrap();
+    let err = reading
+        .decode(std::fs::read(clip_path("en2_16k_s16.wav")).unwrap())
+        .unwrap_err();
+    assert!(err.contains("over the limit of 2 s"), "{err}");
+    let err = reading
+        .load(&ferry::ops::audio::AudioInput::Samples {
+            samples: vec![0.0; 48000],
+            rate: 16000,
+        })
+        .unwrap_err();
+    assert!(err.contains("max_duration_s"), "{err}");
+    let _ = LargeListArray::new_null;
+}
