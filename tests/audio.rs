@@ -695,3 +695,136 @@ fn duration_limit_refuses_long_recordings() {
     assert!(err.contains("max_duration_s"), "{err}");
     let _ = LargeListArray::new_null;
 }
+
+/// A model directory built by the fixture script, in models/ or the machine's cache.
+fn built_model(name: &str) -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("HOME").map(|h| {
+        std::path::PathBuf::from(h)
+            .join(".cache/ferry/models")
+            .join(name)
+    });
+    [Some(root().join("models").join(name)), cache]
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("encoder_model.onnx").is_file())
+}
+
+/// Real Whisper (tiny.en and base converted from PyPI's CTranslate2 wheels and exported by
+/// tests/fixtures/whisper_real.py; skipped when not built): transcripts of the test clips equal
+/// the ASR pipeline's on the converted model, greedy and with 5 beams; base detects the
+/// language and transcribes French when told to.
+#[tokio::test]
+async fn real_whisper_transcripts_match_the_pipeline_when_built() {
+    let g = golden("whisper_real");
+    let mut ran = 0;
+    for (name, rows) in g["models"].as_object().unwrap() {
+        let Some(model_dir) = built_model(name) else {
+            eprintln!("{name} is not built (tests/fixtures/make_fixtures.py whisper): skipped");
+            continue;
+        };
+        let clips: Vec<String> = rows.as_object().unwrap().keys().cloned().collect();
+        let dir = tempfile::tempdir().unwrap();
+        let multilingual = name == "whisper-base";
+        let mut manifests = vec![
+            ("greedy", "generation: {num_beams: 1}".to_string()),
+            ("beam5", String::new()),
+        ];
+        if multilingual {
+            manifests.push((
+                "greedy_fr",
+                "generation: {num_beams: 1}\n  language: fr".into(),
+            ));
+        }
+        for (op, options) in &manifests {
+            let options = if options.is_empty() {
+                String::new()
+            } else {
+                format!("options:\n  {options}\n")
+            };
+            std::fs::write(
+                dir.path().join(format!("{op}.yaml")),
+                format!(
+                    "name: {op}\ntask: transcribe\nmodel: {}\nbatch_size: 4\n{options}",
+                    model_dir.display()
+                ),
+            )
+            .unwrap();
+        }
+        let ctx = ferry::engine::session_context();
+        let mut set =
+            ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
+        for (op, _) in &manifests {
+            ctx.register_udf(set.get(op).unwrap().udf.clone());
+        }
+        register_clips(&ctx, &clips);
+        for (op, _) in &manifests {
+            let cols: Vec<ArrayRef> = sql(&ctx, &format!("SELECT {op}(bytes) FROM clips"))
+                .await
+                .into_iter()
+                .map(|b| b.column(0).clone())
+                .collect();
+            let texts = strings(&cols);
+            for (clip, got) in clips.iter().zip(&texts) {
+                let want = rows[clip][op].as_str().unwrap();
+                eprintln!("{name} {op} {clip}: {got:?}");
+                if resampled(clip) {
+                    assert!(
+                        similarity(got.as_deref().unwrap_or_default(), want) > 0.9,
+                        "{name} {op} {clip}: {got:?} vs {want:?}"
+                    );
+                } else {
+                    assert_eq!(got.as_deref(), Some(want), "{name} {op} {clip}");
+                }
+            }
+        }
+        ran += 1;
+    }
+    if ran == 0 {
+        eprintln!("no real Whisper model is built: skipped");
+    }
+}
+
+/// A tiny random multilingual Whisper (tests/fixtures/audio.py) transcribes as the ASR
+/// pipeline does: greedy and with 5 beams (the pipeline's default) with the language detected,
+/// and greedy with the language given.
+#[tokio::test]
+async fn tiny_whisper_matches_the_pipeline() {
+    let g = audio_golden();
+    let rows = g["tiny_whisper"].as_object().unwrap();
+    let clips: Vec<String> = rows.keys().cloned().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = [
+        ("greedy", "options:\n  generation: {num_beams: 1}\n"),
+        ("beam5", ""),
+        (
+            "greedy_de",
+            "options:\n  generation: {num_beams: 1}\n  language: de\n",
+        ),
+    ];
+    for (op, options) in manifests {
+        std::fs::write(
+            dir.path().join(format!("{op}.yaml")),
+            format!(
+                "name: {op}\ntask: transcribe\nmodel: {}\nbatch_size: 3\n{options}",
+                fixture_model("tiny-whisper")
+            ),
+        )
+        .unwrap();
+    }
+    let ctx = ferry::engine::session_context();
+    let mut set = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
+    for (op, _) in manifests {
+        ctx.register_udf(set.get(op).unwrap().udf.clone());
+    }
+    register_clips(&ctx, &clips);
+    for (op, _) in manifests {
+        let cols: Vec<ArrayRef> = sql(&ctx, &format!("SELECT {op}(bytes) FROM clips"))
+            .await
+            .into_iter()
+            .map(|b| b.column(0).clone())
+            .collect();
+        for (clip, got) in clips.iter().zip(strings(&cols)) {
+            assert_eq!(got.as_deref(), rows[clip][op].as_str(), "{op} {clip}");
+        }
+    }
+}

@@ -83,7 +83,7 @@ pub enum TaskKind {
     Summarize,
     /// Translation with encoder-decoder models.
     Translate,
-    /// Speech recognition (CTC models such as wav2vec2).
+    /// Speech recognition (CTC models such as wav2vec2, and Whisper).
     Transcribe,
     /// Audio classification (wav2vec2-style sequence classification).
     ClassifyAudio,
@@ -237,7 +237,7 @@ pub const TASKS: &[TaskInfo] = &[
         name: "transcribe",
         hf_task: "automatic-speech-recognition",
         inputs: AUDIO_INPUTS,
-        output: "Utf8; Struct<text: Utf8, chunks: List<Struct<text: Utf8, start: Float64, end: Float64>>> with return_timestamps",
+        output: "Utf8; Struct<text: Utf8, chunks: List<Struct<text: Utf8, start: Float64, end: Float64>>> with return_timestamps (CTC)",
         arity: 1..=1,
         args: &[ArgKind::Audio],
         cost_unit: "samples",
@@ -531,6 +531,35 @@ impl Loading<'_> {
         Ok(self.operator(pool, audio::model::AudioOp { model, task }))
     }
 
+    /// Whisper: an encoder-decoder export run through the generation core.
+    fn whisper(self) -> Result<Operator, OpError> {
+        let options: transcribe::TranscribeOptions = self.loaded.options()?;
+        if options.return_timestamps.is_some() || options.chunk_length_s.is_some() {
+            return Err(OpError::Options(
+                "return_timestamps and chunk_length_s are not supported for Whisper models yet (recordings of up to 30 s are transcribed whole)".into(),
+            ));
+        }
+        let files = generation::task::model_files(
+            &self.model.dir,
+            &generation::task::GenerationOptions::default(),
+            &self.loaded.manifest.file,
+        )?;
+        let files: Vec<(&'static str, &str)> =
+            files.iter().map(|(role, f)| (*role, f.as_str())).collect();
+        let pool = self.pool(&files)?;
+        let task = audio::whisper::WhisperTranscribe::resolve(
+            audio::whisper::WhisperOptions {
+                language: options.language.as_deref(),
+                task: options.task.as_deref(),
+                generation: &options.generation,
+                audio: &options.audio,
+            },
+            &self.model,
+            &pool,
+        )?;
+        Ok(self.operator(pool, task))
+    }
+
     /// Voice activity detection: one stateful model run window by window.
     fn detect_speech(self) -> Result<Operator, OpError> {
         let options: detect_speech::DetectSpeechOptions = self.loaded.options()?;
@@ -547,7 +576,7 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
     let dir = loaded.model_dir().map_err(OpError::Model)?;
     let generation = matches!(
         m.task,
-        TaskKind::Generate | TaskKind::Summarize | TaskKind::Translate
+        TaskKind::Generate | TaskKind::Summarize | TaskKind::Translate | TaskKind::Transcribe
     );
     // An encoder-decoder export has no model.onnx: its encoder stands for the model.
     let file =
@@ -591,6 +620,9 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
             |o: &estimate_depth::EstimateDepthOptions| &o.image,
             estimate_depth::EstimateDepth::resolve,
         ),
+        TaskKind::Transcribe if loading.model.config.model_type.as_deref() == Some("whisper") => {
+            loading.whisper()
+        }
         TaskKind::Transcribe => loading.audio(
             |o: &transcribe::TranscribeOptions| &o.audio,
             |o, model, audio| transcribe::CtcTranscribe::resolve(o, &model.dir, audio),

@@ -7,6 +7,8 @@
 //! `chunk_length_s` windows overlapping by `stride_length_s`; the strides' frames are dropped
 //! and the rest decoded once, as the pipeline does.
 //!
+//! Whisper (encoder-decoder exports with `input_features`): see `audio::whisper`.
+//!
 //! Output: `Utf8`; with timestamps `Struct<text: Utf8, chunks: List<Struct<text: Utf8,
 //! start: Float64, end: Float64>>>`.
 
@@ -25,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::OpError;
 use super::audio::AudioOptions;
 use super::audio::model::{AudioModel, AudioTask, Chunking, Clip, py_round};
-use super::generation::task::OneOrMany;
+use super::generation::task::{GenerationSettings, OneOrMany};
 use crate::runtime::model_dir::read_json;
 use crate::runtime::tensor::Output;
 
@@ -44,6 +46,17 @@ pub struct TranscribeOptions {
     /// `[left, right]` (default `chunk_length_s / 6`).
     #[serde(default)]
     pub stride_length_s: Option<OneOrMany<f64>>,
+    /// Whisper (multilingual): the spoken language (`en`, `fr`, ... or `<|fr|>`); unset: detected
+    /// per recording.
+    #[serde(default)]
+    pub language: Option<String>,
+    /// Whisper (multilingual): `transcribe` (default) or `translate` (to English).
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Whisper: generation settings over the model's and the pipeline's (5 beams, 448 decoder
+    /// tokens); see `GenerationSettings`.
+    #[serde(default)]
+    pub generation: GenerationSettings,
     /// How recordings are read.
     #[serde(default)]
     pub audio: AudioOptions,
@@ -207,6 +220,21 @@ impl CtcTranscribe {
         dir: &Path,
         audio: &AudioModel,
     ) -> Result<Self, OpError> {
+        for (set, name) in [
+            (options.language.is_some(), "language"),
+            (options.task.is_some(), "task"),
+            (
+                options.generation != GenerationSettings::default(),
+                "generation",
+            ),
+        ] {
+            if set {
+                return Err(OpError::Options(format!(
+                    "`{name}` is an option of Whisper models; {} is a CTC model",
+                    dir.display()
+                )));
+            }
+        }
         let output = audio
             .outputs
             .iter()

@@ -11,6 +11,7 @@
 
 pub mod features;
 pub mod model;
+pub mod whisper;
 
 use std::io::Cursor;
 use std::path::PathBuf;

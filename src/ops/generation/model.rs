@@ -160,10 +160,27 @@ impl DecoderOnly {
     }
 }
 
+/// What an encoder reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncoderInput {
+    /// `input_ids` and `attention_mask` (text).
+    Tokens,
+    /// `input_features` [batch, features, frames] (speech: Whisper's log-mel spectrograms),
+    /// encoded to `positions` states.
+    Features {
+        features: usize,
+        frames: usize,
+        positions: usize,
+    },
+}
+
 /// An encoder-decoder model: the encoder runs once per row; the decoder steps.
 #[derive(Debug, Clone)]
 pub struct Seq2Seq {
     pub encoder: &'static str,
+    pub input: EncoderInput,
+    /// The decoder takes `encoder_attention_mask` (text encoders; Whisper's does not).
+    cross_mask: bool,
     /// The decoder of the first step (`decoder_model.onnx`, or the merged one).
     pub decoder: &'static str,
     /// The decoder of later steps (`decoder_with_past_model.onnx`); None with a merged decoder
@@ -186,15 +203,43 @@ impl Seq2Seq {
         with_past: Option<(&'static str, &SessionInfo)>,
     ) -> Result<Self, String> {
         let enc = encoder.1;
-        for needed in ["input_ids", "attention_mask"] {
-            if enc.input(needed).is_none() {
-                return Err(format!(
-                    "{}: an encoder takes `{needed}` (it takes {})",
-                    enc.path.display(),
-                    enc.input_names()
-                ));
+        let fixed = |d: i64| (d > 0).then_some(d as usize);
+        let input = match enc.input("input_features") {
+            Some(f) => {
+                let (Some(features), Some(frames)) = (
+                    f.shape.get(1).copied().and_then(fixed),
+                    f.shape.get(2).copied().and_then(fixed),
+                ) else {
+                    return Err(format!(
+                        "{}: `input_features` has no fixed size ({:?}); ferry runs speech encoders of fixed windows",
+                        enc.path.display(),
+                        f.shape
+                    ));
+                };
+                let positions = enc
+                    .output("last_hidden_state")
+                    .and_then(|o| o.shape.get(1).copied())
+                    .and_then(fixed)
+                    .unwrap_or(frames);
+                EncoderInput::Features {
+                    features,
+                    frames,
+                    positions,
+                }
             }
-        }
+            None => {
+                for needed in ["input_ids", "attention_mask"] {
+                    if enc.input(needed).is_none() {
+                        return Err(format!(
+                            "{}: an encoder takes `{needed}` or `input_features` (it takes {})",
+                            enc.path.display(),
+                            enc.input_names()
+                        ));
+                    }
+                }
+                EncoderInput::Tokens
+            }
+        };
         let Some(states) = enc.output("last_hidden_state") else {
             return Err(format!(
                 "{}: the encoder has no `last_hidden_state` output (it has {})",
@@ -211,23 +256,19 @@ impl Seq2Seq {
             ));
         }
         let dec = decoder.1;
-        require(
-            dec,
-            &[
-                "input_ids",
-                "encoder_hidden_states",
-                "encoder_attention_mask",
-            ],
-            "a decoder",
-        )?;
+        let cross_mask = dec.input("encoder_attention_mask").is_some();
+        if input == EncoderInput::Tokens && !cross_mask {
+            return Err(format!(
+                "{}: a text encoder's decoder takes `encoder_attention_mask` (it takes {})",
+                dec.path.display(),
+                dec.input_names()
+            ));
+        }
+        require(dec, &["input_ids", "encoder_hidden_states"], "a decoder")?;
         let use_cache_branch = dec.input("use_cache_branch").is_some();
         let (cache, cross, decoder_with_past) = match with_past {
             Some((role, info)) => {
-                require(
-                    info,
-                    &["input_ids", "encoder_attention_mask"],
-                    "a decoder with past",
-                )?;
+                require(info, &["input_ids"], "a decoder with past")?;
                 let cache = Cache::read(info, "decoder.", true)?;
                 let cross = Cache::read(info, "encoder.", false)?;
                 if cache.is_none() || cross.is_none() {
@@ -265,6 +306,8 @@ impl Seq2Seq {
         };
         Ok(Seq2Seq {
             encoder: encoder.0,
+            input,
+            cross_mask,
             decoder: decoder.0,
             decoder_with_past,
             cache,
@@ -758,6 +801,78 @@ impl Model {
         Ok(batch)
     }
 
+    /// The batch of speech rows ((row, features [features x frames], decoder prompt)) before
+    /// its first step: the encoder runs now, in one call; each decoder starts with its prompt.
+    pub fn start_features(
+        &self,
+        worker: &mut Worker,
+        rows: &[(usize, &[f32], &[i64])],
+    ) -> Result<Batch, String> {
+        let mut batch = Batch::empty();
+        let Model::Seq2Seq(m) = self else {
+            return Err("a decoder-only model takes no encoder features".into());
+        };
+        let EncoderInput::Features {
+            features, frames, ..
+        } = m.input
+        else {
+            return Err("this model's encoder takes tokens, not features".into());
+        };
+        if rows.is_empty() {
+            return Ok(batch);
+        }
+        let n = rows.len();
+        let mut data = Vec::with_capacity(n * features * frames);
+        for (row, f, prompt) in rows {
+            if f.len() != features * frames {
+                return Err(format!(
+                    "row {row}: {} feature values, the encoder takes {features} x {frames}",
+                    f.len()
+                ));
+            }
+            if prompt.is_empty() {
+                return Err(format!("row {row}: an empty decoder prompt"));
+            }
+            data.extend_from_slice(f);
+        }
+        let mut outputs = worker.run(
+            m.encoder,
+            vec![Input::new(
+                "input_features",
+                vec![n as i64, features as i64, frames as i64],
+                Data::F32(data),
+            )],
+        )?;
+        let shape = read_f32("last_hidden_state", &outputs["last_hidden_state"])?.shape;
+        let len = match shape[..] {
+            [b, len, h] if b as usize == n && h as usize == m.hidden && len > 0 => len as usize,
+            _ => {
+                return Err(format!(
+                    "the encoder's `last_hidden_state` has shape {shape:?}"
+                ));
+            }
+        };
+        let states = outputs
+            .remove("last_hidden_state")
+            .ok_or("the encoder returned no `last_hidden_state`")?;
+        batch.seqs = rows
+            .iter()
+            .map(|&(row, _, prompt)| Seq {
+                row,
+                ids: prompt.to_vec(),
+                prefix: prompt.len(),
+                fed: 0,
+            })
+            .collect();
+        batch.sources = Some(Sources {
+            len,
+            mask: vec![1; n * len],
+            states: Some(states),
+            cross: Vec::new(),
+        });
+        Ok(batch)
+    }
+
     /// Feeds every sequence's pending ids in one call and returns the logits of each one's
     /// next token ([seqs, vocabulary], flat) and the vocabulary size. The cache stays in the
     /// batch for the next step.
@@ -903,14 +1018,18 @@ fn step_seq2seq(
         .iter()
         .flat_map(|s| s.ids[past..].iter().copied())
         .collect();
-    let mut inputs = vec![
-        Input::new("input_ids", vec![n as i64, steps as i64], Data::I64(ids)),
-        Input::new(
+    let mut inputs = vec![Input::new(
+        "input_ids",
+        vec![n as i64, steps as i64],
+        Data::I64(ids),
+    )];
+    if m.cross_mask {
+        inputs.push(Input::new(
             "encoder_attention_mask",
             vec![n as i64, src.len as i64],
             Data::I64(src.mask.clone()),
-        ),
-    ];
+        ));
+    }
     let role = if first {
         m.decoder
     } else {

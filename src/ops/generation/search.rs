@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::logits::{Position, Processors, Sampling, draw, log_softmax, top_k};
-use super::model::{Batch, Model, Seq};
+use super::model::{Batch, EncoderInput, Model, Seq};
 use crate::runtime::pool::Worker;
 
 /// `early_stopping` of beam search.
@@ -220,6 +220,47 @@ struct Beams {
     improvable: bool,
 }
 
+/// What rows generate from.
+#[derive(Debug, Clone, Copy)]
+pub enum Prompts<'a> {
+    /// Token ids (none empty): a decoder-only prompt, or an encoder-decoder's source text.
+    Tokens(&'a [Vec<i64>]),
+    /// Encoder features (speech: a log-mel window, features x frames, per row) and each row's
+    /// decoder prompt (none empty).
+    Features {
+        features: &'a [Vec<f32>],
+        decoder: &'a [Vec<i64>],
+    },
+}
+
+impl Prompts<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Prompts::Tokens(p) => p.len(),
+            Prompts::Features { decoder, .. } => decoder.len(),
+        }
+    }
+
+    /// A row's prompt tokens (decoder-only, text encoders) or decoder prompt (features).
+    fn tokens(&self, row: usize) -> &[i64] {
+        match self {
+            Prompts::Tokens(p) => &p[row],
+            Prompts::Features { decoder, .. } => &decoder[row],
+        }
+    }
+
+    /// The source positions a row's cross-attention holds, or its prompt length.
+    fn cost_len(&self, row: usize, model: &Model) -> usize {
+        match (self, model) {
+            (Prompts::Features { .. }, Model::Seq2Seq(m)) => match m.input {
+                EncoderInput::Features { positions, .. } => positions,
+                EncoderInput::Tokens => 0,
+            },
+            _ => self.tokens(row).len(),
+        }
+    }
+}
+
 /// [`generate`] with continuous batching: at most `limits` run at once; when rows finish,
 /// waiting rows (in the order given) join the running batch. Decoder-only rows join the one
 /// running batch (its cache left-padded); an encoder-decoder's decoder takes no mask over its
@@ -231,9 +272,25 @@ pub fn generate_within(
     search: &Search,
     limits: Limits,
 ) -> Result<Vec<Vec<Hypothesis>>, String> {
+    generate_from(worker, model, Prompts::Tokens(prompts), search, limits)
+}
+
+/// [`generate_within`] from token prompts or encoder features.
+pub fn generate_from(
+    worker: &mut Worker,
+    model: &Model,
+    prompts: Prompts<'_>,
+    search: &Search,
+    limits: Limits,
+) -> Result<Vec<Vec<Hypothesis>>, String> {
     search.check()?;
-    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+    if let Some(i) = (0..prompts.len()).find(|&i| prompts.tokens(i).is_empty()) {
         return Err(format!("prompt {i} has no tokens"));
+    }
+    if let Prompts::Features { features, decoder } = prompts
+        && features.len() != decoder.len()
+    {
+        return Err("features and decoder prompts differ in number".into());
     }
     if search.max_new_tokens == 0 {
         let none = Hypothesis {
@@ -275,7 +332,7 @@ pub fn generate_within(
 struct Run<'a> {
     worker: &'a mut Worker,
     model: &'a Model,
-    prompts: &'a [Vec<i64>],
+    prompts: Prompts<'a>,
     search: &'a Search,
     limits: Limits,
     out: Vec<Vec<Hypothesis>>,
@@ -337,7 +394,7 @@ impl Run<'_> {
             if admitted.len() == free {
                 break;
             }
-            let len = self.prompts[row].len();
+            let len = self.prompts.cost_len(row, self.model);
             let (s, l) = (seqs + beams, longest.max(len));
             let cost = if decoder_only {
                 others.saturating_add(projected(s, l, 0, remaining))
@@ -361,7 +418,7 @@ impl Run<'_> {
                 RowSearch::Greedy(self.search.sampling.as_ref().map(|s| {
                     use std::hash::{Hash, Hasher};
                     let mut h = std::collections::hash_map::DefaultHasher::new();
-                    (s.seed, &all[row]).hash(&mut h);
+                    (s.seed, all.tokens(row)).hash(&mut h);
                     Box::new(ChaCha8Rng::seed_from_u64(h.finish()))
                 }))
             } else {
@@ -377,15 +434,26 @@ impl Run<'_> {
         // The first step runs over whole prompts, where padding costs the most: rows of
         // similar lengths run together, then join the running batch at once.
         let mut started = Vec::new();
-        for group in prefill_groups(&admitted, |r| all[r].len()) {
-            let prompts: Vec<(usize, &[i64])> =
-                group.iter().map(|&r| (r, all[r].as_slice())).collect();
-            let mut batch = self.model.start(
-                self.worker,
-                &prompts,
-                self.search.decoder_start_token_id,
-                self.search.pad_token_id,
-            )?;
+        for group in prefill_groups(&admitted, |r| all.tokens(r).len()) {
+            let mut batch = match all {
+                Prompts::Tokens(p) => {
+                    let prompts: Vec<(usize, &[i64])> =
+                        group.iter().map(|&r| (r, p[r].as_slice())).collect();
+                    self.model.start(
+                        self.worker,
+                        &prompts,
+                        self.search.decoder_start_token_id,
+                        self.search.pad_token_id,
+                    )?
+                }
+                Prompts::Features { features, decoder } => {
+                    let rows: Vec<(usize, &[f32], &[i64])> = group
+                        .iter()
+                        .map(|&r| (r, features[r].as_slice(), decoder[r].as_slice()))
+                        .collect();
+                    self.model.start_features(self.worker, &rows)?
+                }
+            };
             self.step(&mut batch)?;
             started.push(batch);
         }
