@@ -123,3 +123,33 @@ pub fn assert_close_vectors(got: &[f64], want: &[f64], what: &str) {
 pub fn ferry_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
 }
+
+/// Registers `table(name Utf8, bytes Binary, path Utf8)` with the files `names` of the fixture
+/// folder `dir` (relative to the repository root): their bytes and relative paths.
+pub fn register_files(ctx: &SessionContext, table: &str, dir: &str, names: &[String]) {
+    let bytes: Vec<Vec<u8>> = names
+        .iter()
+        .map(|n| std::fs::read(root().join(dir).join(n)).unwrap())
+        .collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("bytes", DataType::Binary, true),
+        Field::new("path", DataType::Utf8, true),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(names.to_vec())),
+        Arc::new(ferry::datafusion::arrow::array::BinaryArray::from_iter_values(bytes.iter())),
+        Arc::new(StringArray::from(
+            names
+                .iter()
+                .map(|n| format!("{dir}/{n}"))
+                .collect::<Vec<_>>(),
+        )),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+    ctx.register_table(
+        table,
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+}

@@ -19,31 +19,7 @@ pub fn image_path(name: &str) -> std::path::PathBuf {
 
 /// Registers `imgs(name Utf8, bytes Binary, path Utf8)` with the golden file's images.
 pub fn register_images(ctx: &SessionContext, names: &[String]) {
-    let bytes: Vec<Vec<u8>> = names
-        .iter()
-        .map(|n| std::fs::read(image_path(n)).unwrap())
-        .collect();
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("name", DataType::Utf8, false),
-        Field::new("bytes", DataType::Binary, true),
-        Field::new("path", DataType::Utf8, true),
-    ]));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(names.to_vec())),
-        Arc::new(BinaryArray::from_iter_values(bytes.iter())),
-        Arc::new(StringArray::from(
-            names
-                .iter()
-                .map(|n| format!("tests/fixtures/images/{n}"))
-                .collect::<Vec<_>>(),
-        )),
-    ];
-    let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
-    ctx.register_table(
-        "imgs",
-        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
-    )
-    .unwrap();
+    register_files(ctx, "imgs", "tests/fixtures/images", names);
 }
 
 fn golden_images(g: &serde_json::Value) -> Vec<String> {

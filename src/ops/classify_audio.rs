@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::OpError;
 use super::audio::AudioOptions;
 use super::audio::model::{AudioModel, AudioTask, Clip};
-use super::classify_text::{ScoreFunction, classifier_labels, label_output_type, label_scores};
+use super::classify_text::{Ranking, ScoreFunction, classifier_labels};
 use crate::runtime::ModelDir;
 use crate::runtime::tensor::Output;
 
@@ -40,9 +40,7 @@ pub struct ClassifyAudioOptions {
 /// The task resolved against its model.
 #[derive(Debug)]
 pub struct ClassifyAudio {
-    labels: Vec<String>,
-    function: ScoreFunction,
-    top_k: Option<usize>,
+    ranking: Ranking,
     output: [String; 1],
 }
 
@@ -54,9 +52,11 @@ impl ClassifyAudio {
     ) -> Result<Self, OpError> {
         let (output, labels) = classifier_labels(model, &audio.outputs, "audio-classification")?;
         Ok(ClassifyAudio {
-            top_k: options.top_k.map(|k| k.min(labels.len())),
-            function: options.function_to_apply.unwrap_or(ScoreFunction::Softmax),
-            labels,
+            ranking: Ranking {
+                top_k: options.top_k.map(|k| k.min(labels.len())),
+                function: options.function_to_apply.unwrap_or(ScoreFunction::Softmax),
+                labels,
+            },
             output: [output],
         })
     }
@@ -68,7 +68,7 @@ impl AudioTask for ClassifyAudio {
     type Out = Vec<(usize, f32)>;
 
     fn output_type(&self) -> DataType {
-        label_output_type(self.top_k)
+        self.ranking.output_type()
     }
 
     fn outputs(&self) -> &[String] {
@@ -80,13 +80,7 @@ impl AudioTask for ClassifyAudio {
         outputs: &[Output<'_>],
         clips: &[&Clip],
     ) -> Result<Vec<Self::Raw>, String> {
-        let n = self.labels.len();
-        outputs[0].expect_shape(&[clips.len(), n])?;
-        Ok(outputs[0]
-            .data
-            .chunks(n)
-            .map(|logits| self.function.ranked(logits, self.top_k.unwrap_or(1)))
-            .collect())
+        self.ranking.rank(&outputs[0], clips.len())
     }
 
     fn finish(&self, mut raws: Vec<Self::Raw>) -> Result<Self::Out, String> {
@@ -97,6 +91,6 @@ impl AudioTask for ClassifyAudio {
     }
 
     fn to_array(&self, rows: Vec<Option<Self::Out>>) -> Result<ArrayRef> {
-        label_scores(&self.labels, &rows, self.top_k.is_none())
+        self.ranking.to_array(&rows)
     }
 }

@@ -12,9 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::OpError;
-use super::classify_text::{
-    ScoreFunction, classifier_labels, default_function, label_output_type, label_scores,
-};
+use super::classify_text::{Ranking, ScoreFunction, classifier_labels, default_function};
 use super::image::processor::PixelValues;
 use super::image::{ImageModel, ImageOptions, ImageTask};
 use crate::runtime::ModelDir;
@@ -40,9 +38,7 @@ pub struct ClassifyImageOptions {
 /// The task resolved against its model.
 #[derive(Debug)]
 pub struct ClassifyImage {
-    labels: Vec<String>,
-    function: ScoreFunction,
-    top_k: Option<usize>,
+    ranking: Ranking,
     output: [String; 1],
 }
 
@@ -57,9 +53,11 @@ impl ClassifyImage {
             .function_to_apply
             .unwrap_or_else(|| default_function(&model.config, labels.len(), false));
         Ok(ClassifyImage {
-            top_k: options.top_k.map(|k| k.min(labels.len())),
-            labels,
-            function,
+            ranking: Ranking {
+                top_k: options.top_k.map(|k| k.min(labels.len())),
+                labels,
+                function,
+            },
             output: [output],
         })
     }
@@ -71,7 +69,7 @@ impl ImageTask for ClassifyImage {
     type Out = Vec<(usize, f32)>;
 
     fn output_type(&self) -> DataType {
-        label_output_type(self.top_k)
+        self.ranking.output_type()
     }
 
     fn outputs(&self) -> &[String] {
@@ -83,13 +81,7 @@ impl ImageTask for ClassifyImage {
         outputs: &[Output<'_>],
         pictures: &[&PixelValues],
     ) -> Result<Vec<Self::Raw>, String> {
-        let n = self.labels.len();
-        outputs[0].expect_shape(&[pictures.len(), n])?;
-        Ok(outputs[0]
-            .data
-            .chunks(n)
-            .map(|logits| self.function.ranked(logits, self.top_k.unwrap_or(1)))
-            .collect())
+        self.ranking.rank(&outputs[0], pictures.len())
     }
 
     fn finish(&self, raw: Self::Raw) -> Result<Self::Out, String> {
@@ -97,6 +89,6 @@ impl ImageTask for ClassifyImage {
     }
 
     fn to_array(&self, rows: Vec<Option<Self::Out>>) -> Result<ArrayRef> {
-        label_scores(&self.labels, &rows, self.top_k.is_none())
+        self.ranking.to_array(&rows)
     }
 }

@@ -10,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::OpError;
+use crate::runtime::tensor::Output;
 use tokenizers::{Encoding, TruncationParams};
 
 use super::core::list_of_structs;
@@ -47,12 +48,41 @@ pub enum ScoreFunction {
     None,
 }
 
+/// A classifier head's labels and how its logits become ranked labels: what the classify
+/// tasks (text, image, audio) share.
+#[derive(Debug)]
+pub struct Ranking {
+    pub labels: Vec<String>,
+    pub function: ScoreFunction,
+    /// A list of the `top_k` best labels; None: the best label as a struct.
+    pub top_k: Option<usize>,
+}
+
+impl Ranking {
+    pub fn output_type(&self) -> DataType {
+        label_output_type(self.top_k)
+    }
+
+    /// Each row's ranked labels from `rows` x labels logits.
+    pub fn rank(&self, logits: &Output<'_>, rows: usize) -> Result<Vec<Vec<(usize, f32)>>, String> {
+        let n = self.labels.len();
+        logits.expect_shape(&[rows, n])?;
+        Ok(logits
+            .data
+            .chunks(n)
+            .map(|l| self.function.ranked(l, self.top_k.unwrap_or(1)))
+            .collect())
+    }
+
+    pub fn to_array(&self, rows: &[Option<Vec<(usize, f32)>>]) -> Result<ArrayRef> {
+        label_scores(&self.labels, rows, self.top_k.is_none())
+    }
+}
+
 /// The task resolved against its model.
 #[derive(Debug)]
 pub struct ClassifyText {
-    labels: Vec<String>,
-    function: ScoreFunction,
-    top_k: Option<usize>,
+    ranking: Ranking,
     /// The one model output read: `["logits"]`.
     output: [String; 1],
     encoder: Truncating,
@@ -80,9 +110,11 @@ impl ClassifyText {
             .function_to_apply
             .unwrap_or_else(|| default_function(&model.config, labels.len(), true));
         Ok(ClassifyText {
-            labels,
-            function,
-            top_k: options.top_k,
+            ranking: Ranking {
+                labels,
+                function,
+                top_k: options.top_k,
+            },
             output: [output],
             encoder,
         })
@@ -220,7 +252,7 @@ impl TextTask for ClassifyText {
     type Row = Vec<(usize, f32)>;
 
     fn output_type(&self) -> DataType {
-        label_output_type(self.top_k)
+        self.ranking.output_type()
     }
 
     fn outputs(&self) -> &[String] {
@@ -241,16 +273,10 @@ impl TextTask for ClassifyText {
         enc: &Encoded,
         _windows: &[&Encoding],
     ) -> Result<Vec<Self::Window>, String> {
-        let n = self.labels.len();
-        outputs[0].expect_shape(&[enc.rows, n])?;
-        let data = &outputs[0].data[..];
-        Ok(data
-            .chunks(n)
-            .map(|logits| self.function.ranked(logits, self.top_k.unwrap_or(1)))
-            .collect())
+        self.ranking.rank(&outputs[0], enc.rows)
     }
 
     fn to_array(&self, rows: Vec<Option<Self::Row>>) -> Result<ArrayRef> {
-        label_scores(&self.labels, &rows, self.top_k.is_none())
+        self.ranking.to_array(&rows)
     }
 }

@@ -337,6 +337,14 @@ pub struct CallLimits {
     pub cost: usize,
 }
 
+impl CallLimits {
+    /// No bound: every item at once.
+    pub const ALL: CallLimits = CallLimits {
+        items: usize::MAX,
+        cost: usize::MAX,
+    };
+}
+
 /// Items, sorted by (key, cost), dealt into one call per key and worker (for tasks that
 /// schedule their own calls).
 pub fn plan_shared(keys: &[(u64, usize)], workers: usize) -> Vec<Vec<usize>> {

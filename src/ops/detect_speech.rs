@@ -11,9 +11,7 @@
 //!
 //! Output: `List<Struct<start: Float64, end: Float64>>`, seconds from the start.
 
-use std::sync::Arc;
-
-use datafusion::arrow::array::{ArrayRef, Float64Builder, ListBuilder, StructBuilder};
+use datafusion::arrow::array::{ArrayRef, Float64Builder};
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::Result;
 use ort::value::TensorElementType;
@@ -22,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::OpError;
 use super::audio::{AudioInput, AudioOptions, AudioReading};
-use super::core::{ArgColumn, MODEL, RowErrors, Task};
+use super::core::{ArgColumn, MODEL, RowErrors, Task, struct_column};
 use crate::runtime::pool::{SessionInfo, Worker};
 use crate::runtime::tensor::{Data, Input, read_named};
 
@@ -398,28 +396,14 @@ impl Task for DetectSpeech {
     }
 
     fn to_array(&self, rows: Vec<Option<Self::Row>>) -> Result<ArrayRef> {
-        let mut b = ListBuilder::new(StructBuilder::from_fields(segment_fields(), 0)).with_field(
-            Field::new_list_field(DataType::Struct(segment_fields()), true),
-        );
-        for row in rows {
-            match row {
-                Some(segments) => {
-                    for (s, e) in segments {
-                        let item = b.values();
-                        item.field_builder::<Float64Builder>(0)
-                            .expect("start")
-                            .append_value(s);
-                        item.field_builder::<Float64Builder>(1)
-                            .expect("end")
-                            .append_value(e);
-                        item.append(true);
-                    }
-                    b.append(true);
-                }
-                None => b.append(false),
-            }
-        }
-        Ok(Arc::new(b.finish()))
+        struct_column(segment_fields(), &rows, false, |item, &(start, end)| {
+            item.field_builder::<Float64Builder>(0)
+                .expect("start")
+                .append_value(start);
+            item.field_builder::<Float64Builder>(1)
+                .expect("end")
+                .append_value(end);
+        })
     }
 
     fn wave_rows(&self) -> usize {

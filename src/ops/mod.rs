@@ -232,43 +232,46 @@ pub const TASKS: &[TaskInfo] = &[
         "text: Utf8 | LargeUtf8 | Utf8View",
         &[ArgKind::Text],
     ),
-    TaskInfo {
-        kind: TaskKind::Transcribe,
-        name: "transcribe",
-        hf_task: "automatic-speech-recognition",
-        inputs: AUDIO_INPUTS,
-        output: "Utf8; Struct<text: Utf8, chunks: List<Struct<text: Utf8, start: Float64, end: Float64>>> with return_timestamps (CTC)",
-        arity: 1..=1,
-        args: &[ArgKind::Audio],
-        cost_unit: "samples",
-        default_max_batch_cost: AUDIO_BATCH_SAMPLES,
-        batch_rows: Some(AUDIO_BATCH_ROWS),
-    },
-    TaskInfo {
-        kind: TaskKind::ClassifyAudio,
-        name: "classify_audio",
-        hf_task: "audio-classification",
-        inputs: AUDIO_INPUTS,
-        output: "Struct<label: Utf8, score: Float64>; List<Struct<label, score>> with top_k",
-        arity: 1..=1,
-        args: &[ArgKind::Audio],
-        cost_unit: "samples",
-        default_max_batch_cost: AUDIO_BATCH_SAMPLES,
-        batch_rows: Some(AUDIO_BATCH_ROWS),
-    },
-    TaskInfo {
-        kind: TaskKind::DetectSpeech,
-        name: "detect_speech",
-        hf_task: "voice-activity-detection (silero-vad get_speech_timestamps)",
-        inputs: AUDIO_INPUTS,
-        output: "List<Struct<start: Float64, end: Float64>> (seconds)",
-        arity: 1..=1,
-        args: &[ArgKind::Audio],
-        cost_unit: "samples",
-        default_max_batch_cost: AUDIO_BATCH_SAMPLES,
-        batch_rows: Some(AUDIO_BATCH_ROWS),
-    },
+    audio_task(
+        TaskKind::Transcribe,
+        "transcribe",
+        "automatic-speech-recognition",
+        "Utf8; Struct<text: Utf8, chunks: List<Struct<text: Utf8, start: Float64, end: Float64>>> with return_timestamps (CTC)",
+    ),
+    audio_task(
+        TaskKind::ClassifyAudio,
+        "classify_audio",
+        "audio-classification",
+        "Struct<label: Utf8, score: Float64>; List<Struct<label, score>> with top_k",
+    ),
+    audio_task(
+        TaskKind::DetectSpeech,
+        "detect_speech",
+        "voice-activity-detection (silero-vad get_speech_timestamps)",
+        "List<Struct<start: Float64, end: Float64>> (seconds)",
+    ),
 ];
+
+/// The entry of an audio task: one audio argument, costed in samples.
+const fn audio_task(
+    kind: TaskKind,
+    name: &'static str,
+    hf_task: &'static str,
+    output: &'static str,
+) -> TaskInfo {
+    TaskInfo {
+        kind,
+        name,
+        hf_task,
+        inputs: AUDIO_INPUTS,
+        output,
+        arity: 1..=1,
+        args: &[ArgKind::Audio],
+        cost_unit: "samples",
+        default_max_batch_cost: AUDIO_BATCH_SAMPLES,
+        batch_rows: Some(AUDIO_BATCH_ROWS),
+    }
+}
 
 /// What every audio task takes.
 const AUDIO_INPUTS: &str = "audio: Binary (encoded WAV, FLAC, MP3, Ogg Vorbis) | Utf8 (path) | List<Float32 | Float64> (samples) | Struct<array: List<Float>, sampling_rate: Int>";

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, Float64Builder, ListBuilder, StringBuilder, StructBuilder,
+    Array, ArrayRef, Float64Builder, StringArray, StringBuilder, StructArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::Result;
@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::OpError;
 use super::audio::AudioOptions;
 use super::audio::model::{AudioModel, AudioTask, Chunking, Clip, py_round};
+use super::core::struct_column;
 use super::generation::task::{GenerationSettings, OneOrMany};
 use crate::runtime::model_dir::read_json;
 use crate::runtime::tensor::Output;
@@ -400,43 +401,34 @@ pub fn transcripts_array(rows: Vec<Option<Transcript>>, timestamps: bool) -> Res
         }
         return Ok(Arc::new(b.finish()));
     }
-    let chunk = StructBuilder::from_fields(chunk_fields(), 0);
-    let mut b = StructBuilder::new(
-        transcript_fields(),
-        vec![
-            Box::new(StringBuilder::new()),
-            Box::new(ListBuilder::new(chunk).with_field(Field::new_list_field(
-                DataType::Struct(chunk_fields()),
-                true,
-            ))),
-        ],
-    );
-    for row in rows {
-        let valid = row.is_some();
-        let (text, pieces) = row.unwrap_or_default();
-        b.field_builder::<StringBuilder>(0)
-            .expect("text")
-            .append_value(&text);
-        let list = b
-            .field_builder::<ListBuilder<StructBuilder>>(1)
-            .expect("chunks");
-        for (t, s, e) in &pieces {
-            let item = list.values();
+    let texts: StringArray = rows
+        .iter()
+        .map(|r| r.as_ref().map(|(t, _)| t.as_str()))
+        .collect();
+    let pieces: Vec<Option<Vec<(String, f64, f64)>>> =
+        rows.into_iter().map(|r| r.map(|(_, p)| p)).collect();
+    let chunks = struct_column(
+        chunk_fields(),
+        &pieces,
+        false,
+        |item, (text, start, end)| {
             item.field_builder::<StringBuilder>(0)
                 .expect("text")
-                .append_value(t);
+                .append_value(text);
             item.field_builder::<Float64Builder>(1)
                 .expect("start")
-                .append_value(*s);
+                .append_value(*start);
             item.field_builder::<Float64Builder>(2)
                 .expect("end")
-                .append_value(*e);
-            item.append(true);
-        }
-        list.append(valid);
-        b.append(valid);
-    }
-    Ok(Arc::new(b.finish()))
+                .append_value(*end);
+        },
+    )?;
+    let nulls = texts.nulls().cloned();
+    Ok(Arc::new(StructArray::try_new(
+        transcript_fields(),
+        vec![Arc::new(texts), chunks],
+        nulls,
+    )?))
 }
 
 #[cfg(test)]

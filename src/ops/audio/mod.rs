@@ -314,33 +314,19 @@ fn samples_rows(
     rates: &[Option<i64>],
     errors: &RowErrors,
 ) -> Result<Vec<Option<AudioInput>>> {
-    let lists = datafusion::arrow::compute::cast(
-        values,
-        &DataType::LargeList(std::sync::Arc::new(
-            datafusion::arrow::datatypes::Field::new_list_field(DataType::Float32, true),
-        )),
-    )
-    .or_else(|_| {
-        exec_err!(
-            "cannot read audio samples from the column '{field}' ({}): samples are a list of Float32 or Float64",
-            values.data_type()
-        )
-    })?;
-    let item_type = match values.data_type() {
-        DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
-            f.data_type().clone()
-        }
-        _ => DataType::Null,
-    };
-    if !matches!(
-        item_type,
-        DataType::Float32 | DataType::Float64 | DataType::Float16
-    ) {
+    // The same check as at plan time (`is_samples_list`), for struct fields too.
+    if !is_samples_list(values.data_type()) {
         return exec_err!(
             "cannot read audio samples from the column '{field}' ({}): samples are a list of Float32 or Float64",
             values.data_type()
         );
     }
+    let lists = datafusion::arrow::compute::cast(
+        values,
+        &DataType::LargeList(std::sync::Arc::new(
+            datafusion::arrow::datatypes::Field::new_list_field(DataType::Float32, true),
+        )),
+    )?;
     let lists = lists.as_list::<i64>();
     let mut rows = Vec::with_capacity(lists.len());
     for (row, rate) in rates.iter().enumerate() {

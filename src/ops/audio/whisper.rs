@@ -300,14 +300,7 @@ impl Task for WhisperTranscribe {
     }
 
     fn run(&self, worker: &mut Worker, items: &[&Vec<f32>]) -> Result<Vec<Vec<i64>>, String> {
-        self.run_within(
-            worker,
-            items,
-            CallLimits {
-                items: usize::MAX,
-                cost: usize::MAX,
-            },
-        )
+        self.run_within(worker, items, CallLimits::ALL)
     }
 
     fn schedules_calls(&self) -> bool {
@@ -332,7 +325,7 @@ impl Task for WhisperTranscribe {
             }
         };
         let decoder: Vec<Vec<i64>> = languages.iter().map(|&l| self.prompt(l)).collect();
-        let features: Vec<Vec<f32>> = items.iter().map(|f| f.to_vec()).collect();
+        let features: Vec<&[f32]> = items.iter().map(|f| f.as_slice()).collect();
         let mut search = self.search.clone();
         search.max_new_tokens = self
             .max_new_tokens

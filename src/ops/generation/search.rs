@@ -228,7 +228,7 @@ pub enum Prompts<'a> {
     /// Encoder features (speech: a log-mel window, features x frames, per row) and each row's
     /// decoder prompt (none empty).
     Features {
-        features: &'a [Vec<f32>],
+        features: &'a [&'a [f32]],
         decoder: &'a [Vec<i64>],
     },
 }
@@ -449,7 +449,7 @@ impl Run<'_> {
                 Prompts::Features { features, decoder } => {
                     let rows: Vec<(usize, &[f32], &[i64])> = group
                         .iter()
-                        .map(|&r| (r, features[r].as_slice(), decoder[r].as_slice()))
+                        .map(|&r| (r, features[r], decoder[r].as_slice()))
                         .collect();
                     self.model.start_features(self.worker, &rows)?
                 }

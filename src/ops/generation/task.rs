@@ -952,14 +952,7 @@ impl Task for GenerationTask {
     }
 
     fn run(&self, worker: &mut Worker, items: &[&Prompt]) -> Result<Vec<Self::Out>, String> {
-        self.run_within(
-            worker,
-            items,
-            CallLimits {
-                items: usize::MAX,
-                cost: usize::MAX,
-            },
-        )
+        self.run_within(worker, items, CallLimits::ALL)
     }
 
     fn schedules_calls(&self) -> bool {
