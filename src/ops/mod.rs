@@ -236,7 +236,7 @@ pub const TASKS: &[TaskInfo] = &[
         TaskKind::Transcribe,
         "transcribe",
         "automatic-speech-recognition",
-        "Utf8; Struct<text: Utf8, chunks: List<Struct<text: Utf8, start: Float64, end: Float64>>> with return_timestamps (CTC)",
+        "Utf8; Struct<text: Utf8, chunks: List<Struct<text: Utf8, start: Float64, end: Float64>>> with return_timestamps",
     ),
     audio_task(
         TaskKind::ClassifyAudio,
@@ -537,11 +537,6 @@ impl Loading<'_> {
     /// Whisper: an encoder-decoder export run through the generation core.
     fn whisper(self) -> Result<Operator, OpError> {
         let options: transcribe::TranscribeOptions = self.loaded.options()?;
-        if options.return_timestamps.is_some() || options.chunk_length_s.is_some() {
-            return Err(OpError::Options(
-                "return_timestamps and chunk_length_s are not supported for Whisper models yet (recordings of up to 30 s are transcribed whole)".into(),
-            ));
-        }
         let files = generation::task::model_files(
             &self.model.dir,
             &generation::task::GenerationOptions::default(),
@@ -550,16 +545,7 @@ impl Loading<'_> {
         let files: Vec<(&'static str, &str)> =
             files.iter().map(|(role, f)| (*role, f.as_str())).collect();
         let pool = self.pool(&files)?;
-        let task = audio::whisper::WhisperTranscribe::resolve(
-            audio::whisper::WhisperOptions {
-                language: options.language.as_deref(),
-                task: options.task.as_deref(),
-                generation: &options.generation,
-                audio: &options.audio,
-            },
-            &self.model,
-            &pool,
-        )?;
+        let task = audio::whisper::WhisperTranscribe::resolve(&options, &self.model, &pool)?;
         Ok(self.operator(pool, task))
     }
 

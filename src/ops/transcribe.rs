@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::OpError;
 use super::audio::AudioOptions;
-use super::audio::model::{AudioModel, AudioTask, Chunking, Clip, py_round};
+use super::audio::model::{AudioModel, AudioTask, Chunking, Clip};
 use super::core::struct_column;
 use super::generation::task::{GenerationSettings, OneOrMany};
 use crate::runtime::model_dir::read_json;
@@ -36,8 +36,8 @@ use crate::runtime::tensor::Output;
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TranscribeOptions {
-    /// `char` or `word`: also return each character's or word's start and end in seconds
-    /// (CTC models).
+    /// Also return the transcript's pieces with their start and end in seconds: `char` or
+    /// `word` (CTC models), `segment` (Whisper).
     #[serde(default)]
     pub return_timestamps: Option<TimestampLevel>,
     /// Run long recordings in windows of this many seconds (0 or unset: whole recordings).
@@ -67,8 +67,12 @@ pub struct TranscribeOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestampLevel {
+    /// Each character (CTC models).
     Char,
+    /// Each word (CTC models).
     Word,
+    /// Each segment Whisper predicts (the pipeline's `return_timestamps=True`).
+    Segment,
 }
 
 /// A CTC model's vocabulary and decoding rules (`vocab.json`, `tokenizer_config.json`).
@@ -236,6 +240,12 @@ impl CtcTranscribe {
                 )));
             }
         }
+        if options.return_timestamps == Some(TimestampLevel::Segment) {
+            return Err(OpError::Options(format!(
+                "{} is a CTC model: its timestamps are `char` or `word` (`segment` is Whisper's)",
+                dir.display()
+            )));
+        }
         let output = audio
             .outputs
             .iter()
@@ -250,40 +260,12 @@ impl CtcTranscribe {
         }
         let rate = audio.features.sampling_rate as f64;
         let align = audio.samples_per_frame();
-        let chunking = match options.chunk_length_s {
-            Some(c) if c < 0.0 || !c.is_finite() => {
-                return Err(OpError::Options(format!(
-                    "chunk_length_s must be a positive number of seconds, got {c}"
-                )));
-            }
-            Some(c) if c > 0.0 => {
-                let (left, right) = match &options.stride_length_s {
-                    None => (c / 6.0, c / 6.0),
-                    Some(OneOrMany::One(s)) => (*s, *s),
-                    Some(OneOrMany::Many(v)) if v.len() == 2 => (v[0], v[1]),
-                    Some(OneOrMany::Many(v)) => {
-                        return Err(OpError::Options(format!(
-                            "stride_length_s is one number or [left, right], got {} numbers",
-                            v.len()
-                        )));
-                    }
-                };
-                // Sizes in samples, multiples of the frame size, rounded as the pipeline does.
-                let samples = |s: f64| (py_round(s * rate / align as f64) * align as f64) as i64;
-                let (chunk, left, right) = (samples(c), samples(left), samples(right));
-                if left < 0 || right < 0 || chunk <= left + right {
-                    return Err(OpError::Options(format!(
-                        "chunk_length_s ({c} s = {chunk} samples) must be longer than the strides ({left} + {right} samples)"
-                    )));
-                }
-                Some(Chunking {
-                    chunk: chunk as usize,
-                    left: left as usize,
-                    right: right as usize,
-                })
-            }
-            _ => None,
-        };
+        let chunking = Chunking::from_options(
+            options.chunk_length_s,
+            options.stride_length_s.as_ref(),
+            audio.features.sampling_rate,
+            align,
+        )?;
         Ok(CtcTranscribe {
             tokenizer: CtcTokenizer::load(dir)?,
             timestamps: options.return_timestamps,
@@ -295,8 +277,12 @@ impl CtcTranscribe {
     }
 }
 
-/// A transcript and its timestamped pieces (text, start s, end s).
-pub type Transcript = (String, Vec<(String, f64, f64)>);
+/// A transcript and its timestamped pieces (text, start s, end s; Whisper may leave a
+/// segment's start or end unknown).
+pub type Transcript = (String, Vec<Piece>);
+
+/// A timestamped piece of a transcript: text, start and end in seconds.
+pub type Piece = (String, Option<f64>, Option<f64>);
 
 impl AudioTask for CtcTranscribe {
     /// Argmax token ids of the frames kept.
@@ -356,13 +342,20 @@ impl AudioTask for CtcTranscribe {
         let ids = raws.concat();
         let (text, chars) = self.tokenizer.decode(&ids);
         let pieces = match self.timestamps {
-            None => Vec::new(),
+            // `segment` is refused when the operator is resolved.
+            None | Some(TimestampLevel::Segment) => Vec::new(),
             Some(TimestampLevel::Char) => chars,
             Some(TimestampLevel::Word) => word_offsets(&chars),
         };
         let seconds = pieces
             .into_iter()
-            .map(|(t, s, e)| (t, s as f64 * self.frame_s, e as f64 * self.frame_s))
+            .map(|(t, s, e)| {
+                (
+                    t,
+                    Some(s as f64 * self.frame_s),
+                    Some(e as f64 * self.frame_s),
+                )
+            })
             .collect();
         Ok((text, seconds))
     }
@@ -387,8 +380,8 @@ pub fn transcript_fields() -> Fields {
 fn chunk_fields() -> Fields {
     Fields::from(vec![
         Field::new("text", DataType::Utf8, false),
-        Field::new("start", DataType::Float64, false),
-        Field::new("end", DataType::Float64, false),
+        Field::new("start", DataType::Float64, true),
+        Field::new("end", DataType::Float64, true),
     ])
 }
 
@@ -405,8 +398,7 @@ pub fn transcripts_array(rows: Vec<Option<Transcript>>, timestamps: bool) -> Res
         .iter()
         .map(|r| r.as_ref().map(|(t, _)| t.as_str()))
         .collect();
-    let pieces: Vec<Option<Vec<(String, f64, f64)>>> =
-        rows.into_iter().map(|r| r.map(|(_, p)| p)).collect();
+    let pieces: Vec<Option<Vec<Piece>>> = rows.into_iter().map(|r| r.map(|(_, p)| p)).collect();
     let chunks = struct_column(
         chunk_fields(),
         &pieces,
@@ -417,10 +409,10 @@ pub fn transcripts_array(rows: Vec<Option<Transcript>>, timestamps: bool) -> Res
                 .append_value(text);
             item.field_builder::<Float64Builder>(1)
                 .expect("start")
-                .append_value(*start);
+                .append_option(*start);
             item.field_builder::<Float64Builder>(2)
                 .expect("end")
-                .append_value(*end);
+                .append_option(*end);
         },
     )?;
     let nulls = texts.nulls().cloned();

@@ -236,7 +236,17 @@ impl WhisperFeatures {
     /// `input_features` [n_mels, frames] of one window: `samples` padded with zeros or cut
     /// to `n_samples`.
     pub fn apply(&self, samples: &[f32]) -> Vec<f32> {
-        let n = self.n_samples;
+        self.apply_to(samples, self.n_samples)
+    }
+
+    /// `input_features` [n_mels, samples / hop_length] of a whole recording (at least two
+    /// samples), as the extractor gives them with `padding="longest", truncation=False`: the
+    /// scaling's maximum is the whole recording's.
+    pub fn apply_whole(&self, samples: &[f32]) -> Vec<f32> {
+        self.apply_to(samples, samples.len())
+    }
+
+    fn apply_to(&self, samples: &[f32], n: usize) -> Vec<f32> {
         let mut x = vec![0f32; n];
         let used = samples.len().min(n);
         x[..used].copy_from_slice(&samples[..used]);
@@ -246,7 +256,7 @@ impl WhisperFeatures {
         padded.extend((1..=half).rev().map(|i| x[i.min(n - 1)]));
         padded.extend_from_slice(&x);
         padded.extend((0..half).map(|i| x[n - 2 - i.min(n - 2)]));
-        let frames = self.frames();
+        let frames = n / self.hop_length;
         let bins = self.n_fft / 2 + 1;
         let mut input = self.fft.make_input_vec();
         let mut spectrum = self.fft.make_output_vec();

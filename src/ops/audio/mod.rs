@@ -9,6 +9,7 @@
 //! pipeline's samples exactly; resampled audio differs from ffmpeg's resampler slightly
 //! (README: Audio).
 
+pub mod decode_asr;
 pub mod features;
 pub mod model;
 pub mod whisper;

@@ -14,6 +14,7 @@ use super::features::Wav2Vec2Features;
 use super::{AudioInput, AudioOptions, AudioReading};
 use crate::ops::OpError;
 use crate::ops::core::{ArgColumn, MODEL, RowErrors, Task};
+use crate::ops::generation::task::OneOrMany;
 use crate::runtime::model_dir::read_json;
 use crate::runtime::pool::{SessionInfo, TensorInfo, Worker};
 use crate::runtime::tensor::{Data, Input, Output, read_named};
@@ -145,11 +146,93 @@ impl AudioModel {
 
 /// How a recording is cut into windows (samples): the ASR pipeline's `chunk_length_s` and
 /// `stride_length_s`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunking {
     pub chunk: usize,
     pub left: usize,
     pub right: usize,
+}
+
+/// One window of a recording: samples `[start, end)`, of which the first `left` and last
+/// `right` are the overlap with its neighbours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: usize,
+    pub end: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Chunking {
+    /// The options in samples at `rate`, sizes multiples of `align` samples rounded as the
+    /// pipeline rounds them; None when `chunk_length_s` is unset or 0.
+    pub fn from_options(
+        chunk_length_s: Option<f64>,
+        stride_length_s: Option<&OneOrMany<f64>>,
+        rate: u32,
+        align: usize,
+    ) -> Result<Option<Chunking>, OpError> {
+        let c = match chunk_length_s {
+            Some(c) if c < 0.0 || !c.is_finite() => {
+                return Err(OpError::Options(format!(
+                    "chunk_length_s must be a positive number of seconds, got {c}"
+                )));
+            }
+            Some(c) if c > 0.0 => c,
+            _ => return Ok(None),
+        };
+        let (left, right) = match stride_length_s {
+            None => (c / 6.0, c / 6.0),
+            Some(OneOrMany::One(s)) => (*s, *s),
+            Some(OneOrMany::Many(v)) if v.len() == 2 => (v[0], v[1]),
+            Some(OneOrMany::Many(v)) => {
+                return Err(OpError::Options(format!(
+                    "stride_length_s is one number or [left, right], got {} numbers",
+                    v.len()
+                )));
+            }
+        };
+        let samples = |s: f64| (py_round(s * rate as f64 / align as f64) * align as f64) as i64;
+        let (chunk, left, right) = (samples(c), samples(left), samples(right));
+        if left < 0 || right < 0 || chunk <= left + right {
+            return Err(OpError::Options(format!(
+                "chunk_length_s ({c} s = {chunk} samples) must be longer than the strides ({left} + {right} samples)"
+            )));
+        }
+        Ok(Some(Chunking {
+            chunk: chunk as usize,
+            left: left as usize,
+            right: right as usize,
+        }))
+    }
+
+    /// The windows of `len` samples, as `chunk_iter` cuts them: `chunk` samples every
+    /// `chunk - left - right`; the first has no left stride and the last no right one; a
+    /// window no longer than its left stride is skipped.
+    pub fn windows(&self, len: usize) -> Vec<Window> {
+        let step = self.chunk - self.left - self.right;
+        let mut windows = Vec::new();
+        let mut start = 0;
+        while start < len {
+            let end = (start + self.chunk).min(len);
+            let last = start + self.chunk >= len;
+            let left = if start == 0 { 0 } else { self.left };
+            let right = if last { 0 } else { self.right };
+            if end - start > left {
+                windows.push(Window {
+                    start,
+                    end,
+                    left,
+                    right,
+                });
+            }
+            if last {
+                break;
+            }
+            start += step;
+        }
+        windows
+    }
 }
 
 /// One window of a recording, ready to run.
@@ -239,32 +322,18 @@ impl<T: AudioTask> Task for AudioOp<T> {
         let Some(c) = self.task.chunking() else {
             return Ok(vec![self.clip(&samples, |frames| (0, frames))?]);
         };
-        // chunk_iter: windows of `chunk` samples every `chunk - left - right`; the first has
-        // no left stride and the last no right one; a window no longer than its left stride
-        // is skipped. Strides become frames as rescale_stride rounds them.
-        let step = c.chunk - c.left - c.right;
+        // Strides become frames as rescale_stride rounds them.
         let ratio = 1.0 / self.model.samples_per_frame() as f64;
         let mut clips = Vec::new();
-        let mut start = 0;
-        while start < samples.len() {
-            let end = (start + c.chunk).min(samples.len());
-            let last = start + c.chunk >= samples.len();
-            let n = end - start;
-            let left = if start == 0 { 0 } else { c.left };
-            let right = if last { 0 } else { c.right };
-            if n > left {
-                let token_n = py_round(n as f64 * ratio) as usize;
-                let l = py_round(left as f64 / n as f64 * token_n as f64) as usize;
-                let r = py_round(right as f64 / n as f64 * token_n as f64) as usize;
-                clips.push(self.clip(&samples[start..end], |frames| {
-                    let stop = token_n.saturating_sub(r).min(frames);
-                    (l.min(stop), stop)
-                })?);
-            }
-            if last {
-                break;
-            }
-            start += step;
+        for w in c.windows(samples.len()) {
+            let n = w.end - w.start;
+            let token_n = py_round(n as f64 * ratio) as usize;
+            let l = py_round(w.left as f64 / n as f64 * token_n as f64) as usize;
+            let r = py_round(w.right as f64 / n as f64 * token_n as f64) as usize;
+            clips.push(self.clip(&samples[w.start..w.end], |frames| {
+                let stop = token_n.saturating_sub(r).min(frames);
+                (l.min(stop), stop)
+            })?);
         }
         Ok(clips)
     }

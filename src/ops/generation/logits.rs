@@ -29,6 +29,69 @@ pub struct Processors {
     pub suppress_tokens: Vec<i64>,
     /// `begin_suppress_tokens`: not generated as the first new token.
     pub begin_suppress_tokens: Vec<i64>,
+    /// Whisper's timestamp rules (`WhisperTimeStampLogitsProcessor`), applied last.
+    pub timestamps: Option<TimestampRules>,
+}
+
+/// Whisper's rules for timestamp tokens (every id from `<|notimestamps|>` + 1 up): the first
+/// new token is a timestamp (at most `max_initial_timestamp_index` steps in), timestamps come in
+/// pairs except right before the end, never go back, and a timestamp is forced when the
+/// timestamps together are likelier than any text token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimestampRules {
+    pub no_timestamps_token_id: i64,
+    /// `eos_token_id`: text tokens are the ids below it.
+    pub eos_token_id: i64,
+    pub max_initial_timestamp_index: Option<usize>,
+}
+
+impl TimestampRules {
+    /// The rules on one sequence's (processed) scores; `ids[prefix..]` are its new tokens.
+    fn apply(&self, ids: &[i64], prefix: usize, scores: &mut [f32]) {
+        let n = scores.len();
+        let begin = usize::try_from(self.no_timestamps_token_id + 1)
+            .unwrap_or(n)
+            .min(n);
+        let eos = usize::try_from(self.eos_token_id).unwrap_or(0).min(n);
+        ban(scores, self.no_timestamps_token_id);
+        let generated = &ids[prefix.min(ids.len())..];
+        let is_timestamp = |t: i64| t >= begin as i64;
+        let last_was = generated.last().is_some_and(|&t| is_timestamp(t));
+        let penultimate_was = generated.len() < 2 || is_timestamp(generated[generated.len() - 2]);
+        if last_was {
+            if penultimate_was {
+                scores[begin..].fill(f32::NEG_INFINITY);
+            } else {
+                scores[..eos].fill(f32::NEG_INFINITY);
+            }
+        }
+        if let Some(&last) = generated.iter().rev().find(|&&t| is_timestamp(t)) {
+            // Timestamps never decrease; after a pair (or text), not the same one again.
+            let last = last as usize + usize::from(!last_was || penultimate_was);
+            scores[begin..last.min(n)].fill(f32::NEG_INFINITY);
+        }
+        if generated.is_empty() {
+            scores[..begin].fill(f32::NEG_INFINITY);
+            if let Some(m) = self.max_initial_timestamp_index {
+                let from = (begin + m + 1).min(n);
+                scores[from..].fill(f32::NEG_INFINITY);
+            }
+        }
+        // The timestamps' total probability against the likeliest text token.
+        let mut logprobs = scores.to_vec();
+        log_softmax(&mut logprobs);
+        let (text, stamps) = logprobs.split_at(begin);
+        let max = stamps.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let timestamp = if max == f32::NEG_INFINITY {
+            f32::NEG_INFINITY
+        } else {
+            max + stamps.iter().map(|&l| (l - max).exp()).sum::<f32>().ln()
+        };
+        let text = text.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if timestamp > text {
+            scores[..begin].fill(f32::NEG_INFINITY);
+        }
+    }
 }
 
 /// Where a sequence stands when its scores are processed.
@@ -129,6 +192,9 @@ impl Processors {
                     ban(scores, t);
                 }
             }
+        }
+        if let Some(rules) = &self.timestamps {
+            rules.apply(ids, at.prefix, scores);
         }
     }
 }
@@ -322,6 +388,45 @@ mod tests {
         assert_eq!(warp(0, 1.0, None), [true; 4]);
         assert_eq!(draw(&[0.0, 0.5, 0.5], 0.7), 2);
         assert_eq!(draw(&[0.0, 0.5, 0.5], 0.1), 1);
+    }
+
+    /// Whisper's timestamp rules on a vocabulary of 4 text tokens, EOS (4), <|notimestamps|>
+    /// (5) and timestamps 6..=9 (0.00 s .. 0.06 s).
+    #[test]
+    fn timestamps_come_first_in_pairs_and_never_go_back() {
+        let p = Processors {
+            timestamps: Some(TimestampRules {
+                no_timestamps_token_id: 5,
+                eos_token_id: 4,
+                max_initial_timestamp_index: Some(1),
+            }),
+            ..Default::default()
+        };
+        let allowed = |ids: &[i64], scores: [f32; 10]| {
+            let mut s = scores.to_vec();
+            p.apply(&at(ids, 1), &mut s);
+            (0..10)
+                .filter(|&i| s[i] > f32::NEG_INFINITY)
+                .collect::<Vec<_>>()
+        };
+        let flat = [0.0; 10];
+        // Text and EOS likelier than the timestamps together.
+        let mut wordy = [0.0; 10];
+        wordy[1] = 5.0;
+        wordy[4] = 5.0;
+        // First: a timestamp of at most 0.02 s.
+        assert_eq!(allowed(&[0], flat), [6, 7]);
+        // After the first timestamp: text or EOS.
+        assert_eq!(allowed(&[0, 7], flat), [0, 1, 2, 3, 4]);
+        // After text: anything but going back to 0.02.
+        assert_eq!(allowed(&[0, 7, 1], wordy), [0, 1, 2, 3, 4, 8, 9]);
+        // After text then <|0.04|>: its pair <|0.04|> or later, or EOS.
+        assert_eq!(allowed(&[0, 7, 1, 8], wordy), [4, 8, 9]);
+        // Timestamps together likelier than any text token (or EOS): text is banned.
+        assert_eq!(allowed(&[0, 7, 1, 8], flat), [8, 9]);
+        let mut peaked = [0.0; 10];
+        peaked[6..].fill(2.0);
+        assert_eq!(allowed(&[0, 7, 1], peaked), [8, 9]);
     }
 
     #[test]

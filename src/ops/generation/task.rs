@@ -258,6 +258,7 @@ impl GenerationSettings {
                     .unwrap_or_default(),
                 suppress_tokens: self.suppress_tokens.clone().unwrap_or_default(),
                 begin_suppress_tokens: self.begin_suppress_tokens.clone().unwrap_or_default(),
+                timestamps: None,
             },
         };
         search.check()?;
