@@ -564,8 +564,9 @@ impl Task for WhisperTranscribe {
         }])
     }
 
-    fn cost(&self, item: &WhisperWindow) -> usize {
-        self.max_length * item.max_frames.div_ceil(self.features.frames())
+    fn cost(&self, _item: &WhisperWindow) -> usize {
+        // One 30 s segment of a window runs at a time, however long the window.
+        self.max_length
     }
 
     fn feed(&self, items: &[&WhisperWindow]) -> Result<Vec<Input>, String> {

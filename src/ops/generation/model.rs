@@ -493,7 +493,20 @@ impl Batch {
             picks.len() == self.seqs.len() && picks.iter().enumerate().all(|(i, &(p, _))| i == p);
         if !identity {
             let rows: Vec<(usize, usize)> = picks.iter().map(|&(p, _)| (0, p)).collect();
-            *self = gather(model, &[&*self], &rows)?;
+            // Beams reordered within their rows: every position keeps its row, so its sources
+            // (the encoder's states and cross-attention cache, one row's for all its beams)
+            // stay where they are; only the self-attention cache moves.
+            let same_rows = picks.len() == self.seqs.len()
+                && picks
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &(p, _))| self.seqs[p].row == self.seqs[i].row);
+            let kept = if same_rows { self.sources.take() } else { None };
+            let sources = kept.is_none();
+            *self = gather(model, &[&*self], &rows, sources)?;
+            if kept.is_some() {
+                self.sources = kept;
+            }
         }
         self.seqs = seqs;
         Ok(())
@@ -537,7 +550,7 @@ impl Batch {
             .enumerate()
             .flat_map(|(b, batch)| (0..batch.len()).map(move |s| (b, s)))
             .collect();
-        let mut merged = gather(model, &from, &rows)?;
+        let mut merged = gather(model, &from, &rows, true)?;
         merged.seqs = all.into_iter().flat_map(|b| b.seqs).collect();
         *self = merged;
         Ok(())
@@ -547,8 +560,14 @@ impl Batch {
 /// The cache, masks and sources of the sequences `rows` ((batch, sequence) of `from`, batches
 /// that can step together), without their ids: every self-attention cache right-aligned in the
 /// longest one, leading positions that are padding for every sequence dropped; every source
-/// left-aligned in the longest one. One copy of each tensor.
-fn gather(model: &Model, from: &[&Batch], rows: &[(usize, usize)]) -> Result<Batch, String> {
+/// left-aligned in the longest one (unless `sources` is false: none are gathered). One copy of
+/// each tensor.
+fn gather(
+    model: &Model,
+    from: &[&Batch],
+    rows: &[(usize, usize)],
+    sources: bool,
+) -> Result<Batch, String> {
     let mut out = Batch::empty();
     if let Some(cache) = model.cache() {
         let longest = from.iter().map(|b| b.positions).max().unwrap_or(0);
@@ -593,7 +612,7 @@ fn gather(model: &Model, from: &[&Batch], rows: &[(usize, usize)]) -> Result<Bat
         // Without a cache every step feeds whole sequences and makes their masks anew.
         out.masks = vec![Vec::new(); rows.len()];
     }
-    if let Model::Seq2Seq(m) = model {
+    if let (Model::Seq2Seq(m), true) = (model, sources) {
         let sources: Vec<&Sources> = from
             .iter()
             .map(|b| {
