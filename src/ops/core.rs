@@ -225,6 +225,12 @@ pub trait Task: Send + Sync + 'static {
     fn wave_rows(&self) -> usize {
         usize::MAX
     }
+
+    /// `max_batch_cost` when the manifest does not set it, where the task's kind's default
+    /// does not fit (its cost counts something else for this model).
+    fn default_max_batch_cost(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The rows of one call that could not be processed, with the reason.

@@ -33,8 +33,9 @@ pub struct Manifest {
     /// Long texts and large images run in smaller calls, which bounds memory and is faster on
     /// CPU. Default: 1024 tokens for text tasks. Generation tasks: the KV cache positions the
     /// rows generating at once can come to hold (prompt and new tokens, every beam, padding
-    /// included; default 16384), which bounds the cache's memory. `max_batch_tokens` is
-    /// accepted as its old name.
+    /// included; default 16384), which bounds the cache's memory; Whisper the same, its
+    /// 1500 source positions counted too (default 131072). `max_batch_tokens` is accepted as
+    /// its old name.
     #[serde(
         default,
         alias = "max_batch_tokens",

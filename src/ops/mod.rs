@@ -423,6 +423,11 @@ impl Loading<'_> {
         let info = m.task.info();
         let output_type = task.output_type();
         let stats = Arc::new(OpStats::new(&m.name));
+        let max_batch_cost = m
+            .max_batch_cost
+            .or(task.default_max_batch_cost())
+            .unwrap_or(info.default_max_batch_cost)
+            .max(1);
         let core = Arc::new(Core {
             name: m.name.clone(),
             info,
@@ -430,10 +435,7 @@ impl Loading<'_> {
             pool: Arc::clone(&pool),
             stats: Arc::clone(&stats),
             batch_size: m.batch_size.max(1),
-            max_batch_cost: m
-                .max_batch_cost
-                .unwrap_or(info.default_max_batch_cost)
-                .max(1),
+            max_batch_cost,
         });
         Operator {
             name: m.name.clone(),

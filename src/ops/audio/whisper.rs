@@ -671,4 +671,11 @@ impl Task for WhisperTranscribe {
         // A window's features are 80 x 3000 floats (1 MB).
         64
     }
+
+    /// The cache positions (self- and cross-attention, every beam) generating at once: a
+    /// sequence holds 1500 source positions and up to 448 of its own, so the default takes
+    /// about 13 recordings at 5 beams (3 GB of cache for Whisper base, 1.5 GB for tiny).
+    fn default_max_batch_cost(&self) -> Option<usize> {
+        Some(131_072)
+    }
 }

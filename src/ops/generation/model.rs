@@ -337,6 +337,9 @@ pub struct Seq {
     pub prefix: usize,
     /// `ids[..fed]` are in the cache (with a cache) or were fed last step (without one).
     fed: usize,
+    /// Its row is done: it only keeps its place (an encoder-decoder batch moves its sources
+    /// only once enough sequences are done, see `search`).
+    pub done: bool,
 }
 
 impl Seq {
@@ -767,6 +770,7 @@ impl Model {
                         ids: ids.to_vec(),
                         prefix: ids.len(),
                         fed: 0,
+                        done: false,
                     })
                     .collect();
                 batch.masks = vec![Vec::new(); prompts.len()];
@@ -809,6 +813,7 @@ impl Model {
                 ids: vec![decoder_start],
                 prefix: 1,
                 fed: 0,
+                done: false,
             })
             .collect();
         batch.sources = Some(Sources {
@@ -881,6 +886,7 @@ impl Model {
                 ids: prompt.to_vec(),
                 prefix: prompt.len(),
                 fed: 0,
+                done: false,
             })
             .collect();
         batch.sources = Some(Sources {

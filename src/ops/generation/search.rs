@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::logits::{Position, Processors, Sampling, draw, log_softmax, top_k};
+use super::logits::{Position, Processors, Sampling, draw, log_softmax};
 use super::model::{Batch, EncoderInput, Model, Seq};
 use crate::runtime::pool::Worker;
 
@@ -482,10 +482,19 @@ impl Run<'_> {
             .model
             .step(self.worker, batch, self.search.pad_token_id)?;
         let mut picks: Vec<(usize, i64)> = Vec::with_capacity(batch.len());
+        // Sequences of rows that are done, in place among the picks (see below).
+        let pad = self.search.pad_token_id;
+        let mut finished = 0;
         let mut i = 0;
         while i < batch.len() {
             let row = batch.seqs[i].row;
             let end = i + batch.seqs[i..].iter().take_while(|s| s.row == row).count();
+            if batch.seqs[i].done {
+                picks.extend((i..end).map(|k| (k, pad)));
+                finished += end - i;
+                i = end;
+                continue;
+            }
             let seqs = &batch.seqs[i..end];
             let logits = &logits[i * vocab..end * vocab];
             let state = self.rows[row]
@@ -534,8 +543,23 @@ impl Run<'_> {
             if let Some(hyps) = done {
                 self.out[row] = hyps;
                 self.rows[row] = None;
+                for s in &mut batch.seqs[i..end] {
+                    s.done = true;
+                }
+                picks.extend((i..end).map(|k| (k, pad)));
+                finished += end - i;
             }
             i = end;
+        }
+        // An encoder-decoder batch holds every sequence's sources (the cross-attention cache:
+        // 18 MB a sequence for Whisper tiny), which move whenever sequences leave. Done rows
+        // keep their places, stepping on padding, while fewer than a quarter of the batch are
+        // done and nothing else moves; then they all leave in one move.
+        let keep_done = matches!(self.model, Model::Seq2Seq(_))
+            && picks.len() == batch.len()
+            && 4 * finished < batch.len();
+        if !keep_done && finished > 0 {
+            picks.retain(|&(k, _)| !batch.seqs[k].done);
         }
         batch.select(self.model, &picks)
     }
@@ -609,26 +633,30 @@ fn beam_step(
         ));
     }
     let lp = search.length_penalty as f64;
-    // Accumulated log-probabilities of every (beam, token).
-    let mut all = Vec::with_capacity(parents.len() * vocab);
-    for ((seq, score), logits) in parents
+    // The best `keep` of every (beam, token)'s accumulated log-probability, ties to the lower
+    // (beam, token): the best `keep` of each beam, then of those.
+    let mut top: Vec<(f32, usize)> = Vec::with_capacity(keep * parents.len());
+    let mut lps = vec![0f32; vocab];
+    for (beam, ((seq, score), logits)) in parents
         .iter()
         .zip(&beams.scores)
         .zip(logits.chunks_exact(vocab))
+        .enumerate()
     {
-        let mut lps = logits.to_vec();
+        lps.copy_from_slice(logits);
         log_softmax(&mut lps);
         search.processors.apply(&search.position(seq), &mut lps);
-        all.extend(lps.iter().map(|&l| l + score));
+        best_of(&lps, *score, keep, beam * vocab, &mut top);
     }
-    let top = top_k(&all, keep);
+    top.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    top.truncate(keep);
     let generated = parents[0].generated().len() + 1;
     let candidates: Vec<(usize, i64, f32, Option<Finish>)> = top
         .iter()
-        .map(|&i| {
+        .map(|&(score, i)| {
             let (beam, token) = (i / vocab, (i % vocab) as i64);
             let finish = search.finish_of(parents[beam].generated(), token);
-            (beam, token, all[i], finish)
+            (beam, token, score, finish)
         })
         .collect();
     // Finished: only among the first `num_beams` candidates, and only while the row can still
@@ -677,9 +705,56 @@ fn beam_step(
     Ok((!done).then(|| next.into_iter().map(|(b, t, _)| (b, t)).collect()))
 }
 
+/// Appends the `keep` largest of `lps[t] + score` as (value, `offset + t`), largest first, ties
+/// to the lower index: one pass with a short sorted list instead of sorting the vocabulary.
+fn best_of(lps: &[f32], score: f32, keep: usize, offset: usize, out: &mut Vec<(f32, usize)>) {
+    let mut best: Vec<(f32, usize)> = Vec::with_capacity(keep + 1);
+    for (t, &l) in lps.iter().enumerate() {
+        let v = l + score;
+        if best.len() == keep && v.total_cmp(&best[keep - 1].0) != std::cmp::Ordering::Greater {
+            continue;
+        }
+        // After every kept value at least as large (earlier indices win ties).
+        let at = best
+            .iter()
+            .rposition(|b| b.0.total_cmp(&v) != std::cmp::Ordering::Less)
+            .map_or(0, |i| i + 1);
+        best.insert(at, (v, offset + t));
+        best.truncate(keep);
+    }
+    out.extend(best);
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::logits::top_k;
     use super::*;
+
+    /// Each beam's best, then the best of those, rank as a sort of every (beam, token) does.
+    #[test]
+    fn beam_candidates_are_the_best_of_all() {
+        let rows = [
+            [0.5f32, -1.0, 0.5, 2.0, f32::NEG_INFINITY, 0.1],
+            [0.2, 0.5, 0.5, -3.0, 1.0, 0.5],
+        ];
+        let scores = [-1.0f32, -0.5];
+        for keep in 1..=6 {
+            let mut top = Vec::new();
+            for (b, row) in rows.iter().enumerate() {
+                best_of(row, scores[b], keep, b * 6, &mut top);
+            }
+            top.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            top.truncate(keep);
+            let all: Vec<f32> = rows
+                .iter()
+                .zip(scores)
+                .flat_map(|(r, s)| r.iter().map(move |l| l + s))
+                .collect();
+            let want: Vec<(f32, usize)> =
+                top_k(&all, keep).into_iter().map(|i| (all[i], i)).collect();
+            assert_eq!(top, want, "keep {keep}");
+        }
+    }
 
     /// Prompts start in groups of similar lengths, none over the prefill bound but a prompt
     /// longer than it, alone.
