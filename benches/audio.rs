@@ -29,13 +29,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 mod common;
 
-use common::env_usize;
+use common::{env_usize, python_venv, run_pipeline};
 use datafusion::arrow::array::{Array, AsArray};
-use ferry::engine::{OperatorSet, execute, plan};
+use ferry::engine::OperatorSet;
 
 /// The recordings (made once) and what was spoken in each.
 fn speech(root: &Path, minutes: usize) -> (PathBuf, Vec<(PathBuf, f64, String)>) {
@@ -65,38 +64,13 @@ fn speech(root: &Path, minutes: usize) -> (PathBuf, Vec<(PathBuf, f64, String)>)
     (dir, rows)
 }
 
-/// A Python with faster-whisper, in ferry's cache.
+/// A Python with faster-whisper (and onnx, to quantize), made once in ferry's cache.
 fn whisper_python() -> Option<PathBuf> {
-    let venv = ferry::runtime::cache_dir().join("bench-whisper-venv");
-    let python = venv.join("bin/python");
-    let ok = |p: &Path| {
-        Command::new(p)
-            .args(["-c", "import faster_whisper, onnx"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if ok(&python) {
-        return Some(python);
-    }
-    let made = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .ok()?
-        .success()
-        && Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "faster-whisper==1.2.1",
-                "onnx==1.23.2",
-            ])
-            .status()
-            .ok()?
-            .success();
-    (made && ok(&python)).then_some(python)
+    python_venv(
+        "bench-whisper-venv",
+        "faster_whisper, onnx",
+        &["faster-whisper==1.2.1", "onnx==1.23.2"],
+    )
 }
 
 /// ferry's transcripts of the files `glob` matches (by path) and the run's wall seconds.
@@ -111,15 +85,7 @@ async fn ferry_run(
         "name: bench\nsource:\n  files:\n    path: {glob}\nsteps:\n  - operator: {operator}\n    inputs: [bytes]\n    output: text\n  - sql: SELECT path, text FROM input\nsink:\n  parquet:\n    path: {}\n",
         out.display()
     );
-    let file = work.join("bench.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let loaded = ferry::spec::load_pipeline(&file).unwrap();
-    let start = Instant::now();
-    let planned = plan(&loaded, operators).await.unwrap();
-    let summary = execute(planned, &loaded.pipeline.sink, operators, true)
-        .await
-        .unwrap();
-    let seconds = start.elapsed().as_secs_f64();
+    let (summary, seconds) = run_pipeline(work, &yaml, operators).await;
     assert_eq!(
         summary.row_errors, 0,
         "{operator}: every recording transcribed"

@@ -15,9 +15,9 @@ use std::time::Instant;
 
 mod common;
 
-use common::{bench_texts, env_usize, median, peak_rss_mb};
+use common::{bench_texts, env_usize, median, peak_rss_mb, run_pipeline};
 use ferry::datafusion::arrow::array::{ArrayRef, StringArray};
-use ferry::engine::{OperatorSet, execute, plan};
+use ferry::engine::OperatorSet;
 use ferry::ops::Operator;
 
 /// The benchmark texts, as Parquet (for ferry) and in memory (for the baseline).
@@ -46,15 +46,8 @@ async fn ferry_run(work: &Path, input: &Path, operators: &mut OperatorSet) -> (u
         input.display(),
         work.join("out.parquet").display()
     );
-    let file = work.join("bench.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let loaded = ferry::spec::load_pipeline(&file).unwrap();
-    let start = Instant::now();
-    let planned = plan(&loaded, operators).await.unwrap();
-    let summary = execute(planned, &loaded.pipeline.sink, operators, true)
-        .await
-        .unwrap();
-    (summary.rows, start.elapsed().as_secs_f64())
+    let (summary, seconds) = run_pipeline(work, &yaml, operators).await;
+    (summary.rows, seconds)
 }
 
 /// The operator's own calls (same truncation, same length-sorted chunks), prepared outside the

@@ -26,8 +26,8 @@ use std::time::Instant;
 
 mod common;
 
-use common::{env_usize, median, peak_rss_mb};
-use ferry::engine::{OperatorSet, execute, plan};
+use common::{env_usize, median, peak_rss_mb, python_venv, run_pipeline};
+use ferry::engine::OperatorSet;
 use ferry::ops::image::processor::{Layout, Processor, ProcessorOptions};
 use ferry::ops::image::resample::{Filter, pil_resize};
 use ferry::ops::image::{DEFAULT_MAX_PIXELS, Pixels, decode};
@@ -108,52 +108,23 @@ async fn ferry_run(
         "name: bench\nsource:\n  files:\n    path: {glob}\nsteps:\n  - operator: {operator}\n    inputs: [bytes]\n    output: result\n  - sql: SELECT path, result FROM input\nsink:\n  parquet:\n    path: {}\n",
         work.join(format!("{operator}.parquet")).display()
     );
-    let file = work.join("bench.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let loaded = ferry::spec::load_pipeline(&file).unwrap();
-    let start = Instant::now();
-    let planned = plan(&loaded, operators).await.unwrap();
-    let summary = execute(planned, &loaded.pipeline.sink, operators, true)
-        .await
-        .unwrap();
+    let (summary, seconds) = run_pipeline(work, &yaml, operators).await;
     assert_eq!(summary.row_errors, 0, "{operator}: every photo processed");
-    (summary.rows, start.elapsed().as_secs_f64())
+    (summary.rows, seconds)
 }
 
 /// A Python with the light baselines' packages, made once in ferry's cache.
 fn light_python() -> Option<PathBuf> {
-    let venv = ferry::runtime::cache_dir().join("bench-venv");
-    let python = venv.join("bin/python");
-    let ok = |p: &Path| {
-        Command::new(p)
-            .args(["-c", "import onnxruntime, cv2, numpy, PIL"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if ok(&python) {
-        return Some(python);
-    }
-    let made = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .ok()?
-        .success()
-        && Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "onnxruntime==1.31.1",
-                "opencv-python-headless",
-                "numpy",
-                "pillow",
-            ])
-            .status()
-            .ok()?
-            .success();
-    (made && ok(&python)).then_some(python)
+    python_venv(
+        "bench-venv",
+        "onnxruntime, cv2, numpy, PIL",
+        &[
+            "onnxruntime==1.31.1",
+            "opencv-python-headless",
+            "numpy",
+            "pillow",
+        ],
+    )
 }
 
 /// A wheel's contents, unpacked once in ferry's cache.

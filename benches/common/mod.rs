@@ -1,7 +1,11 @@
 //! Helpers the benchmarks share (each bench uses some of them).
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use ferry::engine::{OperatorSet, execute, plan};
 
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -45,4 +49,51 @@ pub fn bench_texts(root: &Path, out: &Path, rows: usize) -> Vec<String> {
                 .to_string()
         })
         .collect()
+}
+
+/// Runs the pipeline `yaml` (written to `work/bench.yaml`) end to end, planning included:
+/// its summary and wall seconds.
+pub async fn run_pipeline(
+    work: &Path,
+    yaml: &str,
+    operators: &mut OperatorSet,
+) -> (ferry::engine::RunSummary, f64) {
+    let file = work.join("bench.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let loaded = ferry::spec::load_pipeline(&file).unwrap();
+    let start = Instant::now();
+    let planned = plan(&loaded, operators).await.unwrap();
+    let summary = execute(planned, &loaded.pipeline.sink, operators, true)
+        .await
+        .unwrap();
+    (summary, start.elapsed().as_secs_f64())
+}
+
+/// A Python in the virtual environment `name` of ferry's cache where `imports` import, made
+/// once with `packages` installed; None when that fails.
+pub fn python_venv(name: &str, imports: &str, packages: &[&str]) -> Option<PathBuf> {
+    let venv = ferry::runtime::cache_dir().join(name);
+    let python = venv.join("bin/python");
+    let ok = |p: &Path| {
+        Command::new(p)
+            .args(["-c", &format!("import {imports}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ok(&python) {
+        return Some(python);
+    }
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .ok()?
+        .success()
+        && Command::new(&python)
+            .args(["-m", "pip", "install", "-q"])
+            .args(packages)
+            .status()
+            .ok()?
+            .success();
+    (made && ok(&python)).then_some(python)
 }
