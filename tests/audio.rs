@@ -213,6 +213,37 @@ fn resampling_and_lossy_codecs_stay_close_to_ffmpeg() {
     }
 }
 
+/// The first column of a query's batches.
+async fn first_column(ctx: &SessionContext, query: &str) -> Vec<ArrayRef> {
+    sql(ctx, query)
+        .await
+        .into_iter()
+        .map(|b| b.column(0).clone())
+        .collect()
+}
+
+/// A context with a `transcribe` operator on `model` per (name, lines under `options:`).
+fn whisper_context(
+    model: &str,
+    batch_size: usize,
+    ops: &[(&str, String)],
+) -> (SessionContext, tempfile::TempDir) {
+    let manifests: Vec<(&str, String)> = ops
+        .iter()
+        .map(|(op, options)| {
+            let options = match options.is_empty() {
+                true => String::new(),
+                false => format!("options:\n{options}"),
+            };
+            (
+                *op,
+                format!("task: transcribe\nmodel: {model}\nbatch_size: {batch_size}\n{options}"),
+            )
+        })
+        .collect();
+    context_with_manifests(&manifests)
+}
+
 /// One string per clip, in clip order, of `SELECT op(arg) FROM clips`.
 async fn run_clips(op: &str, arg: &str, names: &[String]) -> Vec<ArrayRef> {
     let (ctx, _ops) = context_with(&[op]);
@@ -410,26 +441,17 @@ async fn long_recordings_are_chunked_as_the_pipeline_chunks_them() {
     ];
     let (ctx, _set) = context_with(&ops);
     register_samples(&ctx, &[("long", long_clip(), 16000)]);
-    let one = |q: &'static str| {
-        let ctx = ctx.clone();
-        async move {
-            sql(&ctx, q)
-                .await
-                .into_iter()
-                .map(|b| b.column(0).clone())
-                .collect::<Vec<_>>()
-        }
-    };
-    let text = strings(&one("SELECT tiny_ctc(x) FROM samples").await);
+    let text = strings(&first_column(&ctx, "SELECT tiny_ctc(x) FROM samples").await);
     assert_eq!(text[0].as_deref(), long["text"].as_str());
-    let chunked = strings(&one("SELECT tiny_ctc_chunked(s) FROM samples").await);
+    let chunked = strings(&first_column(&ctx, "SELECT tiny_ctc_chunked(s) FROM samples").await);
     assert_eq!(chunked[0].as_deref(), long["chunked_10s"].as_str());
-    let strided = strings(&one("SELECT tiny_ctc_strided(x) FROM samples").await);
+    let strided = strings(&first_column(&ctx, "SELECT tiny_ctc_strided(x) FROM samples").await);
     assert_eq!(
         strided[0].as_deref(),
         long["chunked_8s_stride_1_2"].as_str()
     );
-    let words = timestamped(&one("SELECT tiny_ctc_chunked_words(x) FROM samples").await);
+    let words =
+        timestamped(&first_column(&ctx, "SELECT tiny_ctc_chunked_words(x) FROM samples").await);
     assert_pieces(&words[0].1, &long["chunked_10s_words"], "chunked words");
 }
 
@@ -744,7 +766,6 @@ async fn real_whisper_transcripts_match_the_pipeline_when_built() {
             .filter(|k| *k != "long")
             .cloned()
             .collect();
-        let dir = tempfile::tempdir().unwrap();
         let greedy = "  generation: {num_beams: 1}\n";
         let segments = "  return_timestamps: segment\n";
         let mut manifests = vec![
@@ -761,38 +782,9 @@ async fn real_whisper_transcripts_match_the_pipeline_when_built() {
         if name == "whisper-base" {
             manifests.push(("greedy_fr", format!("{greedy}  language: fr\n")));
         }
-        for (op, options) in &manifests {
-            let options = match options.is_empty() {
-                true => String::new(),
-                false => format!("options:\n{options}"),
-            };
-            std::fs::write(
-                dir.path().join(format!("{op}.yaml")),
-                format!(
-                    "name: {op}\ntask: transcribe\nmodel: {}\nbatch_size: 4\n{options}",
-                    model_dir.display()
-                ),
-            )
-            .unwrap();
-        }
-        let ctx = ferry::engine::session_context();
-        let mut set =
-            ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
-        for (op, _) in &manifests {
-            ctx.register_udf(set.get(op).unwrap().udf.clone());
-        }
+        let (ctx, _dir) = whisper_context(&model_dir.display().to_string(), 4, &manifests);
         register_clips(&ctx, &clips);
         register_samples(&ctx, &[("long", long_clip(), 16000)]);
-        let column = |q: String| {
-            let ctx = ctx.clone();
-            async move {
-                sql(&ctx, &q)
-                    .await
-                    .into_iter()
-                    .map(|b| b.column(0).clone())
-                    .collect::<Vec<ArrayRef>>()
-            }
-        };
         let close = |got: &str, want: &str, clip: &str, what: &str| {
             eprintln!("{name} {what} {clip}: {got:?}");
             if resampled(clip) {
@@ -808,13 +800,14 @@ async fn real_whisper_transcripts_match_the_pipeline_when_built() {
             if !manifests.iter().any(|(m, _)| *m == op) {
                 continue;
             }
-            let texts = strings(&column(format!("SELECT {op}(bytes) FROM clips")).await);
+            let texts =
+                strings(&first_column(&ctx, &format!("SELECT {op}(bytes) FROM clips")).await);
             for (clip, got) in clips.iter().zip(&texts) {
                 let want = rows[clip][op].as_str().unwrap();
                 close(got.as_deref().unwrap_or_default(), want, clip, op);
             }
         }
-        let got = timestamped(&column("SELECT timestamps(bytes) FROM clips".into()).await);
+        let got = timestamped(&first_column(&ctx, "SELECT timestamps(bytes) FROM clips").await);
         for (clip, (text, pieces)) in clips.iter().zip(got) {
             let want = &rows[clip]["timestamps"];
             close(&text, want["text"].as_str().unwrap(), clip, "timestamps");
@@ -823,7 +816,7 @@ async fn real_whisper_transcripts_match_the_pipeline_when_built() {
             }
         }
         let long = &rows["long"];
-        let text = strings(&column("SELECT greedy(x) FROM samples".into()).await);
+        let text = strings(&first_column(&ctx, "SELECT greedy(x) FROM samples").await);
         close(
             text[0].as_deref().unwrap_or_default(),
             long["timestamps"]["text"].as_str().unwrap(),
@@ -831,11 +824,12 @@ async fn real_whisper_transcripts_match_the_pipeline_when_built() {
             "long-form",
         );
         for op in ["timestamps", "timestamps_beam5", "chunked_30s_timestamps"] {
-            let got = timestamped(&column(format!("SELECT {op}(x) FROM samples")).await);
+            let got =
+                timestamped(&first_column(&ctx, &format!("SELECT {op}(x) FROM samples")).await);
             close(&got[0].0, long[op]["text"].as_str().unwrap(), "long", op);
             assert_pieces_within(&got[0].1, &long[op]["chunks"], 0.0, &format!("{name} {op}"));
         }
-        let text = strings(&column("SELECT chunked_30s(s) FROM samples".into()).await);
+        let text = strings(&first_column(&ctx, "SELECT chunked_30s(s) FROM samples").await);
         close(
             text[0].as_deref().unwrap_or_default(),
             long["chunked_30s"].as_str().unwrap(),
@@ -859,7 +853,6 @@ async fn tiny_whisper_matches_the_pipeline() {
     let g = audio_golden();
     let rows = g["tiny_whisper"].as_object().unwrap();
     let clips: Vec<String> = rows.keys().filter(|k| *k != "long").cloned().collect();
-    let dir = tempfile::tempdir().unwrap();
     let greedy = "  generation: {num_beams: 1}\n";
     let segments = "  return_timestamps: segment\n";
     let manifests = [
@@ -875,39 +868,11 @@ async fn tiny_whisper_matches_the_pipeline() {
             format!("{greedy}{segments}  chunk_length_s: 10\n  stride_length_s: [2, 3]\n"),
         ),
     ];
-    for (op, options) in &manifests {
-        let options = match options.is_empty() {
-            true => String::new(),
-            false => format!("options:\n{options}"),
-        };
-        std::fs::write(
-            dir.path().join(format!("{op}.yaml")),
-            format!(
-                "name: {op}\ntask: transcribe\nmodel: {}\nbatch_size: 3\n{options}",
-                fixture_model("tiny-whisper")
-            ),
-        )
-        .unwrap();
-    }
-    let ctx = ferry::engine::session_context();
-    let mut set = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
-    for (op, _) in &manifests {
-        ctx.register_udf(set.get(op).unwrap().udf.clone());
-    }
+    let (ctx, _dir) = whisper_context(&fixture_model("tiny-whisper"), 3, &manifests);
     register_clips(&ctx, &clips);
     register_samples(&ctx, &[("long", long_clip(), 16000)]);
-    let column = |q: String| {
-        let ctx = ctx.clone();
-        async move {
-            sql(&ctx, &q)
-                .await
-                .into_iter()
-                .map(|b| b.column(0).clone())
-                .collect::<Vec<ArrayRef>>()
-        }
-    };
     for op in ["greedy", "beam5", "greedy_de"] {
-        let texts = strings(&column(format!("SELECT {op}(bytes) FROM clips")).await);
+        let texts = strings(&first_column(&ctx, &format!("SELECT {op}(bytes) FROM clips")).await);
         for (clip, got) in clips.iter().zip(texts) {
             assert_eq!(got.as_deref(), rows[clip][op].as_str(), "{op} {clip}");
         }
@@ -916,7 +881,7 @@ async fn tiny_whisper_matches_the_pipeline() {
         ("ts_greedy", "timestamps"),
         ("ts_beam5", "timestamps_beam5"),
     ] {
-        let got = timestamped(&column(format!("SELECT {op}(bytes) FROM clips")).await);
+        let got = timestamped(&first_column(&ctx, &format!("SELECT {op}(bytes) FROM clips")).await);
         for (clip, (text, pieces)) in clips.iter().zip(got) {
             let want = &rows[clip][key];
             assert_eq!(text, want["text"].as_str().unwrap(), "{op} {clip}");
@@ -925,7 +890,7 @@ async fn tiny_whisper_matches_the_pipeline() {
     }
     let long = &rows["long"];
     // Over 30 s without windows: long-form, the pipeline's text with return_timestamps=True.
-    let text = strings(&column("SELECT greedy(x) FROM samples".into()).await);
+    let text = strings(&first_column(&ctx, "SELECT greedy(x) FROM samples").await);
     assert_eq!(
         text[0].as_deref(),
         long["timestamps"]["text"].as_str(),
@@ -936,12 +901,12 @@ async fn tiny_whisper_matches_the_pipeline() {
         ("ts_beam5", "timestamps_beam5"),
         ("chunked_10s_ts", "chunked_10s_timestamps"),
     ] {
-        let got = timestamped(&column(format!("SELECT {op}(x) FROM samples")).await);
+        let got = timestamped(&first_column(&ctx, &format!("SELECT {op}(x) FROM samples")).await);
         assert_eq!(got[0].0, long[key]["text"].as_str().unwrap(), "{op} long");
         assert_pieces_within(&got[0].1, &long[key]["chunks"], 0.0, &format!("{op} long"));
     }
     for op in ["chunked_30s", "chunked_10s_beam5"] {
-        let text = strings(&column(format!("SELECT {op}(s) FROM samples")).await);
+        let text = strings(&first_column(&ctx, &format!("SELECT {op}(s) FROM samples")).await);
         assert_eq!(text[0].as_deref(), long[op].as_str(), "{op} long");
     }
 }

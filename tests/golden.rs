@@ -237,30 +237,6 @@ async fn classify_sentence_pairs_match_transformers() {
     }
 }
 
-/// A context with one operator per (name, manifest body) written into a temporary directory.
-fn context_with_manifests(
-    manifests: &[(&str, String)],
-) -> (
-    ferry::datafusion::prelude::SessionContext,
-    tempfile::TempDir,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, body) in manifests {
-        std::fs::write(
-            dir.path().join(format!("{name}.yaml")),
-            format!("name: {name}\n{body}"),
-        )
-        .unwrap();
-    }
-    let ctx = ferry::engine::session_context();
-    let mut set = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
-    for (name, _) in manifests {
-        let op = set.get(name).unwrap_or_else(|e| panic!("{e}"));
-        ctx.register_udf(op.udf.clone());
-    }
-    (ctx, dir)
-}
-
 #[tokio::test]
 async fn tag_tokens_matches_transformers_for_every_strategy_and_stride() {
     let g = golden("tiny-bert-ner");

@@ -153,3 +153,27 @@ pub fn register_files(ctx: &SessionContext, table: &str, dir: &str, names: &[Str
     )
     .unwrap();
 }
+
+/// A context with one operator per (name, manifest body) written into a temporary directory.
+pub fn context_with_manifests(
+    manifests: &[(&str, String)],
+) -> (
+    ferry::datafusion::prelude::SessionContext,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in manifests {
+        std::fs::write(
+            dir.path().join(format!("{name}.yaml")),
+            format!("name: {name}\n{body}"),
+        )
+        .unwrap();
+    }
+    let ctx = ferry::engine::session_context();
+    let mut set = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
+    for (name, _) in manifests {
+        let op = set.get(name).unwrap_or_else(|e| panic!("{e}"));
+        ctx.register_udf(op.udf.clone());
+    }
+    (ctx, dir)
+}
