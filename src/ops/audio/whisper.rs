@@ -109,9 +109,9 @@ impl std::fmt::Debug for WhisperTranscribe {
 pub struct WhisperWindow {
     /// Log-mel features [n_mels, frames]: one padded 30 s window, or a whole long recording.
     features: Vec<f32>,
+    /// Its frames, all transcribed (a padded window's 3000 included, as `generate` counts
+    /// them).
     frames: usize,
-    /// The frames to transcribe (a padded window's 3000 included, as `generate` counts them).
-    max_frames: usize,
     /// Predict timestamps (asked for, or long-form).
     timestamps: bool,
     /// (length, left, right overlap) in seconds, when the recording was cut into windows.
@@ -452,7 +452,7 @@ impl WhisperTranscribe {
             }
             let frames: Vec<usize> = rows
                 .iter()
-                .map(|&i| (items[i].max_frames - seek[i]).min(width))
+                .map(|&i| (items[i].frames - seek[i]).min(width))
                 .collect();
             // A padded window from its start is its own features.
             let cut: Vec<Option<Vec<f32>>> = rows
@@ -531,7 +531,6 @@ impl Task for WhisperTranscribe {
         let padded = |samples: &[f32], stride| WhisperWindow {
             features: self.features.apply(samples),
             frames: width,
-            max_frames: width,
             timestamps: self.timestamps,
             stride,
         };
@@ -558,7 +557,6 @@ impl Task for WhisperTranscribe {
         Ok(vec![WhisperWindow {
             features,
             frames,
-            max_frames: frames,
             timestamps: true,
             stride: None,
         }])
@@ -621,7 +619,7 @@ impl Task for WhisperTranscribe {
         let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); items.len()];
         loop {
             let active: Vec<usize> = (0..items.len())
-                .filter(|&i| seek[i] < items[i].max_frames)
+                .filter(|&i| seek[i] < items[i].frames)
                 .collect();
             if active.is_empty() {
                 break;
