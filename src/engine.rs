@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use datafusion::common::{Column, DataFusionError, ExprSchema};
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::config::SessionConfig;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::Expr;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
@@ -40,7 +41,12 @@ pub fn session_context_for(tasks: impl IntoIterator<Item = ops::TaskKind>) -> Se
     let config = SessionConfig::new()
         .with_batch_size(batch_rows(tasks))
         .with_information_schema(true);
-    let ctx = SessionContext::new_with_config(config);
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(ops::distinct_calls::DistinctCalls))
+        .build();
+    let ctx = SessionContext::new_with_state(state);
     ctx.register_udf(ops::similarity::cosine_similarity());
     ctx.register_udtf("files", Arc::new(source::files::FilesFunction));
     ctx

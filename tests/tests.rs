@@ -9,6 +9,7 @@ mod generation;
 mod golden;
 mod pipeline;
 mod quickstart;
+mod repeats;
 mod spec;
 mod stream;
 mod vision;

@@ -15,11 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, ListBuilder, StructBuilder, UInt32Array};
 use datafusion::arrow::compute::take;
-use datafusion::arrow::datatypes::{DataType, Field, Fields};
-use datafusion::common::{DataFusionError, Result, exec_err, plan_err};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields};
+use datafusion::common::{DataFusionError, Result, exec_err, internal_err, plan_err};
 use datafusion::logical_expr::async_udf::AsyncScalarUDFImpl;
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDFImpl, Signature, TypeSignature,
+    Volatility,
 };
 
 use super::RowFailure;
@@ -256,8 +257,11 @@ pub struct OpStats {
     /// Failures of rows whose source record is known (streams), for the dead-letter sink.
     failures: std::sync::Mutex<Vec<RowFailure>>,
     /// Rows inferred so far, in thousandths (a row of n items counts 1/n per item), so that
-    /// progress moves while a large batch is being processed.
+    /// progress moves while a large batch is being processed. Rows that repeat another row's
+    /// input count once that input is done.
     progress_milli: AtomicU64,
+    /// Distinct inputs the model ran on (rows less repeats within a call).
+    model_rows: AtomicU64,
 }
 
 /// Row errors logged per call before the rest are only counted.
@@ -270,6 +274,7 @@ impl OpStats {
             row_errors: AtomicU64::new(0),
             failures: Default::default(),
             progress_milli: AtomicU64::new(0),
+            model_rows: AtomicU64::new(0),
         }
     }
 
@@ -279,6 +284,11 @@ impl OpStats {
 
     pub fn row_errors(&self) -> u64 {
         self.row_errors.load(Ordering::Relaxed)
+    }
+
+    /// Inputs the model ran on: rows less those that repeated another row of their call.
+    pub fn model_rows(&self) -> u64 {
+        self.model_rows.load(Ordering::Relaxed)
     }
 
     pub fn take_failures(&self) -> Vec<RowFailure> {
@@ -646,12 +656,7 @@ impl<T: Task> Core<T> {
         let started = std::time::Instant::now();
         let rows = args.number_rows;
         let errors = Arc::new(RowErrors::default());
-        let max_arity = *self.info.arity.end();
-        let (task_args, lineage_args) = if args.args.len() > max_arity {
-            args.args.split_at(args.args.len() - 3)
-        } else {
-            (&args.args[..], &[][..])
-        };
+        let (task_args, lineage_args) = args.args.split_at(task_arity(&args.arg_fields));
         let lineage = match lineage_args {
             [t, p, o] => Some(Lineage {
                 topic: datafusion::arrow::compute::cast(&t.to_array(rows)?, &DataType::Utf8)?,
@@ -660,15 +665,32 @@ impl<T: Task> Core<T> {
             }),
             _ => None,
         };
+        // Literal arguments only (`f('some text')`): one input for every row of the batch.
+        let literal = rows > 0
+            && task_args
+                .iter()
+                .all(|a| matches!(a, ColumnarValue::Scalar(_)));
         let mut arrays = Vec::with_capacity(task_args.len());
         for arg in task_args {
-            let array = arg.to_array(rows)?;
+            let array = arg.to_array(if literal { 1 } else { rows })?;
             // Dictionary-encoded columns are read through their values.
             let array = match array.data_type() {
                 DataType::Dictionary(_, v) => datafusion::arrow::compute::cast(&array, v)?,
                 _ => array,
             };
             arrays.push(array);
+        }
+        // Rows that repeat an earlier row's arguments run once.
+        let repeats = if literal {
+            Some(Repeats::single(rows))
+        } else {
+            Repeats::find(&arrays)
+        };
+        if let Some(r) = &repeats {
+            arrays = arrays
+                .iter()
+                .map(|a| take(a.as_ref(), &r.firsts, None))
+                .collect::<std::result::Result<_, _>>()?;
         }
         let names: Vec<String> = (0..arrays.len())
             .map(|i| {
@@ -684,11 +706,102 @@ impl<T: Task> Core<T> {
             .map(|(array, field)| ArgColumn { field, array })
             .collect();
         let inputs = self.task.read(&columns, &errors)?;
+        let distinct = inputs.len();
+        let inferred = inputs.iter().filter(|i| i.is_some()).count();
         let out = self.infer(inputs, &errors).await?;
-        self.stats.report(errors.take(), lineage.as_ref());
+        let out = self.task.to_array(out)?;
+        let (out, errors) = match &repeats {
+            Some(r) => (
+                take(out.as_ref(), &r.of_row, None)?,
+                r.spread(errors.take()),
+            ),
+            None => (out, errors.take()),
+        };
+        self.stats.report(errors, lineage.as_ref());
+        self.stats
+            .model_rows
+            .fetch_add(inferred as u64, Ordering::Relaxed);
+        self.stats
+            .progress_milli
+            .fetch_add((rows - distinct) as u64 * 1000, Ordering::Relaxed);
         crate::stream::metrics::metrics()
             .operator_latency(&self.name, started.elapsed().as_secs_f64());
-        Ok(ColumnarValue::Array(self.task.to_array(out)?))
+        Ok(ColumnarValue::Array(out))
+    }
+}
+
+/// The rows of a call whose arguments repeat an earlier row's: the model runs on the first row
+/// of each distinct input, and the outputs (and row errors) are spread back to every row.
+struct Repeats {
+    /// The first row of each distinct input.
+    firsts: UInt32Array,
+    /// Each row's distinct input.
+    of_row: UInt32Array,
+}
+
+impl Repeats {
+    /// Every one of `rows` rows is the one input.
+    fn single(rows: usize) -> Self {
+        Repeats {
+            firsts: UInt32Array::from(vec![0]),
+            of_row: UInt32Array::from(vec![0; rows]),
+        }
+    }
+
+    /// The repeats among the rows of `arrays` (equal in every argument, nulls equal to nulls),
+    /// or None when every row is distinct. Rows are grouped by a hash of their values and
+    /// compared only within a group, so a call of distinct rows costs one hash per row.
+    fn find(arrays: &[ArrayRef]) -> Option<Self> {
+        use datafusion::arrow::array::make_comparator;
+        use datafusion::arrow::compute::SortOptions;
+        use datafusion::common::hash_utils::{RandomState, create_hashes};
+        let rows = arrays.first().map_or(0, |a| a.len());
+        if rows < 2 || rows > u32::MAX as usize {
+            return None;
+        }
+        let mut hashes = vec![0u64; rows];
+        // A type that cannot be hashed or compared is simply not deduplicated.
+        create_hashes(arrays, &RandomState::with_seed(0), &mut hashes).ok()?;
+        let equal: Vec<_> = arrays
+            .iter()
+            .map(|a| make_comparator(a.as_ref(), a.as_ref(), SortOptions::default()))
+            .collect::<std::result::Result<_, _>>()
+            .ok()?;
+        let mut firsts: Vec<u32> = Vec::new();
+        let mut of_row: Vec<u32> = Vec::with_capacity(rows);
+        let mut groups: std::collections::HashMap<u64, Vec<u32>> =
+            std::collections::HashMap::with_capacity(rows);
+        for (row, hash) in hashes.into_iter().enumerate() {
+            let group = groups.entry(hash).or_default();
+            let same = group.iter().copied().find(|&d| {
+                let first = firsts[d as usize] as usize;
+                equal.iter().all(|eq| eq(first, row).is_eq())
+            });
+            let d = same.unwrap_or_else(|| {
+                firsts.push(row as u32);
+                group.push(firsts.len() as u32 - 1);
+                firsts.len() as u32 - 1
+            });
+            of_row.push(d);
+        }
+        (firsts.len() < rows).then(|| Repeats {
+            firsts: firsts.into(),
+            of_row: of_row.into(),
+        })
+    }
+
+    /// The row errors of the distinct inputs, as errors of every row that holds them.
+    fn spread(&self, errors: Vec<(usize, String)>) -> Vec<(usize, String)> {
+        if errors.is_empty() {
+            return errors;
+        }
+        let by_input: std::collections::HashMap<usize, String> = errors.into_iter().collect();
+        self.of_row
+            .values()
+            .iter()
+            .enumerate()
+            .filter_map(|(row, &d)| Some((row, by_input.get(&(d as usize))?.clone())))
+            .collect()
     }
 }
 
@@ -754,8 +867,13 @@ impl<T: Task> Baseline for Core<T> {
 /// An operator as a DataFusion async scalar function.
 ///
 /// Its signature accepts any arguments; [`check_args`] decides in `return_type`, at plan time,
-/// with a message that says what the task expects. Volatile, so that DataFusion never tries to
-/// fold a call with literal arguments at plan time (async functions cannot run synchronously).
+/// with a message that says what the task expects.
+///
+/// Every task is a function of its input (sampling generation seeds each row from its prompt),
+/// so the function is stable, not volatile: a query naming `f(x)` twice runs it once
+/// (DataFusion's common subexpressions), and rows with equal arguments run once
+/// ([`Repeats`]). DataFusion may try to fold a call with literal arguments at plan time; that
+/// fails (it is async) and leaves the call as it was, to run once per batch.
 pub struct ModelUdf<T: Task> {
     signature: Signature,
     pub core: Arc<Core<T>>,
@@ -763,11 +881,29 @@ pub struct ModelUdf<T: Task> {
 
 impl<T: Task> ModelUdf<T> {
     pub fn new(core: Arc<Core<T>>) -> Self {
+        // Any arguments, none included, so that `check_args` says what is wrong.
+        let any = vec![TypeSignature::VariadicAny, TypeSignature::Nullary];
         ModelUdf {
-            signature: Signature::variadic_any(Volatility::Volatile),
+            signature: Signature::one_of(any, Volatility::Stable),
             core,
         }
     }
+}
+
+/// How many of a call's arguments are the task's: all but a stream's trailing lineage columns
+/// (`_topic`, `_partition`, `_offset`), which the pipeline adds to each operator step so that
+/// a row the operator cannot process can be dead-lettered. Users never pass them.
+fn task_arity(fields: &[FieldRef]) -> usize {
+    use crate::stream::decode::{OFFSET, PARTITION, TOPIC};
+    let n = fields.len();
+    let lineage = n >= 3
+        && [TOPIC, PARTITION, OFFSET]
+            .iter()
+            .zip(&fields[n - 3..])
+            .all(|(name, f)| f.name() == name)
+        && fields[n - 2].data_type() == &DataType::Int32
+        && fields[n - 1].data_type() == &DataType::Int64;
+    if lineage { n - 3 } else { n }
 }
 
 impl<T: Task> std::fmt::Debug for ModelUdf<T> {
@@ -801,18 +937,21 @@ impl<T: Task> ScalarUDFImpl for ModelUdf<T> {
         &self.signature
     }
 
-    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
-        let max_arity = *self.core.info.arity.end();
-        let types = if arg_types.len() > max_arity && arg_types.len() >= 3 {
-            // A stream's trailing lineage arguments (topic, partition, offset).
-            &arg_types[..arg_types.len() - 3]
-        } else {
-            arg_types
-        };
-        if let Err(e) = check_args(&self.core.name, self.core.info, types, None) {
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        internal_err!("return_field_from_args is used instead")
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        let fields = &args.arg_fields[..task_arity(args.arg_fields)];
+        let types: Vec<DataType> = fields.iter().map(|f| f.data_type().clone()).collect();
+        if let Err(e) = check_args(&self.core.name, self.core.info, &types, None) {
             return plan_err!("{e}");
         }
-        Ok(self.core.task.output_type())
+        Ok(Arc::new(Field::new(
+            self.name(),
+            self.core.task.output_type(),
+            true,
+        )))
     }
 
     fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {

@@ -13,6 +13,7 @@ pub mod classify_text;
 pub mod core;
 pub mod detect;
 pub mod detect_speech;
+pub mod distinct_calls;
 pub mod embed;
 pub mod estimate_depth;
 pub mod generate;
@@ -386,6 +387,12 @@ impl Operator {
     /// Rows that came out null because their input could not be processed.
     pub fn row_errors(&self) -> u64 {
         self.stats.row_errors()
+    }
+
+    /// Inputs the model ran on since the operator was loaded: rows less those that repeated
+    /// another row of their batch (a literal argument runs once per batch).
+    pub fn model_rows(&self) -> u64 {
+        self.stats.model_rows()
     }
 
     /// Checks a pipeline step's input columns against what the task takes.
