@@ -218,7 +218,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(()) => println!("{}: ok", file.display()),
                     Err(diags) => {
                         failed = true;
-                        println!("{diags}");
+                        eprintln!("{diags}");
                     }
                 }
             }
@@ -371,4 +371,18 @@ pub async fn validate(
     let loaded = crate::spec::load_pipeline(file)?;
     let mut operators = engine::load_operator_set(operators_dir, &loaded)?;
     engine::plan(&loaded, &mut operators).await.map(|_| ())
+}
+
+/// An error and its causes as one line, each cause once: DataFusion's errors repeat their
+/// source's text in their own, so `{:#}` would print a schema error three times.
+pub fn error_message(err: &anyhow::Error) -> String {
+    let mut message = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
 }

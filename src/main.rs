@@ -2,7 +2,7 @@ fn main() -> std::process::ExitCode {
     match ferry::cli::run() {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", ferry::cli::error_message(&err));
             std::process::ExitCode::FAILURE
         }
     }

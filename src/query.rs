@@ -21,11 +21,49 @@ pub struct QueryInputs {
     pub operators_dir: Option<PathBuf>,
 }
 
-/// Registers the outputs of every pipeline in `dir` that has been run. Returns their names.
-pub async fn register_pipeline_outputs(ctx: &SessionContext, dir: &Path) -> Vec<String> {
-    let mut names = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return names;
+/// The pipelines of a directory as tables: those registered, and those skipped with why.
+#[derive(Debug, Default, Clone)]
+pub struct PipelineTables {
+    pub dir: PathBuf,
+    pub registered: Vec<String>,
+    /// (pipeline file, why its output is not a table).
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+impl PipelineTables {
+    /// What a user reads when a query names a table that is not there.
+    pub fn explain(&self) -> String {
+        let mut out = format!(
+            "tables from the pipelines in {}: {}",
+            self.dir.display(),
+            if self.registered.is_empty() {
+                "none".to_string()
+            } else {
+                self.registered.join(", ")
+            }
+        );
+        for (file, why) in &self.skipped {
+            out.push_str(&format!("\n  skipped {}: {why}", file.display()));
+        }
+        out
+    }
+}
+
+/// Registers the outputs of every pipeline in `dir` that has been run, as tables named after
+/// the pipelines.
+pub async fn register_pipeline_outputs(ctx: &SessionContext, dir: &Path) -> PipelineTables {
+    let mut tables = PipelineTables {
+        dir: dir.to_path_buf(),
+        ..Default::default()
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tables
+                .skipped
+                .push((dir.to_path_buf(), format!("cannot read the directory: {e}")));
+            return tables;
+        }
     };
     let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     files.sort();
@@ -36,10 +74,19 @@ pub async fn register_pipeline_outputs(ctx: &SessionContext, dir: &Path) -> Vec<
         ) {
             continue;
         }
-        let Ok(p) = crate::spec::load_pipeline(&file) else {
-            tracing::debug!(file = %file.display(), "skipping invalid pipeline");
-            continue;
+        let p = match crate::spec::load_pipeline(&file) {
+            Ok(p) => p,
+            Err(diags) => {
+                let first = diags.to_string();
+                let first = first.lines().next().unwrap_or_default().to_string();
+                tables.skipped.push((
+                    file.clone(),
+                    format!("not a valid pipeline ({first}; `ferry validate` lists every problem)"),
+                ));
+                continue;
+            }
         };
+        let name = &p.pipeline.name;
         let (out, src) = match &p.pipeline.sink {
             crate::spec::Sink::RollingParquet(r) => (
                 r.dir.clone(),
@@ -49,24 +96,45 @@ pub async fn register_pipeline_outputs(ctx: &SessionContext, dir: &Path) -> Vec<
             ),
             sink => match sink.path() {
                 Some(out) => (out.clone(), source::source_for_path(&out.to_string_lossy())),
-                None => continue,
+                None => {
+                    tables.skipped.push((
+                        file.clone(),
+                        format!(
+                            "pipeline '{name}' writes to {}, which is not a table to query",
+                            sink.format()
+                        ),
+                    ));
+                    continue;
+                }
             },
         };
         if !out.exists() {
+            tables.skipped.push((
+                file.clone(),
+                format!(
+                    "pipeline '{name}' has no output yet ({} does not exist; `ferry run {}` makes it)",
+                    out.display(),
+                    file.display()
+                ),
+            ));
             continue;
         }
         let registered = match src {
-            Ok(src) => source::register(ctx, &p.pipeline.name, &src).await,
+            Ok(src) => source::register(ctx, name, &src).await,
             Err(e) => Err(e),
         };
         match registered {
-            Ok(()) => names.push(p.pipeline.name.clone()),
-            Err(e) => {
-                tracing::warn!(pipeline = %p.pipeline.name, error = %e, "cannot register output")
-            }
+            Ok(()) => tables.registered.push(name.clone()),
+            Err(e) => tables.skipped.push((
+                file.clone(),
+                format!(
+                    "pipeline '{name}': cannot read its output {}: {e}",
+                    out.display()
+                ),
+            )),
         }
     }
-    names
+    tables
 }
 
 /// Words in `sql` that could be function names; used to load only the operators a query calls.
@@ -77,11 +145,33 @@ fn mentioned(sql: &str, name: &str) -> bool {
         .any(|w| w == name)
 }
 
+/// A query's context: its tables and operators, and the pipelines its tables came from.
+pub struct QueryContext {
+    pub ctx: SessionContext,
+    pub operators: OperatorSet,
+    pub pipelines: Option<PipelineTables>,
+}
+
+impl QueryContext {
+    /// Plans `sql`; a table that is not there is explained by the pipelines that were skipped.
+    pub async fn sql(&self, sql: &str) -> anyhow::Result<datafusion::dataframe::DataFrame> {
+        match self.ctx.sql(sql).await {
+            Ok(frame) => Ok(frame),
+            Err(e) => {
+                let message = e.to_string();
+                match &self.pipelines {
+                    Some(p) if message.contains("table '") && message.contains("not found") => {
+                        Err(anyhow::anyhow!("{message}\n{}", p.explain()))
+                    }
+                    _ => Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
 /// Builds a context with tables and the operators `sql` mentions.
-pub async fn context_for(
-    sql: &str,
-    inputs: &QueryInputs,
-) -> anyhow::Result<(SessionContext, OperatorSet)> {
+pub async fn context_for(sql: &str, inputs: &QueryInputs) -> anyhow::Result<QueryContext> {
     let mut operators = match &inputs.operators_dir {
         Some(dir) if dir.is_dir() => OperatorSet::new(crate::ops::load_manifests(dir)?),
         _ => OperatorSet::default(),
@@ -102,21 +192,26 @@ pub async fn context_for(
     for (_, udf) in udfs {
         ctx.register_udf(udf);
     }
-    if let Some(dir) = &inputs.pipelines_dir {
-        register_pipeline_outputs(&ctx, dir).await;
-    }
+    let pipelines = match &inputs.pipelines_dir {
+        Some(dir) => Some(register_pipeline_outputs(&ctx, dir).await),
+        None => None,
+    };
     for (name, path) in &inputs.tables {
         source::register_file(&ctx, name, path)
             .await
             .map_err(|e| anyhow::anyhow!("--table {name}={path}: {e}"))?;
     }
-    Ok((ctx, operators))
+    Ok(QueryContext {
+        ctx,
+        operators,
+        pipelines,
+    })
 }
 
 /// Runs `sql`; prints a table, or writes `output` (format from its extension).
 pub async fn run(sql: &str, inputs: &QueryInputs, output: Option<&Path>) -> anyhow::Result<String> {
-    let (ctx, _operators) = context_for(sql, inputs).await?;
-    let frame = ctx.sql(sql).await?;
+    let query = context_for(sql, inputs).await?;
+    let frame = query.sql(sql).await?;
     match output {
         Some(path) => {
             let sink = sink_for_path(path)?;

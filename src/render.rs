@@ -292,8 +292,8 @@ pub struct RenderJob<'a> {
 
 /// Renders every row of the query into `out` as PNGs; returns the files written.
 pub async fn render(job: &RenderJob<'_>) -> anyhow::Result<Vec<PathBuf>> {
-    let (ctx, _operators) = context_for(job.sql, job.inputs).await?;
-    let frame = ctx.sql(job.sql).await?;
+    let query = context_for(job.sql, job.inputs).await?;
+    let frame = query.sql(job.sql).await?;
     std::fs::create_dir_all(job.out).with_context(|| format!("creating {}", job.out.display()))?;
     let reading = ImageReading::new(None, &[PathBuf::from("/")]).map_err(anyhow::Error::msg)?;
     let mut stream = frame.execute_stream().await?;

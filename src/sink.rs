@@ -2,9 +2,10 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use datafusion::arrow::csv;
-use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::arrow::json::LineDelimitedWriter;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -16,6 +17,58 @@ use crate::spec::{ParquetCompression, Sink};
 /// Rows per Parquet row group.
 pub const PARQUET_ROW_GROUP_ROWS: usize = 32 * 1024;
 
+/// The type a sink writes for `t`: Arrow's view types as the plain types every reader knows
+/// (`Utf8View` as `Utf8`, `BinaryView` as `Binary`), inside lists, structs and maps too.
+/// DataFusion reads Parquet strings as views, and a file that declares `string_view` in its
+/// Arrow schema is read back as views by pyarrow, whose kernels (sort, take) do not all take
+/// them.
+pub fn plain_type(t: &DataType) -> DataType {
+    let field = |f: &FieldRef| -> FieldRef {
+        Arc::new(f.as_ref().clone().with_data_type(plain_type(f.data_type())))
+    };
+    match t {
+        DataType::Utf8View => DataType::Utf8,
+        DataType::BinaryView => DataType::Binary,
+        DataType::ListView(f) | DataType::List(f) => DataType::List(field(f)),
+        DataType::LargeListView(f) | DataType::LargeList(f) => DataType::LargeList(field(f)),
+        DataType::FixedSizeList(f, n) => DataType::FixedSizeList(field(f), *n),
+        DataType::Struct(fields) => DataType::Struct(fields.iter().map(field).collect()),
+        DataType::Map(f, sorted) => DataType::Map(field(f), *sorted),
+        DataType::Dictionary(k, v) => DataType::Dictionary(k.clone(), Box::new(plain_type(v))),
+        other => other.clone(),
+    }
+}
+
+/// `schema` with [`plain_type`]s.
+pub fn plain_schema(schema: &Schema) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_data_type(plain_type(f.data_type())))
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// `batch` cast to `schema` (its [`plain_schema`]); the columns already plain are kept as they are.
+pub fn to_plain(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch.clone());
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| {
+            if c.data_type() == f.data_type() {
+                Ok(Arc::clone(c))
+            } else {
+                datafusion::arrow::compute::cast(c, f.data_type())
+            }
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+}
+
 enum Writer {
     Parquet(ArrowWriter<File>),
     Ipc(FileWriter<File>),
@@ -26,6 +79,8 @@ enum Writer {
 /// An open sink. Dropping it without [`SinkWriter::finish`] removes the partial file.
 pub struct SinkWriter {
     writer: Option<Writer>,
+    /// What the file holds ([`plain_schema`] of the plan's).
+    schema: SchemaRef,
     tmp: PathBuf,
     path: PathBuf,
     rows: u64,
@@ -52,6 +107,17 @@ pub fn check_schema(sink: &Sink, schema: &Schema) -> Result<()> {
     Ok(())
 }
 
+/// Makes a directory's entries durable (a file renamed or created in it): without this, a
+/// crash after the rename can leave the old name on disk.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(dir)?.sync_all()
+}
+
 fn io_err(path: &Path, e: std::io::Error) -> DataFusionError {
     DataFusionError::Execution(format!("{}: {e}", path.display()))
 }
@@ -59,6 +125,7 @@ fn io_err(path: &Path, e: std::io::Error) -> DataFusionError {
 impl SinkWriter {
     pub fn open(sink: &Sink, schema: SchemaRef) -> Result<Self> {
         check_schema(sink, &schema)?;
+        let schema = plain_schema(&schema);
         let path = sink
             .path()
             .ok_or_else(|| {
@@ -82,7 +149,7 @@ impl SinkWriter {
         let writer = match sink {
             Sink::Parquet(p) => Writer::Parquet(ArrowWriter::try_new(
                 file,
-                schema,
+                Arc::clone(&schema),
                 Some(p.compression.writer_properties()),
             )?),
             Sink::Ipc(_) => Writer::Ipc(FileWriter::try_new(file, &schema)?),
@@ -94,6 +161,7 @@ impl SinkWriter {
         };
         Ok(SinkWriter {
             writer: Some(writer),
+            schema,
             tmp,
             path,
             rows: 0,
@@ -101,6 +169,7 @@ impl SinkWriter {
     }
 
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let batch = &to_plain(batch, &self.schema)?;
         match self.writer.as_mut().expect("write after finish") {
             Writer::Parquet(w) => w.write(batch)?,
             Writer::Ipc(w) => w.write(batch)?,
@@ -128,6 +197,8 @@ impl SinkWriter {
         file.sync_all().map_err(|e| io_err(&self.tmp, e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| io_err(&self.path, e))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        sync_dir(dir).map_err(|e| io_err(dir, e))?;
         Ok(self.rows)
     }
 }

@@ -24,25 +24,22 @@ fn validate_reports_all_problems_and_fails() {
     let yaml = "name: t\nsource:\n  parquet:\n    path: in.parquet\n    colour: red\nsteps:\n  - operator: x\nsink:\n  parquet:\n    path: out.parquet\n    compression: lzma\n";
     let file = write_pipeline(dir.path(), yaml);
     let ops = fixture_operators();
-    let (ok, stdout, _) = ferry(&[
+    let (ok, stdout, stderr) = ferry(&[
         "--operators",
         ops.to_str().unwrap(),
         "validate",
         file.to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert!(
-        stdout.contains(":5:5: source.parquet.colour: unknown field `colour`"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains(":7:5: steps[0].operator: an operator step needs `inputs`"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains(":11:5: sink.parquet.compression: unknown variant `lzma`"),
-        "{stdout}"
-    );
+    // Problems go to stderr (a script reading stdout sees only what passed).
+    assert!(!stdout.contains("unknown field"), "{stdout}");
+    for problem in [
+        ":5:5: source.parquet.colour: unknown field `colour`",
+        ":7:5: steps[0].operator: an operator step needs `inputs`",
+        ":11:5: sink.parquet.compression: unknown variant `lzma`",
+    ] {
+        assert!(stderr.contains(problem), "{problem}\n{stderr}");
+    }
 }
 
 #[test]
@@ -200,4 +197,73 @@ fn a_runtime_library_older_than_ferry_needs_is_reported() {
         "{text}"
     );
     assert!(!text.contains("panicked"), "{text}");
+}
+
+/// SQL errors read as one message: each cause once, and an operator's own words about its
+/// arguments (never DataFusion's internal error or the stream's lineage arguments).
+#[test]
+fn query_errors_read_as_one_message() {
+    let ops = fixture_operators();
+    let query = |sql: &str| {
+        let (ok, _, stderr) = ferry(&["--operators", ops.to_str().unwrap(), "query", sql]);
+        assert!(!ok, "{sql}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        stderr
+    };
+    let err = query("SELECT nosuch FROM (SELECT 1 AS a) x");
+    assert_eq!(err.matches("No field named nosuch").count(), 1, "{err}");
+    assert_eq!(err.matches("Schema error").count(), 1, "{err}");
+    let err = query("SELECT tiny_sentiment(42)");
+    assert!(
+        err.contains("tiny_sentiment (classify_text) expects text (Utf8, LargeUtf8 or Utf8View); argument 1 is Int64"),
+        "{err}"
+    );
+    for (sql, got) in [
+        ("SELECT tiny_sentiment()", "got 0"),
+        ("SELECT tiny_sentiment('a', 'b', 'c')", "got 3"),
+        ("SELECT tiny_sentiment('a', 'b', 'c', 'd')", "got 4"),
+    ] {
+        let err = query(sql);
+        assert!(
+            err.contains("tiny_sentiment (classify_text) takes 1 to 2 argument(s)")
+                && err.contains(got),
+            "{sql}: {err}"
+        );
+        for leak in ["Internal error", "Int32, Int64", "Candidate functions"] {
+            assert!(!err.contains(leak), "{sql}: {err}");
+        }
+    }
+}
+
+/// A table that is not there: `ferry query` names the pipelines it skipped and why.
+#[test]
+fn query_names_the_pipelines_it_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("never-written.parquet");
+    std::fs::write(
+        dir.path().join("a.yaml"),
+        format!(
+            "name: reviews\nsource:\n  parquet:\n    path: in.parquet\nsteps: []\nsink:\n  parquet:\n    path: {}\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("b.yaml"), "name: [broken\n").unwrap();
+    let (ok, _, stderr) = ferry(&[
+        "query",
+        "--pipelines",
+        dir.path().to_str().unwrap(),
+        "SELECT * FROM reviews",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("table 'datafusion.public.reviews' not found"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("a.yaml: pipeline 'reviews' has no output yet")
+            && stderr.contains("never-written.parquet does not exist"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("b.yaml: not a valid pipeline"), "{stderr}");
 }

@@ -282,3 +282,51 @@ async fn two_input_operators_in_a_pipeline() {
     );
     assert!(b.schema().index_of("pair").is_ok() && b.schema().index_of("entities").is_ok());
 }
+
+/// DataFusion reads Parquet strings as `Utf8View`; outputs still declare plain strings, so
+/// that pyarrow (whose `take` has no kernel for `string_view`), pandas, polars, DuckDB and
+/// Spark read them as ordinary strings.
+#[tokio::test]
+async fn outputs_hold_plain_strings_that_pyarrow_sorts() {
+    use ferry::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.parquet");
+    write_texts(&input, TEXTS);
+    for ext in ["parquet", "arrow"] {
+        let output = dir.path().join(format!("out.{ext}"));
+        let yaml = format!(
+            "name: t\nsource:\n  parquet:\n    path: {}\nsteps:\n  - sql: SELECT id, text, upper(text) AS shout FROM input\n  - operator: tiny_sentiment\n    inputs: [text]\n    output: s\nsink:\n  {}:\n    path: {}\n",
+            input.display(),
+            if ext == "arrow" { "ipc" } else { ext },
+            output.display()
+        );
+        let file = write_pipeline(dir.path(), &yaml);
+        ferry::engine::run_file(&file, &fixture_operators(), true)
+            .await
+            .unwrap();
+        if ext == "parquet" {
+            let reader =
+                ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&output).unwrap())
+                    .unwrap();
+            let schema = reader.schema();
+            for (name, want) in [("text", DataType::Utf8), ("shout", DataType::Utf8)] {
+                assert_eq!(schema.field_with_name(name).unwrap().data_type(), &want);
+            }
+            let DataType::Struct(fields) = schema.field_with_name("s").unwrap().data_type() else {
+                panic!("{schema:?}");
+            };
+            assert_eq!(fields[0].data_type(), &DataType::Utf8, "{schema:?}");
+        }
+        let read = if ext == "parquet" {
+            "pq.read_table(path)"
+        } else {
+            "pa.ipc.open_file(path).read_all()"
+        };
+        let out = run_python_with_pyarrow(&format!(
+            "import pyarrow as pa, pyarrow.parquet as pq\npath = {:?}\nt = {read}.sort_by([('id', 'descending')])\nprint(t.schema.field('text').type, t.schema.field('s').type)\nprint(t.column('id').to_pylist())",
+            output.display().to_string()
+        ));
+        assert!(out.contains("string struct<label: string"), "{out}");
+        assert!(out.contains("[4, 3, 2, 1, 0]"), "{out}");
+    }
+}

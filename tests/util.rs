@@ -177,3 +177,46 @@ pub fn context_with_manifests(
     }
     (ctx, dir)
 }
+
+/// pyarrow from its PyPI wheel, unpacked once into the cache, for tests that read ferry's
+/// outputs as Python users do: the directory to put on `PYTHONPATH`.
+pub fn pyarrow() -> PathBuf {
+    const REQUIREMENT: &str = "pyarrow==26.0.1";
+    let dir = ferry::runtime::cache_dir().join("test-pyarrow-26.0.1");
+    let site = dir.join("site");
+    if site.join("pyarrow").join("__init__.py").is_file() {
+        return site;
+    }
+    static UNPACKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = UNPACKING.lock().unwrap_or_else(|p| p.into_inner());
+    if !site.join("pyarrow").join("__init__.py").is_file() {
+        let wheel = ferry::runtime::wheel::download(REQUIREMENT, &dir.join("wheel"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tmp = dir.join(format!("site.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        zip::ZipArchive::new(std::fs::File::open(&wheel).unwrap())
+            .unwrap()
+            .extract(&tmp)
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&site);
+        std::fs::rename(&tmp, &site).unwrap();
+    }
+    site
+}
+
+/// Runs a Python snippet with [`pyarrow`] importable; panics with its output when it fails.
+pub fn run_python_with_pyarrow(code: &str) -> String {
+    let python = std::env::var("FERRY_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let out = std::process::Command::new(python)
+        .args(["-c", code])
+        .env("PYTHONPATH", pyarrow())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{code}\n{text}");
+    text
+}

@@ -127,7 +127,7 @@ pub enum Source {
     Jsonl(FileSource),
     /// Kafka topics, consumed in micro-batches. Besides the payload's columns, every row has the
     /// lineage columns `_topic`, `_partition`, `_offset` and `_timestamp`.
-    Kafka(KafkaSource),
+    Kafka(Box<KafkaSource>),
     /// Files of any kind (images, audio) as rows `path, size, modified, bytes, error`; bytes are
     /// read lazily, a small batch at a time.
     Files(FilesSource),
