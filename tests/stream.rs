@@ -970,7 +970,7 @@ fn validate(pipeline: &Path) -> Output {
 fn stream_pipelines_are_checked_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
     // (source lines after group_id, what `ferry validate` must say)
-    let cases: [(&str, &[&str]); 3] = [
+    let cases: [(&str, &[&str]); 4] = [
         (
             "    max_batch_wait: soon",
             &["pipeline.yaml:5:3: source.kafka: format json needs its columns"],
@@ -985,6 +985,14 @@ fn stream_pipelines_are_checked_before_anything_runs() {
                 "a kafka source needs a streaming sink",
                 "max_batch_wait 'soon'",
                 "on_error: dead_letter needs a dead_letter sink",
+            ],
+        ),
+        (
+            // Properties that would undo how offsets are committed.
+            "    columns: {id: int64, text: string}\n    properties:\n      enable.auto.commit: \"true\"\n      group.id: other\n      session.timeout.ms: \"6000\"",
+            &[
+                "source.kafka.properties.enable.auto.commit: ferry's delivery guarantees need enable.auto.commit=false",
+                "source.kafka.properties.group.id: group.id comes from the pipeline: use `group_id` instead",
             ],
         ),
     ];
@@ -1008,10 +1016,10 @@ sink:
             ),
         );
         let out = validate(&pipeline);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(!out.status.success(), "{stdout}");
+        let problems = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{problems}");
         for want in wants {
-            assert!(stdout.contains(want), "{want}: {stdout}");
+            assert!(problems.contains(want), "{want}: {problems}");
         }
     }
 }
@@ -1099,4 +1107,78 @@ sink:
     let output = run_ok(&pipeline, &["--until-idle", "3s"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("7 records in, 7 rows out"), "{stderr}");
+}
+
+/// A sink write that fails stops the stream without rolling or committing anything after it:
+/// the files already open and the failed batch are not committed, so a rerun reads them again
+/// and nothing is lost. (Before, the revoke on shutdown rolled the open files and committed the
+/// offsets of the batch that was never written.)
+#[test]
+fn a_failed_sink_write_commits_nothing_it_did_not_write() {
+    let broker = DevBroker::start().unwrap();
+    let input = unique("kinds");
+    create_topic(&broker.addr, &input, 1);
+    // 100 records of kind `a`, then 100 of kind `b`, in order (one partition).
+    let n = 200;
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let kind = if i < 100 { "a" } else { "b" };
+            let v = serde_json::json!({"id": i, "text": format!("text {i}"), "kind": kind});
+            (None, serde_json::to_vec(&v).unwrap())
+        })
+        .collect();
+    produce(&broker.addr, &input, &records);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // The directory for kind `b` cannot be made: a file holds its name.
+    let blocker = out.join("kind=b");
+    std::fs::write(&blocker, b"in the way").unwrap();
+    let pipeline = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"
+name: kinds
+source:
+  kafka:
+    brokers: {brokers}
+    topics: [{input}]
+    group_id: {group}
+    columns: {{id: int64, text: string, kind: string}}
+    max_batch_rows: 20
+    max_batch_wait: 50ms
+    properties:
+      {FAST_GROUP}
+steps:
+  - sql: SELECT id, text, kind, _partition, _offset FROM input
+sink:
+  rolling_parquet:
+    dir: {out}
+    partition_by: kind
+    max_rows: 100000
+    max_age: 1h
+"#,
+            brokers = broker.addr,
+            group = unique("g"),
+            out = out.display(),
+        ),
+    );
+    let failed = ferry(&pipeline, &["--until-idle", "5s"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        !failed.status.success(),
+        "the write into kind=b fails: {stderr}"
+    );
+    assert!(stderr.contains("kind=b"), "{stderr}");
+    // Nothing rolled: the `a` rows were in an open file when the write failed.
+    assert!(parquet_offsets(&out).1.is_empty(), "{stderr}");
+
+    std::fs::remove_file(&blocker).unwrap();
+    run_ok(&pipeline, &["--until-idle", "3s"]);
+    let (counts, _) = parquet_offsets(&out);
+    let lost: Vec<i64> = (0..n as i64)
+        .filter(|o| !counts.contains_key(&(0, *o)))
+        .collect();
+    assert!(lost.is_empty(), "lost offsets: {lost:?}");
+    assert!(counts.values().all(|&c| c == 1), "read again, written once");
 }

@@ -87,6 +87,52 @@ impl ProducerContext for DeliveryContext {
 pub type Producer_ = BaseProducer<DeliveryContext>;
 
 /// An idempotent producer (transactional when `transactional_id` is given).
+/// Consumer settings ferry's delivery rests on (it stores and commits offsets itself, after
+/// the sink is durable): `properties` may not change them.
+pub const CONSUMER_SETTINGS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+];
+
+/// Producer settings ferry's delivery rests on.
+pub const PRODUCER_SETTINGS: &[(&str, &str)] = &[("enable.idempotence", "true")];
+
+/// Properties that a pipeline field sets (property, the field to use instead).
+const FIELD_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "`brokers`"),
+    ("group.id", "`group_id`"),
+    ("transactional.id", "`delivery: exactly_once`"),
+];
+
+/// The entries of `properties` that conflict with what delivery needs (`settings`, plus
+/// `isolation.level=read_committed` when `exactly_once`): (property, why).
+pub fn conflicting_properties(
+    properties: &BTreeMap<String, String>,
+    settings: &[(&str, &str)],
+    exactly_once: bool,
+) -> Vec<(String, String)> {
+    let isolation = [("isolation.level", "read_committed")];
+    let required = settings.iter().chain(exactly_once.then_some(&isolation[0]));
+    let mut out = Vec::new();
+    for (key, value) in properties {
+        if let Some((_, want)) = required.clone().find(|(k, _)| k == key)
+            && !value.eq_ignore_ascii_case(want)
+        {
+            out.push((
+                key.clone(),
+                format!("ferry's delivery guarantees need {key}={want}; remove this property"),
+            ));
+        }
+        if let Some((_, field)) = FIELD_PROPERTIES.iter().find(|(k, _)| k == key) {
+            out.push((
+                key.clone(),
+                format!("{key} comes from the pipeline: use {field} instead"),
+            ));
+        }
+    }
+    out
+}
+
 pub fn producer(
     brokers: &str,
     properties: &BTreeMap<String, String>,
@@ -104,6 +150,9 @@ pub fn producer(
     }
     for (k, v) in properties {
         config.set(k, v);
+    }
+    for (k, v) in PRODUCER_SETTINGS {
+        config.set(*k, *v);
     }
     let producer: Producer_ = config
         .create_with_context(DeliveryContext::default())

@@ -109,6 +109,11 @@ pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
             if let Err(e) = RecordEncoder::new(s, output) {
                 problems.push(("sink.kafka".into(), e));
             }
+            for (key, why) in
+                kafka::conflicting_properties(&s.properties, kafka::PRODUCER_SETTINGS, false)
+            {
+                problems.push((format!("sink.kafka.properties.{key}"), why));
+            }
         }
         Sink::RollingParquet(r) => {
             if let Err(e) = parse_duration("max_age", &r.max_age) {
@@ -152,6 +157,19 @@ pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
             "a kafka source needs a streaming sink: kafka or rolling_parquet".into(),
         ));
     }
+    let exactly_once = p.delivery == Delivery::ExactlyOnce;
+    for (key, why) in
+        kafka::conflicting_properties(&k.properties, kafka::CONSUMER_SETTINGS, exactly_once)
+    {
+        problems.push((format!("source.kafka.properties.{key}"), why));
+    }
+    if let Some(DeadLetter::Kafka(d)) = &p.dead_letter {
+        for (key, why) in
+            kafka::conflicting_properties(&d.properties, kafka::PRODUCER_SETTINGS, false)
+        {
+            problems.push((format!("dead_letter.kafka.properties.{key}"), why));
+        }
+    }
     if k.max_batch_rows == 0 {
         problems.push((
             "source.kafka.max_batch_rows".into(),
@@ -185,7 +203,7 @@ enum Output {
         encoder: RecordEncoder,
         transactional: bool,
     },
-    Rolling(RollingWriter),
+    Rolling(Box<RollingWriter>),
 }
 
 enum DeadLetters {
@@ -287,6 +305,14 @@ struct Shared {
     uncommitted: BTreeMap<(String, i32), i64>,
     /// Bumped on every rebalance, so the loop drops buffered records of revoked partitions.
     generation: u64,
+    /// Partitions revoked since the loop last looked: their buffered records are dropped even
+    /// when the partition is assigned again (it is then fetched again from the committed
+    /// offset).
+    revoked: HashSet<(String, i32)>,
+    /// Why the stream must stop: a sink write or roll failed (so nothing more is rolled or
+    /// committed: the offsets might cover rows that are not durable), or an assignment could
+    /// not find where to resume.
+    failed: Option<String>,
     first_assigned: Option<Instant>,
     /// Exactly-once Parquet: resume from the offsets recorded in the files.
     resume_dir: Option<PathBuf>,
@@ -346,10 +372,45 @@ impl Shared {
 
     /// Whether `uncommitted` may be committed now (it only holds durable batches).
     fn can_commit(&self) -> bool {
-        match &self.output {
-            Output::Kafka { .. } => true,
-            Output::Rolling(w) => w.durable(),
+        self.failed.is_none()
+            && match &self.output {
+                Output::Kafka { .. } => true,
+                Output::Rolling(w) => w.durable(),
+            }
+    }
+
+    /// Records the first failure of the sink (or of an assignment): from then on nothing is
+    /// rolled or committed.
+    fn fail_on<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
+        if let Err(e) = &result {
+            self.failed.get_or_insert_with(|| e.clone());
         }
+        result
+    }
+
+    /// Flushes the sink and commits what it holds (idle, rebalance, end of the run).
+    fn flush_and_commit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        roll: bool,
+    ) -> Result<(), String> {
+        if let Some(e) = &self.failed {
+            return Err(format!("not committing after a failure: {e}"));
+        }
+        let settled = self.settle(if roll { 0 } else { usize::MAX });
+        self.fail_on(settled)?;
+        if let Output::Rolling(w) = &mut self.output {
+            let rolled = if roll {
+                if w.durable() { Ok(()) } else { w.roll() }
+            } else {
+                w.roll_if_old().map(|_| ())
+            };
+            self.fail_on(rolled)?;
+        }
+        if self.can_commit() {
+            commit(consumer, &mut self.uncommitted)?;
+        }
+        Ok(())
     }
 }
 
@@ -404,7 +465,10 @@ impl StreamContext {
             let committed = match consumer.committed_offsets(tpl.clone(), kafka::BROKER_TIMEOUT) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!(error = %e, "reading committed offsets on assignment");
+                    // Resuming from a guess would read records twice (or skip them): stop.
+                    let e = format!("reading the committed offsets of an assignment: {e}");
+                    tracing::error!(error = %e, "cannot tell where to resume");
+                    shared.failed.get_or_insert(e);
                     return;
                 }
             };
@@ -438,7 +502,11 @@ impl StreamContext {
                             }
                         }
                     }
-                    Err(e) => tracing::error!(error = %e, "reading offsets from output files"),
+                    Err(e) => {
+                        let e = format!("reading the offsets recorded in the output files: {e}");
+                        tracing::error!(error = %e, "cannot tell where to resume");
+                        shared.failed.get_or_insert(e);
+                    }
                 }
             } else if let Some(ts) = shared.start_timestamp {
                 let mut query = TopicPartitionList::new();
@@ -460,7 +528,9 @@ impl StreamContext {
                             }
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, "looking up offsets for the start timestamp")
+                            let e = format!("looking up offsets for the start timestamp: {e}");
+                            tracing::error!(error = %e, "cannot tell where to start");
+                            shared.failed.get_or_insert(e);
                         }
                     }
                 }
@@ -469,28 +539,25 @@ impl StreamContext {
         tracing::info!(partitions = ?tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect::<Vec<_>>(), "assigned");
     }
 
-    fn on_revoke(&self, consumer: &BaseConsumer<Self>) {
+    fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let mut guard = self.shared.lock().expect("stream state");
         let shared = &mut *guard;
         shared.generation += 1;
+        shared.revoked.extend(
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition())),
+        );
         // Flush before the partitions go: wait for every acknowledgement / roll open files,
-        // then commit what they hold.
-        if let Err(e) = shared.settle(0) {
-            tracing::error!(error = %e, "flushing before a rebalance; unacknowledged records will be read again");
-            return;
+        // then commit what they hold. After a sink failure, nothing: the new owner reads
+        // again from the last commit.
+        match shared.flush_and_commit(consumer, true) {
+            Ok(()) => tracing::info!("partitions revoked"),
+            Err(e) => tracing::error!(
+                error = %e,
+                "partitions revoked without a commit; their uncommitted records will be read again"
+            ),
         }
-        if let Output::Rolling(w) = &mut shared.output
-            && !w.durable()
-            && let Err(e) = w.roll()
-        {
-            tracing::error!(error = %e, "rolling files before a rebalance; their records will be read again");
-            shared.uncommitted.clear();
-            return;
-        }
-        if let Err(e) = commit(consumer, &mut shared.uncommitted) {
-            tracing::warn!(error = %e, "committing before a rebalance");
-        }
-        tracing::info!("partitions revoked");
     }
 }
 
@@ -515,7 +582,7 @@ impl ConsumerContext for StreamContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.on_revoke(consumer);
+                self.on_revoke(consumer, tpl);
                 if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -615,7 +682,9 @@ pub fn run(
                 transactional: exactly_once,
             }
         }
-        Sink::RollingParquet(r) => Output::Rolling(RollingWriter::new(r, output_schema.clone())?),
+        Sink::RollingParquet(r) => {
+            Output::Rolling(Box::new(RollingWriter::new(r, output_schema.clone())?))
+        }
         other => return Err(format!("sink {} cannot take a stream", other.format())),
     };
     let resume_dir = match (&pipeline.sink, exactly_once) {
@@ -632,6 +701,8 @@ pub fn run(
         next_batch: 1,
         uncommitted: BTreeMap::new(),
         generation: 0,
+        revoked: HashSet::new(),
+        failed: None,
         first_assigned: None,
         resume_dir,
         start_timestamp: parse_start(&source.start)?,
@@ -655,6 +726,13 @@ pub fn run(
         .set("statistics.interval.ms", "5000");
     for (k, v) in &source.properties {
         config.set(k, v);
+    }
+    // What delivery rests on wins over `properties` (validation refuses a conflict).
+    for (k, v) in kafka::CONSUMER_SETTINGS {
+        config.set(*k, *v);
+    }
+    if exactly_once {
+        config.set("isolation.level", "read_committed");
     }
     let consumer: BaseConsumer<StreamContext> = config
         .create_with_context(StreamContext {
@@ -698,7 +776,11 @@ pub fn run(
                 max_wait.saturating_sub(t.elapsed())
             })
             .min(Duration::from_millis(100));
-        match consumer.poll(wait) {
+        let polled = consumer.poll(wait);
+        if let Some(e) = shared.lock().expect("stream state").failed.clone() {
+            return Err(e);
+        }
+        match polled {
             Some(Ok(m)) => {
                 pending.push(record_of(&m, &mut topic_names));
                 first_at.get_or_insert_with(Instant::now);
@@ -710,7 +792,10 @@ pub fn run(
             }
             None => {}
         }
-        let generation = shared.lock().expect("stream state").generation;
+        let (generation, revoked) = {
+            let mut s = shared.lock().expect("stream state");
+            (s.generation, std::mem::take(&mut s.revoked))
+        };
         if generation != seen_generation {
             seen_generation = generation;
             if !pending.is_empty() {
@@ -724,7 +809,10 @@ pub fn run(
                     })
                     .unwrap_or_default();
                 let before = pending.len();
-                pending.retain(|r| assigned.contains(&(r.topic.to_string(), r.partition)));
+                pending.retain(|r| {
+                    let tp = (r.topic.to_string(), r.partition);
+                    assigned.contains(&tp) && !revoked.contains(&tp)
+                });
                 if pending.len() < before {
                     tracing::info!(
                         dropped = before - pending.len(),
@@ -749,13 +837,7 @@ pub fn run(
             // Idle: roll old files (and commit what they hold).
             let mut guard = shared.lock().expect("stream state");
             let s = &mut *guard;
-            s.settle(usize::MAX)?;
-            if let Output::Rolling(w) = &mut s.output {
-                w.roll_if_old()?;
-            }
-            if s.can_commit() {
-                commit(&consumer, &mut s.uncommitted)?;
-            }
+            s.flush_and_commit(&consumer, false)?;
             let idle_since = last_record.or(s.first_assigned);
             drop(guard);
             if let (Some(limit), Some(since)) = (options.until_idle, idle_since)
@@ -782,15 +864,10 @@ pub fn run(
     if !pending.is_empty() {
         ctx.process(std::mem::take(&mut pending), &mut dead, &mut summary)?;
     }
-    {
-        let mut guard = shared.lock().expect("stream state");
-        let s = &mut *guard;
-        s.settle(0)?;
-        if let Output::Rolling(w) = &mut s.output {
-            w.roll()?;
-        }
-        commit(&consumer, &mut s.uncommitted)?;
-    }
+    shared
+        .lock()
+        .expect("stream state")
+        .flush_and_commit(&consumer, true)?;
     status.finish_and_clear();
     drop(consumer);
     summary.elapsed = started.elapsed();
@@ -942,6 +1019,9 @@ impl Batcher<'_> {
             .iter()
             .map(|((t, p), (_, last))| ((t.clone(), *p), last + 1))
             .collect();
+        if let Some(e) = &s.failed {
+            return Err(format!("not writing after a failure: {e}"));
+        }
         let pipelined = matches!(
             s.output,
             Output::Kafka {
@@ -949,31 +1029,31 @@ impl Batcher<'_> {
                 ..
             }
         );
-        if !pipelined {
-            s.uncommitted.extend(next_offsets.iter().cloned());
-        }
         let seq = s.next_batch;
         s.next_batch += 1;
-        match &mut s.output {
+        let written = match &mut s.output {
             Output::Kafka {
                 producer,
                 encoder,
                 transactional,
             } => {
                 use rdkafka::producer::Producer;
-                if *transactional {
-                    producer
-                        .begin_transaction()
-                        .map_err(|e| format!("beginning a Kafka transaction: {e}"))?;
-                }
+                let transactional = *transactional;
                 let sent = (|| {
+                    if transactional {
+                        producer
+                            .begin_transaction()
+                            .map_err(|e| format!("beginning a Kafka transaction: {e}"))?;
+                    }
                     for b in &outputs {
                         kafka::produce(producer, encoder.topic(), &encoder.encode(b)?, seq)?;
                     }
-                    if *transactional {
+                    if transactional {
                         // Delivery errors surface before the offsets join the transaction.
                         kafka::flush(producer)?;
-                        let tpl = tpl_of(&s.uncommitted).map_err(|e| e.to_string())?;
+                        let offsets: BTreeMap<(String, i32), i64> =
+                            next_offsets.iter().cloned().collect();
+                        let tpl = tpl_of(&offsets).map_err(|e| e.to_string())?;
                         let group = self
                             .consumer
                             .group_metadata()
@@ -983,39 +1063,42 @@ impl Batcher<'_> {
                             .map_err(|e| format!("adding offsets to the transaction: {e}"))?;
                         producer
                             .commit_transaction(kafka::BROKER_TIMEOUT)
-                            .map_err(|e| format!("committing the Kafka transaction: {e}"))
-                    } else {
-                        // Acknowledgements are collected while the next batches run.
-                        Ok(())
+                            .map_err(|e| format!("committing the Kafka transaction: {e}"))?;
+                        m.commits.inc();
                     }
+                    // Without a transaction, acknowledgements are collected while the next
+                    // batches run.
+                    Ok(())
                 })();
-                if let Err(e) = sent {
-                    if *transactional {
-                        return Err(match producer.abort_transaction(kafka::BROKER_TIMEOUT) {
+                match sent {
+                    Err(e) if transactional => {
+                        Err(match producer.abort_transaction(kafka::BROKER_TIMEOUT) {
                             Ok(()) => format!("{e}; the transaction was aborted"),
                             Err(a) => format!(
                                 "{e}; aborting the transaction failed too ({a}): the broker aborts it when it times out"
                             ),
-                        });
+                        })
                     }
-                    return Err(e);
-                }
-                if *transactional {
-                    s.uncommitted.clear();
-                    m.commits.inc();
+                    other => other,
                 }
             }
-            Output::Rolling(w) => {
-                w.write(&outputs, &consumed)?;
+            Output::Rolling(w) => w.write(&outputs, &consumed).map(|_| ()),
+        };
+        s.fail_on(written)?;
+        // Only now, with every row written, may the batch's offsets be committed (a
+        // transaction committed them already; a Kafka sink's once acknowledged).
+        match &s.output {
+            Output::Rolling(_) => s.uncommitted.extend(next_offsets),
+            Output::Kafka { .. } if pipelined => {
+                s.in_flight.push_back(InFlight {
+                    id: seq,
+                    rows,
+                    offsets: next_offsets,
+                });
+                let settled = s.settle(MAX_IN_FLIGHT);
+                s.fail_on(settled)?;
             }
-        }
-        if pipelined {
-            s.in_flight.push_back(InFlight {
-                id: seq,
-                rows,
-                offsets: next_offsets,
-            });
-            s.settle(MAX_IN_FLIGHT)?;
+            Output::Kafka { .. } => {}
         }
         let t_sink = t0.elapsed();
         if s.can_commit() {

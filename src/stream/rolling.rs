@@ -78,6 +78,9 @@ pub struct RollingWriter {
     seq: u64,
     /// Files renamed into place so far.
     pub files_written: u64,
+    /// The first write or roll that failed: from then on nothing is durable and nothing rolls,
+    /// so no offset is committed for rows that may not be in a file.
+    failed: Option<String>,
 }
 
 impl RollingWriter {
@@ -94,29 +97,25 @@ impl RollingWriter {
         Ok(RollingWriter {
             cfg: cfg.clone(),
             max_age,
-            schema,
+            schema: crate::sink::plain_schema(&schema),
             props: cfg.compression.writer_properties(),
             open: HashMap::new(),
             ranges: Ranges::new(),
             seq: 0,
             files_written: 0,
+            failed: None,
         })
     }
 
     /// Writes a micro-batch's output rows, covering the offsets in `consumed`; rolls the files
-    /// that are due. Returns whether everything consumed so far is in renamed files.
+    /// that are due. Returns whether everything consumed so far is in renamed files. The
+    /// offsets join the next footers only once every row of the batch is written; after a
+    /// failure the writer is failed for good (see [`RollingWriter::durable`]).
     pub fn write(&mut self, batches: &[RecordBatch], consumed: &Ranges) -> Result<bool, String> {
+        self.check_not_failed()?;
+        let written = self.append_all(batches);
+        self.fail_on(written)?;
         merge_ranges(&mut self.ranges, consumed);
-        for batch in batches.iter().filter(|b| b.num_rows() > 0) {
-            match &self.cfg.partition_by {
-                None => self.append(String::new(), batch)?,
-                Some(col) => {
-                    for (value, part) in split_by(batch, col)? {
-                        self.append(value, &part)?;
-                    }
-                }
-            }
-        }
         let due = self.open.values().any(|f| {
             f.rows >= self.cfg.max_rows
                 || f.writer.bytes_written() + f.writer.in_progress_size()
@@ -128,9 +127,40 @@ impl RollingWriter {
         Ok(self.durable())
     }
 
-    /// Whether no consumed offset waits for a file to roll.
+    fn append_all(&mut self, batches: &[RecordBatch]) -> Result<(), String> {
+        for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+            match &self.cfg.partition_by {
+                None => self.append(String::new(), batch)?,
+                Some(col) => {
+                    for (value, part) in split_by(batch, col)? {
+                        self.append(value, &part)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether no consumed offset waits for a file to roll (never, once a write failed).
     pub fn durable(&self) -> bool {
-        self.open.is_empty()
+        self.open.is_empty() && self.failed.is_none()
+    }
+
+    fn check_not_failed(&self) -> Result<(), String> {
+        match &self.failed {
+            Some(e) => Err(format!(
+                "an earlier write failed ({e}); nothing more is written or rolled"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Records the first failure: the writer takes no more rows and rolls nothing.
+    fn fail_on<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
+        if let Err(e) = &result {
+            self.failed.get_or_insert_with(|| e.clone());
+        }
+        result
     }
 
     /// Rolls if the oldest open file is older than `max_age`. Returns whether it rolled.
@@ -152,7 +182,12 @@ impl RollingWriter {
                 None => self.cfg.dir.clone(),
                 Some(col) => self.cfg.dir.join(format!("{col}={}", sanitize(&value))),
             };
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            if !dir.is_dir() {
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                // The new directory's entry is durable before a file in it is renamed.
+                crate::sink::sync_dir(&self.cfg.dir)
+                    .map_err(|e| format!("{}: {e}", self.cfg.dir.display()))?;
+            }
             self.seq += 1;
             let millis = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -164,6 +199,10 @@ impl RollingWriter {
             );
             let tmp = dir.join(format!(".{name}.inprogress-{}", std::process::id()));
             let file = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            // Held until the file is renamed: another process (on this host or another one
+            // sharing the volume) sees the temporary is alive.
+            file.try_lock()
+                .map_err(|e| format!("locking {}: {e}", tmp.display()))?;
             let writer = ArrowWriter::try_new(file, self.schema.clone(), Some(self.props.clone()))
                 .map_err(|e| format!("{}: {e}", tmp.display()))?;
             self.open.insert(
@@ -177,37 +216,58 @@ impl RollingWriter {
                 },
             );
         }
+        let batch = crate::sink::to_plain(batch, &self.schema).map_err(|e| e.to_string())?;
         let f = self.open.get_mut(&value).expect("just opened");
         f.writer
-            .write(batch)
+            .write(&batch)
             .map_err(|e| format!("{}: {e}", f.tmp.display()))?;
         f.rows += batch.num_rows() as u64;
         Ok(())
     }
 
-    /// Closes every open file: footer (with the offsets), fsync, rename into place.
+    /// Closes every open file: footer (with the offsets), fsync, rename into place, fsync of
+    /// the directory. A failure fails the writer (the files not yet renamed stay temporaries).
     pub fn roll(&mut self) -> Result<(), String> {
+        self.check_not_failed()?;
         let offsets = ranges_json(&self.ranges);
-        for (_, mut f) in self.open.drain() {
-            f.writer
-                .append_key_value_metadata(KeyValue::new(OFFSETS_KEY.to_string(), offsets.clone()));
-            let file = f
-                .writer
-                .into_inner()
-                .map_err(|e| format!("{}: {e}", f.tmp.display()))?;
-            file.sync_all()
-                .map_err(|e| format!("{}: {e}", f.tmp.display()))?;
-            drop(file);
-            std::fs::rename(&f.tmp, &f.path).map_err(|e| format!("{}: {e}", f.path.display()))?;
-            if let Some(dir) = f.path.parent()
-                && let Ok(d) = File::open(dir)
-            {
-                let _ = d.sync_all();
+        let mut files = self
+            .open
+            .drain()
+            .map(|(_, f)| f)
+            .collect::<Vec<_>>()
+            .into_iter();
+        while let Some(f) = files.next() {
+            let (path, rows) = (f.path.clone(), f.rows);
+            if let Err(e) = Self::finish_file(f, &offsets) {
+                for rest in files {
+                    let _ = std::fs::remove_file(&rest.tmp);
+                }
+                return self.fail_on(Err(e));
             }
             self.files_written += 1;
-            tracing::debug!(file = %f.path.display(), rows = f.rows, "rolled");
+            tracing::debug!(file = %path.display(), rows, "rolled");
         }
         self.ranges.clear();
+        Ok(())
+    }
+
+    fn finish_file(mut f: OpenFile, offsets: &str) -> Result<(), String> {
+        let tmp = f.tmp.clone();
+        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", tmp.display());
+        let cleanup = |e: String| {
+            let _ = std::fs::remove_file(&tmp);
+            e
+        };
+        f.writer
+            .append_key_value_metadata(KeyValue::new(OFFSETS_KEY.to_string(), offsets.to_string()));
+        let file = f.writer.into_inner().map_err(|e| cleanup(at(&e)))?;
+        file.sync_all().map_err(|e| cleanup(at(&e)))?;
+        // Renamed while still open and locked, then the directory entry made durable.
+        std::fs::rename(&f.tmp, &f.path)
+            .map_err(|e| cleanup(format!("{}: {e}", f.path.display())))?;
+        let dir = f.path.parent().unwrap_or(Path::new("."));
+        crate::sink::sync_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        drop(file);
         Ok(())
     }
 }
@@ -261,7 +321,13 @@ fn split_by(batch: &RecordBatch, col: &str) -> Result<Vec<(String, RecordBatch)>
         .collect()
 }
 
-/// Removes temporaries left by processes that no longer run (a crash mid-file).
+/// A temporary no process holds is left over from a crash, unless it is this young (a writer
+/// creates its file, then locks it).
+const STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// Removes temporaries left by writers that no longer run (a crash mid-file). A live writer
+/// holds a lock on its temporary until the file is renamed, which other processes see on this
+/// host and on hosts that share the volume (where process ids mean nothing).
 fn remove_stale_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -272,11 +338,20 @@ fn remove_stale_temporaries(dir: &Path) {
             remove_stale_temporaries(&path);
             continue;
         }
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name.rsplit_once(".inprogress-").map(|(_, p)| p)
-            && let Ok(pid) = pid.parse::<u32>()
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
+        if !e.file_name().to_string_lossy().contains(".inprogress-") {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_AFTER);
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        if old && file.try_lock().is_ok() {
+            tracing::info!(file = %path.display(), "removing a temporary no writer holds");
             let _ = std::fs::remove_file(&path);
         }
     }
@@ -319,4 +394,103 @@ pub fn recorded_next_offsets(dir: &Path) -> Result<BTreeMap<(String, i32), i64>,
         }
     }
     Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn sink(dir: &Path) -> RollingParquetSink {
+        serde_json::from_value(serde_json::json!({
+            "dir": dir, "partition_by": "k", "max_rows": 1000000, "max_age": "1h"
+        }))
+        .unwrap()
+    }
+
+    fn batch(keys: &[&str]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(keys.to_vec())),
+                Arc::new(Int64Array::from_iter_values(0..keys.len() as i64)),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn consumed(first: i64, last: i64) -> Ranges {
+        Ranges::from([(("t".to_string(), 0), (first, last))])
+    }
+
+    /// A batch that cannot be written in full leaves its offsets out of every footer, and the
+    /// writer rolls nothing more: the rows written before the failure must not become a file
+    /// whose footer says the failed batch's records are in it.
+    #[test]
+    fn offsets_join_footers_only_after_their_rows_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = batch(&["a", "a"]);
+        let mut w = RollingWriter::new(&sink(dir.path()), b.schema()).unwrap();
+        assert!(!w.write(&[b], &consumed(0, 1)).unwrap());
+        // The directory of the value `b` cannot be made: a file holds its name.
+        std::fs::write(dir.path().join("k=b"), b"in the way").unwrap();
+        let err = w.write(&[batch(&["a", "b"])], &consumed(2, 3)).unwrap_err();
+        assert!(err.contains("k=b"), "{err}");
+        assert!(!w.durable());
+        assert!(w.roll().is_err(), "a failed writer never rolls");
+        assert!(w.write(&[batch(&["a"])], &consumed(4, 4)).is_err());
+        assert!(recorded_next_offsets(dir.path()).unwrap().is_empty());
+    }
+
+    /// A roll that fails part-way is not durable, and neither is anything after it.
+    #[test]
+    fn a_failed_roll_is_never_durable_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = batch(&["a", "b"]);
+        let mut w = RollingWriter::new(&sink(dir.path()), b.schema()).unwrap();
+        w.write(&[b], &consumed(0, 1)).unwrap();
+        // One of the two files cannot be renamed into place.
+        std::fs::remove_dir_all(dir.path().join("k=b")).unwrap();
+        assert!(w.roll().is_err());
+        assert!(!w.durable());
+        assert!(w.roll().is_err());
+        let temporaries = std::fs::read_dir(dir.path().join("k=a"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".inprogress-"))
+            .count();
+        assert_eq!(temporaries, 0, "the files that did not roll are removed");
+    }
+
+    /// Liveness is the writer's lock, not its process id: a temporary locked by a process this
+    /// host cannot see (another host on the same volume) is kept; an old unlocked one goes.
+    #[test]
+    fn temporaries_are_removed_only_when_no_writer_holds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        // Process ids above Linux's maximum: no such process here.
+        let live = dir.path().join(".part-1.parquet.inprogress-4194304");
+        let crashed = dir.path().join(".part-2.parquet.inprogress-4194305");
+        let young = dir.path().join(".part-3.parquet.inprogress-4194306");
+        let held = File::create(&live).unwrap();
+        held.try_lock().unwrap();
+        held.set_modified(hour_ago).unwrap();
+        File::create(&crashed)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        File::create(&young).unwrap();
+        remove_stale_temporaries(dir.path());
+        assert!(live.exists(), "a locked temporary is alive");
+        assert!(!crashed.exists(), "an old unlocked temporary is left over");
+        assert!(young.exists(), "a young one may be about to be locked");
+    }
 }
