@@ -198,11 +198,7 @@ impl RollingWriter {
                 self.seq
             );
             let tmp = dir.join(format!(".{name}.inprogress-{}", std::process::id()));
-            let file = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-            // Held until the file is renamed: another process (on this host or another one
-            // sharing the volume) sees the temporary is alive.
-            file.try_lock()
-                .map_err(|e| format!("locking {}: {e}", tmp.display()))?;
+            let file = create_locked(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
             let writer = ArrowWriter::try_new(file, self.schema.clone(), Some(self.props.clone()))
                 .map_err(|e| format!("{}: {e}", tmp.display()))?;
             self.open.insert(
@@ -321,13 +317,27 @@ fn split_by(batch: &RecordBatch, col: &str) -> Result<Vec<(String, RecordBatch)>
         .collect()
 }
 
-/// A temporary no process holds is left over from a crash, unless it is this young (a writer
-/// creates its file, then locks it).
-const STALE_AFTER: Duration = Duration::from_secs(60);
+/// Creates a temporary and locks it. The lock is held until the file is renamed, so that
+/// another process (on this host, or on another one sharing the volume) sees the temporary is
+/// alive. A cleaner may lock and remove the file between its creation and the lock: the lock
+/// is then on a removed file, which is made again.
+fn create_locked(tmp: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let file = File::create(tmp)?;
+        file.lock()?;
+        match std::fs::metadata(tmp) {
+            Ok(m) if m.ino() == file.metadata()?.ino() => return Ok(file),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
 
-/// Removes temporaries left by writers that no longer run (a crash mid-file). A live writer
-/// holds a lock on its temporary until the file is renamed, which other processes see on this
-/// host and on hosts that share the volume (where process ids mean nothing).
+/// Removes temporaries left by writers that no longer run (a crash mid-file): those no
+/// process holds a lock on ([`create_locked`]). Process ids are not used: they mean nothing
+/// on another host sharing the volume.
 fn remove_stale_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -341,16 +351,10 @@ fn remove_stale_temporaries(dir: &Path) {
         if !e.file_name().to_string_lossy().contains(".inprogress-") {
             continue;
         }
-        let old = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age >= STALE_AFTER);
         let Ok(file) = File::open(&path) else {
             continue;
         };
-        if old && file.try_lock().is_ok() {
+        if file.try_lock().is_ok() {
             tracing::info!(file = %path.display(), "removing a temporary no writer holds");
             let _ = std::fs::remove_file(&path);
         }
@@ -471,26 +475,20 @@ mod tests {
     }
 
     /// Liveness is the writer's lock, not its process id: a temporary locked by a process this
-    /// host cannot see (another host on the same volume) is kept; an old unlocked one goes.
+    /// host cannot see (another host on the same volume) is kept; an unlocked one goes.
     #[test]
     fn temporaries_are_removed_only_when_no_writer_holds_them() {
         let dir = tempfile::tempdir().unwrap();
-        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
         // Process ids above Linux's maximum: no such process here.
         let live = dir.path().join(".part-1.parquet.inprogress-4194304");
         let crashed = dir.path().join(".part-2.parquet.inprogress-4194305");
-        let young = dir.path().join(".part-3.parquet.inprogress-4194306");
-        let held = File::create(&live).unwrap();
-        held.try_lock().unwrap();
-        held.set_modified(hour_ago).unwrap();
-        File::create(&crashed)
-            .unwrap()
-            .set_modified(hour_ago)
-            .unwrap();
-        File::create(&young).unwrap();
+        let held = create_locked(&live).unwrap();
+        File::create(&crashed).unwrap();
         remove_stale_temporaries(dir.path());
         assert!(live.exists(), "a locked temporary is alive");
-        assert!(!crashed.exists(), "an old unlocked temporary is left over");
-        assert!(young.exists(), "a young one may be about to be locked");
+        assert!(!crashed.exists(), "an unlocked temporary is left over");
+        drop(held);
+        remove_stale_temporaries(dir.path());
+        assert!(!live.exists());
     }
 }
