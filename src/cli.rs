@@ -45,7 +45,8 @@ enum Command {
         /// Streams: stop once no record has arrived for this long (e.g. 5s).
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         until_idle: Option<std::time::Duration>,
-        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+        /// Serve Prometheus metrics at /metrics on this address: a PORT (on 127.0.0.1), or
+        /// HOST:PORT (e.g. 0.0.0.0:9464 to be scraped from other hosts).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
     },
@@ -102,6 +103,11 @@ enum Command {
         #[command(subcommand)]
         action: ModelsAction,
     },
+    /// The inference cache of operators whose manifest sets `cache`.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Write the JSON Schemas of pipelines and manifests.
     Schema {
         #[arg(default_value = "schemas")]
@@ -125,6 +131,39 @@ enum ModelsAction {
     },
     /// List the models `fetch` knows.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheAction {
+    /// Entries, segments and size per operator.
+    Stats {
+        /// This cache directory only (default: ferry's, and those the operators' manifests name).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Remove cached results.
+    Clear {
+        /// This cache directory only (default: ferry's, and those the operators' manifests name).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Only this operator's results.
+        #[arg(long)]
+        operator: Option<String>,
+    },
+}
+
+/// The cache roots `ferry cache` looks at: `dir`, or ferry's own and every manifest's.
+fn cache_roots(dir: Option<PathBuf>, operators: &std::path::Path) -> Vec<PathBuf> {
+    if let Some(dir) = dir {
+        return vec![dir];
+    }
+    let mut roots = vec![crate::runtime::cache_dir().join("inference")];
+    if let Ok(manifests) = crate::ops::load_manifests(operators) {
+        roots.extend(manifests.iter().filter_map(|m| m.cache_root()));
+    }
+    roots.sort();
+    roots.dedup();
+    roots
 }
 
 fn parse_table(s: &str) -> Result<(String, String), String> {
@@ -277,6 +316,46 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", operators_table(&mut set)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cache { action } => match action {
+            CacheAction::Stats { dir } => {
+                let mut rows = Vec::new();
+                for root in cache_roots(dir, &cli.operators) {
+                    for st in crate::ops::cache::stats(&root).map_err(anyhow::Error::msg)? {
+                        let (operator, model) = st
+                            .identity
+                            .as_ref()
+                            .map_or(("?".to_string(), "?".to_string()), |i| {
+                                (i.operator.clone(), i.model_dir.display().to_string())
+                            });
+                        rows.push(format!(
+                            "{operator:<20} {:>10} {:>8} {:>10}  {model}  ({})",
+                            st.entries,
+                            st.segments,
+                            human_bytes(st.bytes),
+                            st.dir.display()
+                        ));
+                    }
+                }
+                println!(
+                    "{:<20} {:>10} {:>8} {:>10}  model  (directory)",
+                    "operator", "entries", "segments", "size"
+                );
+                for r in rows {
+                    println!("{r}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            CacheAction::Clear { dir, operator } => {
+                let mut removed = 0;
+                for root in cache_roots(dir, &cli.operators) {
+                    removed += crate::ops::cache::clear(&root, operator.as_deref())
+                        .map_err(anyhow::Error::msg)?
+                        .len();
+                }
+                println!("removed the cached results of {removed} operator(s)");
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Command::Models { action } => match action {
             ModelsAction::Fetch { name, dir } => {
                 let path = crate::fetch::fetch(&name, &dir)?;
@@ -385,4 +464,13 @@ pub fn error_message(err: &anyhow::Error) -> String {
         }
     }
     message
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
 }

@@ -166,6 +166,11 @@ pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Pla
                     let output = step.output.clone().unwrap_or_else(|| name.clone());
                     operator_step(frame.clone(), op, &step.inputs, &output, spec.is_stream())
                         .map_err(|e| diag_of(p, &format!("{at}.inputs"), e))
+                        .and_then(|f| match step.lineage {
+                            true => lineage_columns(f, op, &output)
+                                .map_err(|e| diag_of(p, &format!("{at}.lineage"), e)),
+                            false => Ok(f),
+                        })
                 }
             }
         } else {
@@ -272,6 +277,16 @@ fn operator_step(
         .field_with_unqualified_name(output)
         .map_err(|e| df_message(&e))?;
     Ok(frame)
+}
+
+/// A step's lineage columns: `<output>_operator` and `<output>_model` (the model's hash).
+fn lineage_columns(frame: DataFrame, op: &Operator, output: &str) -> Result<DataFrame, String> {
+    use datafusion::prelude::lit;
+    let hash = op.model_hash()?;
+    frame
+        .with_column(&format!("{output}_operator"), lit(op.name.clone()))
+        .and_then(|f| f.with_column(&format!("{output}_model"), lit(hash)))
+        .map_err(|e| df_message(&e))
 }
 
 /// What a finished run did.

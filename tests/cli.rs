@@ -267,3 +267,49 @@ fn query_names_the_pipelines_it_skipped() {
     );
     assert!(stderr.contains("b.yaml: not a valid pipeline"), "{stderr}");
 }
+
+/// `ferry cache stats` shows an operator's cached entries; `ferry cache clear` removes them.
+#[test]
+fn cache_stats_and_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let ops = dir.path().join("operators");
+    std::fs::create_dir_all(&ops).unwrap();
+    std::fs::write(
+        ops.join("cached.yaml"),
+        format!(
+            "name: cached\ntask: classify_text\nmodel: {}\ncache: {{dir: ../cache}}\n",
+            fixture_model("tiny-bert-sentiment")
+        ),
+    )
+    .unwrap();
+    let ops = ops.to_str().unwrap();
+    let (ok, _, stderr) = ferry(&[
+        "--operators",
+        ops,
+        "query",
+        "SELECT cached(t) FROM (VALUES ('one'), ('two'), ('one'), ('three')) AS v(t)",
+    ]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = ferry(&["--operators", ops, "cache", "stats"]);
+    assert!(ok, "{stderr}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("cached "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(fields[1], "3", "three distinct texts: {row}");
+    assert!(row.contains("tiny-bert-sentiment"), "{row}");
+
+    let (ok, stdout, stderr) =
+        ferry(&["--operators", ops, "cache", "clear", "--operator", "cached"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("removed the cached results of 1 operator(s)"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = ferry(&["--operators", ops, "cache", "stats"]);
+    assert!(
+        !stdout.lines().any(|l| l.starts_with("cached ")),
+        "{stdout}"
+    );
+}

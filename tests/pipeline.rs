@@ -330,3 +330,36 @@ async fn outputs_hold_plain_strings_that_pyarrow_sorts() {
         assert!(out.contains("[4, 3, 2, 1, 0]"), "{out}");
     }
 }
+
+/// `lineage: true` adds which operator and which model (its files' hash) made each row.
+#[tokio::test]
+async fn lineage_columns_name_the_operator_and_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.parquet");
+    write_texts(&input, TEXTS);
+    let output = dir.path().join("out.parquet");
+    let yaml = format!(
+        "name: t\nsource:\n  parquet:\n    path: {}\nsteps:\n  - operator: tiny_sentiment\n    inputs: [text]\n    output: s\n    lineage: true\nsink:\n  parquet:\n    path: {}\n",
+        input.display(),
+        output.display()
+    );
+    let file = write_pipeline(dir.path(), &yaml);
+    ferry::engine::run_file(&file, &fixture_operators(), true)
+        .await
+        .unwrap();
+    let batches = read(&output).await;
+    let hash =
+        ferry::ops::cache::model_hash(Path::new(&fixture_model("tiny-bert-sentiment"))).unwrap();
+    assert_eq!(hash.len(), 64);
+    for b in &batches {
+        for i in 0..b.num_rows() {
+            let text = |c: &str| {
+                let col = b.column_by_name(c).unwrap();
+                let col = ferry::datafusion::arrow::compute::cast(col, &DataType::Utf8).unwrap();
+                col.as_string::<i32>().value(i).to_string()
+            };
+            assert_eq!(text("s_operator"), "tiny_sentiment");
+            assert_eq!(text("s_model"), hash);
+        }
+    }
+}

@@ -151,3 +151,113 @@ async fn a_repeated_bad_input_fails_each_of_its_rows() {
     assert_eq!(op.row_errors(), 2, "both bad rows are counted");
     assert_eq!(op.model_rows(), 1);
 }
+
+/// A manifest of `base` (a fixture operator) with an inference cache in `cache`.
+fn cached_operator(dir: &std::path::Path, name: &str, base: &str, cache: &std::path::Path) {
+    let yaml =
+        std::fs::read_to_string(crate::util::fixture_operators().join(format!("{base}.yaml")))
+            .unwrap();
+    let model = yaml
+        .lines()
+        .find_map(|l| l.strip_prefix("model: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let model = crate::util::fixture_operators().join(model);
+    let rest: Vec<&str> = yaml
+        .lines()
+        .filter(|l| !l.starts_with("name:") && !l.starts_with("model:"))
+        .collect();
+    std::fs::write(
+        dir.join(format!("{name}.yaml")),
+        format!(
+            "name: {name}\nmodel: {}\ncache: {{dir: {}}}\n{}\n",
+            model.display(),
+            cache.display(),
+            rest.join("\n")
+        ),
+    )
+    .unwrap();
+}
+
+/// Every value of the first column, rendered (for comparing outputs of any type).
+fn rendered(batches: &[RecordBatch]) -> Vec<String> {
+    use ferry::datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    let mut out = Vec::new();
+    for b in batches {
+        let f = ArrayFormatter::try_new(b.column(0).as_ref(), &FormatOptions::default()).unwrap();
+        out.extend((0..b.num_rows()).map(|i| f.value(i).to_string()));
+    }
+    out
+}
+
+/// With `cache:`, a run over a dataset that grew runs the model on the new rows only, in a new
+/// process (operators loaded again), and gives what a run without the cache gives.
+#[tokio::test]
+async fn the_inference_cache_runs_only_new_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    for (name, base) in [
+        ("cached_sentiment", "tiny_sentiment"),
+        ("cached_embed", "tiny_embed"),
+    ] {
+        cached_operator(tmp.path(), name, base, &cache);
+    }
+    let texts: Vec<String> = (0..40)
+        .map(|i| format!("review number {i} says it was fine"))
+        .collect();
+    let grown: Vec<String> = texts
+        .iter()
+        .cloned()
+        .chain(["a new review", "another new one"].map(String::from))
+        .collect();
+    for (name, base) in [
+        ("cached_sentiment", "tiny_sentiment"),
+        ("cached_embed", "tiny_embed"),
+    ] {
+        let q = format!("SELECT {name}(text) FROM t ORDER BY id");
+        let first = {
+            let ctx = ferry::engine::session_context();
+            let mut ops =
+                ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+            let op = ops.get(name).unwrap().clone();
+            ctx.register_udf(op.udf.clone());
+            let refs: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
+            register_texts(&ctx, &refs);
+            let out = rendered(&sql(&ctx, &q).await);
+            assert_eq!(
+                op.model_rows(),
+                texts.len() as u64,
+                "{name}: a cold cache runs every row"
+            );
+            out
+        };
+        // A new process: the operator reads the cache's segments when it loads.
+        let ctx = ferry::engine::session_context();
+        let mut ops =
+            ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+        let op = ops.get(name).unwrap().clone();
+        assert_eq!(op.cache.as_ref().unwrap().len(), texts.len());
+        ctx.register_udf(op.udf.clone());
+        let refs: Vec<Option<&str>> = grown.iter().map(|t| Some(t.as_str())).collect();
+        register_texts(&ctx, &refs);
+        let again = rendered(&sql(&ctx, &q).await);
+        assert_eq!(op.model_rows(), 2, "{name}: only the two new rows run");
+        assert_eq!(
+            op.progress_rows(),
+            grown.len() as u64,
+            "cached rows count as done"
+        );
+        assert_eq!(
+            &again[..texts.len()],
+            &first[..],
+            "{name}: cached rows as computed"
+        );
+
+        // The same rows without a cache.
+        let (plain, _ops) = crate::util::context_with(&[base]);
+        register_texts(&plain, &refs);
+        let want = rendered(&sql(&plain, &format!("SELECT {base}(text) FROM t ORDER BY id")).await);
+        assert_eq!(again, want, "{name}: the cache changes no result");
+    }
+}

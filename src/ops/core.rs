@@ -495,6 +495,8 @@ pub struct Core<T: Task> {
     pub batch_size: usize,
     /// Padded cost per call.
     pub max_batch_cost: usize,
+    /// Results kept on disk by input (the manifest's `cache`).
+    pub cache: Option<Arc<super::cache::InferenceCache>>,
 }
 
 impl<T: Task> Core<T> {
@@ -652,6 +654,91 @@ impl<T: Task> Core<T> {
         Ok(out)
     }
 
+    /// Reads and runs the rows of `arrays`: their output column, how many inputs the model ran
+    /// on, and how many rows went through [`Core::infer`] (which counts their progress).
+    async fn run_rows(
+        &self,
+        arrays: &[ArrayRef],
+        names: &[String],
+        errors: &Arc<RowErrors>,
+    ) -> Result<(ArrayRef, usize, usize)> {
+        let columns: Vec<ArgColumn<'_>> = arrays
+            .iter()
+            .zip(names)
+            .map(|(array, field)| ArgColumn { field, array })
+            .collect();
+        let inputs = self.task.read(&columns, errors)?;
+        let inferred = inputs.iter().filter(|i| i.is_some()).count();
+        let ran = inputs.len();
+        let out = self.infer(inputs, errors).await?;
+        Ok((self.task.to_array(out)?, inferred, ran))
+    }
+
+    /// [`Core::run_rows`] through the inference cache: rows whose key is cached are read from
+    /// it, the others run and are added to it (unless they failed).
+    async fn run_cached(
+        &self,
+        cache: &super::cache::InferenceCache,
+        arrays: &[ArrayRef],
+        names: &[String],
+        errors: &Arc<RowErrors>,
+    ) -> Result<(ArrayRef, usize, usize)> {
+        let rows = arrays.first().map_or(0, |a| a.len());
+        let keys =
+            super::cache::InferenceCache::keys(arrays).map_err(DataFusionError::Execution)?;
+        let found = cache.lookup(&keys);
+        let misses: Vec<usize> = (0..rows).filter(|&i| found[i].is_none()).collect();
+        let (miss_out, inferred, ran) = if misses.is_empty() {
+            let empty = datafusion::arrow::array::new_empty_array(&self.task.output_type());
+            (empty, 0, 0)
+        } else {
+            let miss_arrays: Vec<ArrayRef> = if misses.len() == rows {
+                arrays.to_vec()
+            } else {
+                let indices = UInt32Array::from_iter_values(misses.iter().map(|&i| i as u32));
+                arrays
+                    .iter()
+                    .map(|a| take(a.as_ref(), &indices, None))
+                    .collect::<std::result::Result<_, _>>()?
+            };
+            let miss_errors = Arc::new(RowErrors::default());
+            let ran = self.run_rows(&miss_arrays, names, &miss_errors).await?;
+            let failed = miss_errors.take();
+            let mut keep = vec![true; misses.len()];
+            for (i, message) in failed {
+                keep[i] = false;
+                errors.push(misses[i], message);
+            }
+            let miss_keys: Vec<u128> = misses.iter().map(|&i| keys[i]).collect();
+            if let Err(e) = cache.store(&miss_keys, &ran.0, &keep) {
+                tracing::warn!(operator = %self.name, error = %e, "results not cached");
+            }
+            ran
+        };
+        if misses.len() == rows {
+            return Ok((miss_out, inferred, ran));
+        }
+        let hits: Vec<_> = found.iter().flatten().copied().collect();
+        let cached = cache.read(&hits).map_err(DataFusionError::Execution)?;
+        let (mut next_miss, mut next_hit) = (0, 0);
+        let picks: Vec<(usize, usize)> = found
+            .iter()
+            .map(|f| match f {
+                None => {
+                    next_miss += 1;
+                    (0, next_miss - 1)
+                }
+                Some(_) => {
+                    next_hit += 1;
+                    (1, next_hit - 1)
+                }
+            })
+            .collect();
+        let out =
+            datafusion::arrow::compute::interleave(&[miss_out.as_ref(), cached.as_ref()], &picks)?;
+        Ok((out, inferred, ran))
+    }
+
     async fn invoke(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let started = std::time::Instant::now();
         let rows = args.number_rows;
@@ -700,16 +787,10 @@ impl<T: Task> Core<T> {
                     .unwrap_or_else(|| format!("arg{}", i + 1))
             })
             .collect();
-        let columns: Vec<ArgColumn<'_>> = arrays
-            .iter()
-            .zip(&names)
-            .map(|(array, field)| ArgColumn { field, array })
-            .collect();
-        let inputs = self.task.read(&columns, &errors)?;
-        let distinct = inputs.len();
-        let inferred = inputs.iter().filter(|i| i.is_some()).count();
-        let out = self.infer(inputs, &errors).await?;
-        let out = self.task.to_array(out)?;
+        let (out, inferred, ran) = match &self.cache {
+            Some(cache) => self.run_cached(cache, &arrays, &names, &errors).await?,
+            None => self.run_rows(&arrays, &names, &errors).await?,
+        };
         let (out, errors) = match &repeats {
             Some(r) => (
                 take(out.as_ref(), &r.of_row, None)?,
@@ -721,9 +802,10 @@ impl<T: Task> Core<T> {
         self.stats
             .model_rows
             .fetch_add(inferred as u64, Ordering::Relaxed);
+        // Repeated and cached rows are done now; the others counted as they ran.
         self.stats
             .progress_milli
-            .fetch_add((rows - distinct) as u64 * 1000, Ordering::Relaxed);
+            .fetch_add((rows - ran) as u64 * 1000, Ordering::Relaxed);
         crate::stream::metrics::metrics()
             .operator_latency(&self.name, started.elapsed().as_secs_f64());
         Ok(ColumnarValue::Array(out))

@@ -52,10 +52,31 @@ pub struct Manifest {
     /// ONNX Runtime intra-op threads per session (default: the number of cores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads_per_worker: Option<usize>,
+    /// Keep results on disk by input (the inference cache), so that a re-run over rows seen
+    /// before reads their results instead of running the model. `true` keeps them in
+    /// `inference/` under ferry's cache directory (`FERRY_CACHE`, else `~/.cache/ferry`);
+    /// `{dir: PATH}` keeps them in PATH (relative to this manifest). Entries are keyed by the
+    /// model's files, the task, its options and each row's argument values; `ferry cache stats`
+    /// and `ferry cache clear` show and remove them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSetting>,
     /// Task options: see `EmbedOptions`, `ClassifyTextOptions`, `TagTokensOptions`, `AnswerOptions`, `ClassifyImageOptions`, `DetectOptions`, `SegmentOptions`, `EstimateDepthOptions`, `GenerationOptions` (generate, summarize, translate), `TranscribeOptions`, `ClassifyAudioOptions` and `DetectSpeechOptions` in this schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<TaskOptions>")]
     pub options: Option<serde_yaml::Value>,
+}
+
+/// Where an operator's inference cache lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum CacheSetting {
+    /// `true`: under ferry's cache directory; `false`: no cache.
+    On(bool),
+    /// A directory of its own.
+    At {
+        /// The cache directory (relative to the manifest).
+        dir: PathBuf,
+    },
 }
 
 /// The options of each task kind (documentation only: the manifest's `task` picks one).
@@ -94,6 +115,18 @@ pub struct LoadedManifest {
 }
 
 impl LoadedManifest {
+    /// The root of the operator's inference cache, when it has one.
+    pub fn cache_root(&self) -> Option<PathBuf> {
+        match self.manifest.cache.as_ref()? {
+            CacheSetting::On(false) => None,
+            CacheSetting::On(true) => Some(crate::runtime::cache_dir().join("inference")),
+            CacheSetting::At { dir } if dir.is_absolute() => Some(dir.clone()),
+            CacheSetting::At { dir } => {
+                Some(self.file.parent().unwrap_or(Path::new(".")).join(dir))
+            }
+        }
+    }
+
     /// Resolves `model:` to an existing directory, or says where it looked.
     pub fn model_dir(&self) -> Result<PathBuf, String> {
         let model = &self.manifest.model;

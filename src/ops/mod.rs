@@ -7,6 +7,7 @@
 
 pub mod answer;
 pub mod audio;
+pub mod cache;
 pub mod classify_audio;
 pub mod classify_image;
 pub mod classify_text;
@@ -360,6 +361,10 @@ pub struct Operator {
     pub pool: Arc<SessionPool>,
     /// The operator's model calls, for benchmarks' baselines.
     pub baseline: Arc<dyn Baseline>,
+    /// Its inference cache, when the manifest asks for one.
+    pub cache: Option<Arc<cache::InferenceCache>>,
+    /// The model's content hash ([`cache::model_hash`]), computed when first asked for.
+    model_hash: Arc<std::sync::OnceLock<String>>,
 }
 
 impl std::fmt::Debug for Operator {
@@ -395,6 +400,16 @@ impl Operator {
         self.stats.model_rows()
     }
 
+    /// BLAKE3 of the model directory's files (hex), for lineage columns and the cache.
+    pub fn model_hash(&self) -> Result<String, String> {
+        if let Some(h) = self.model_hash.get() {
+            return Ok(h.clone());
+        }
+        let h = cache::model_hash(&self.model.dir)
+            .map_err(|e| format!("hashing {}: {e}", self.model.dir.display()))?;
+        Ok(self.model_hash.get_or_init(|| h).clone())
+    }
+
     /// Checks a pipeline step's input columns against what the task takes.
     pub fn check_inputs(&self, columns: &[String], types: &[DataType]) -> Result<(), String> {
         core::check_args(&self.name, self.task.info(), types, Some(columns))
@@ -425,10 +440,45 @@ impl Loading<'_> {
         )?))
     }
 
-    fn operator<T: Task>(self, pool: Arc<SessionPool>, task: T) -> Operator {
+    /// The operator's inference cache, opened when the manifest asks for one.
+    fn cache(
+        &self,
+        output_type: &DataType,
+        model_hash: &std::sync::OnceLock<String>,
+    ) -> Result<Option<Arc<cache::InferenceCache>>, OpError> {
+        let Some(root) = self.loaded.cache_root() else {
+            return Ok(None);
+        };
+        let m = &self.loaded.manifest;
+        let hash = cache::model_hash(&self.model.dir).map_err(|e| {
+            OpError::Model(format!(
+                "hashing {} for the cache: {e}",
+                self.model.dir.display()
+            ))
+        })?;
+        let identity = cache::CacheIdentity {
+            operator: m.name.clone(),
+            task: m.task.info().name.to_string(),
+            model_dir: self.model.dir.clone(),
+            model_hash: model_hash.get_or_init(|| hash).clone(),
+            file: m.file.clone(),
+            provider: format!("{:?}", m.provider),
+            options: serde_json::to_value(&m.options).unwrap_or_default(),
+            format: cache::FORMAT,
+            arrow: datafusion::arrow::ARROW_VERSION.to_string(),
+        };
+        let cache =
+            cache::InferenceCache::open(&root, &identity, output_type).map_err(OpError::Model)?;
+        tracing::info!(operator = %m.name, entries = cache.len(), dir = %root.display(), "inference cache");
+        Ok(Some(Arc::new(cache)))
+    }
+
+    fn operator<T: Task>(self, pool: Arc<SessionPool>, task: T) -> Result<Operator, OpError> {
         let m = &self.loaded.manifest;
         let info = m.task.info();
         let output_type = task.output_type();
+        let model_hash = Arc::new(std::sync::OnceLock::new());
+        let cache = self.cache(&output_type, &model_hash)?;
         let stats = Arc::new(OpStats::new(&m.name));
         let max_batch_cost = m
             .max_batch_cost
@@ -443,8 +493,9 @@ impl Loading<'_> {
             stats: Arc::clone(&stats),
             batch_size: m.batch_size.max(1),
             max_batch_cost,
+            cache: cache.clone(),
         });
-        Operator {
+        Ok(Operator {
             name: m.name.clone(),
             task: m.task,
             model: self.model,
@@ -453,7 +504,9 @@ impl Loading<'_> {
             stats,
             pool,
             baseline: core,
-        }
+            cache,
+            model_hash,
+        })
     }
 
     /// A text task: one model file, a tokenizer, and the task resolved against both.
@@ -469,7 +522,7 @@ impl Loading<'_> {
         let session = pool.session(MODEL).expect("the model session");
         let model = TextModel::open(self.loaded.manifest.task.info().name, &self.model, session)?;
         let task = resolve(&options, &self.model, &model)?;
-        Ok(self.operator(pool, TextOp { model, task }))
+        self.operator(pool, TextOp { model, task })
     }
 }
 
@@ -493,7 +546,7 @@ impl Loading<'_> {
             image_options(&options),
         )?;
         let task = resolve(&options, &self.model, &model)?;
-        Ok(self.operator(pool, ImageOp { model, task }))
+        self.operator(pool, ImageOp { model, task })
     }
 }
 
@@ -515,7 +568,7 @@ impl Loading<'_> {
             files.iter().map(|(role, f)| (*role, f.as_str())).collect();
         let pool = self.pool(&files)?;
         let task = resolve(&options, &self.model, &pool)?;
-        Ok(self.operator(pool, task))
+        self.operator(pool, task)
     }
 }
 
@@ -540,7 +593,7 @@ impl Loading<'_> {
             audio_options(&options),
         )?;
         let task = resolve(&options, &self.model, &model)?;
-        Ok(self.operator(pool, audio::model::AudioOp { model, task }))
+        self.operator(pool, audio::model::AudioOp { model, task })
     }
 
     /// Whisper: an encoder-decoder export run through the generation core.
@@ -555,7 +608,7 @@ impl Loading<'_> {
             files.iter().map(|(role, f)| (*role, f.as_str())).collect();
         let pool = self.pool(&files)?;
         let task = audio::whisper::WhisperTranscribe::resolve(&options, &self.model, &pool)?;
-        Ok(self.operator(pool, task))
+        self.operator(pool, task)
     }
 
     /// Voice activity detection: one stateful model run window by window.
@@ -564,7 +617,7 @@ impl Loading<'_> {
         let pool = self.pool(&[(MODEL, &self.loaded.manifest.file)])?;
         let session = pool.session(MODEL).expect("the model session");
         let task = detect_speech::DetectSpeech::resolve(&options, session)?;
-        Ok(self.operator(pool, task))
+        self.operator(pool, task)
     }
 }
 

@@ -285,6 +285,10 @@ pub struct Step {
     /// of that name is replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// Also add `<output>_operator` (the operator's name) and `<output>_model` (a BLAKE3 hash
+    /// of its model directory's files), so that every row says what produced it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lineage: bool,
 }
 
 /// Where the rows are written. The file is written under a temporary name beside the target and

@@ -1,0 +1,382 @@
+//! The inference cache (opt-in per operator, `cache:` in its manifest): results kept on disk
+//! by input, so that a pipeline re-run over a dataset that grew runs the model on the new rows
+//! only.
+//!
+//! An operator's entries live in a directory of their own under the cache root, named after
+//! the operator and a hash of everything its outputs depend on: the model directory's files
+//! (their contents), the task, the model file, the options and the execution provider. Each
+//! call that ran the model on new inputs adds one segment: an Arrow IPC file of `key`
+//! (`FixedSizeBinary(16)`, the first 16 bytes of a BLAKE3 hash of the row's argument values in
+//! Arrow's row format) and `value` (the operator's output). Segments are written under a
+//! temporary name and renamed into place, so readers never see half a segment, and several
+//! processes may share a cache. At start an operator reads the keys of every segment; a hit
+//! reads its value from its segment. Rows that failed are never cached (they fail again, and
+//! streams dead-letter them again); a row whose output is null is not cached either.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, FixedSizeBinaryArray, RecordBatch};
+use datafusion::arrow::compute::{interleave, take};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::ipc::reader::FileReader;
+use datafusion::arrow::ipc::writer::FileWriter;
+use datafusion::arrow::row::{RowConverter, SortField};
+use serde::{Deserialize, Serialize};
+
+/// Bumped when the key or segment layout changes, so that old entries are not read.
+pub const FORMAT: u32 = 1;
+
+/// What an operator's outputs depend on, recorded beside its entries.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheIdentity {
+    pub operator: String,
+    pub task: String,
+    pub model_dir: PathBuf,
+    /// BLAKE3 of the model directory's files ([`model_hash`]).
+    pub model_hash: String,
+    pub file: String,
+    pub provider: String,
+    /// The manifest's `options`, as JSON.
+    pub options: serde_json::Value,
+    pub format: u32,
+    /// The Arrow version whose row format the keys hash.
+    pub arrow: String,
+}
+
+impl CacheIdentity {
+    /// The directory name: the operator and the hash of the rest.
+    fn dir_name(&self) -> String {
+        let mut id = self.clone();
+        id.model_dir = PathBuf::new();
+        let json = serde_json::to_vec(&id).expect("serializable");
+        let hash = blake3::hash(&json).to_hex();
+        format!("{}-{}", self.operator, &hash.as_str()[..16])
+    }
+}
+
+/// BLAKE3 over the regular files directly in a model directory (names, sizes and contents,
+/// in name order): the same files give the same hash wherever they are.
+pub fn model_hash(dir: &Path) -> std::io::Result<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut hasher = blake3::Hasher::new();
+    for path in files {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        hasher.update(name.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(&std::fs::metadata(&path)?.len().to_le_bytes());
+        hasher.update_reader(File::open(&path)?)?;
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Where a cached value is: (segment, row).
+type Slot = (u32, u32);
+
+/// An operator's entries.
+pub struct InferenceCache {
+    dir: PathBuf,
+    schema: SchemaRef,
+    index: Mutex<Index>,
+    seq: AtomicU64,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+#[derive(Default)]
+struct Index {
+    slots: HashMap<u128, Slot>,
+    segments: Vec<PathBuf>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> String + '_ {
+    move |e| format!("inference cache {}: {e}", path.display())
+}
+
+impl InferenceCache {
+    /// Opens (or makes) the operator's directory under `root` and reads the keys of its
+    /// segments.
+    pub fn open(root: &Path, identity: &CacheIdentity, output: &DataType) -> Result<Self, String> {
+        let dir = root.join(identity.dir_name());
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let meta = dir.join("identity.json");
+        if !meta.is_file() {
+            let json = serde_json::to_vec_pretty(identity).expect("serializable");
+            let tmp = dir.join(format!(".identity.json.{}", std::process::id()));
+            std::fs::write(&tmp, json).map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &meta).map_err(io(&meta))?;
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("key", DataType::FixedSizeBinary(16), false),
+            Field::new("value", output.clone(), true),
+        ]));
+        let cache = InferenceCache {
+            dir,
+            schema,
+            index: Mutex::default(),
+            seq: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        };
+        let mut names: Vec<PathBuf> = segments(&cache.dir)?;
+        names.sort();
+        let mut index = cache.index.lock().expect("cache index");
+        for path in names {
+            let keys = match read_segment(&path, &cache.schema, Some(0)) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    // A segment that cannot be read is left alone (and its rows run again).
+                    tracing::warn!(error = %e, "skipping an unreadable inference cache segment");
+                    continue;
+                }
+            };
+            let segment = index.segments.len() as u32;
+            index.segments.push(path);
+            let keys = keys.column(0).as_fixed_size_binary();
+            for row in 0..keys.len() {
+                index
+                    .slots
+                    .insert(key_of(keys.value(row)), (segment, row as u32));
+            }
+        }
+        drop(index);
+        Ok(cache)
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.index.lock().expect("cache index").slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each row's key: a hash of its values in every argument.
+    pub fn keys(arrays: &[ArrayRef]) -> Result<Vec<u128>, String> {
+        let fields = arrays
+            .iter()
+            .map(|a| SortField::new(a.data_type().clone()))
+            .collect();
+        let converter = RowConverter::new(fields).map_err(|e| e.to_string())?;
+        let rows = converter
+            .convert_columns(arrays)
+            .map_err(|e| e.to_string())?;
+        Ok(rows
+            .iter()
+            .map(|row| key_of(&blake3::hash(row.as_ref()).as_bytes()[..16]))
+            .collect())
+    }
+
+    /// Where each key's value is, if cached.
+    pub fn lookup(&self, keys: &[u128]) -> Vec<Option<Slot>> {
+        let index = self.index.lock().expect("cache index");
+        let found: Vec<Option<Slot>> = keys.iter().map(|k| index.slots.get(k).copied()).collect();
+        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
+        self.hits.fetch_add(hits, Ordering::Relaxed);
+        self.misses
+            .fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
+        found
+    }
+
+    /// The values at `slots`, in order.
+    pub fn read(&self, slots: &[Slot]) -> Result<ArrayRef, String> {
+        let paths: HashMap<u32, PathBuf> = {
+            let index = self.index.lock().expect("cache index");
+            slots
+                .iter()
+                .map(|(s, _)| (*s, index.segments[*s as usize].clone()))
+                .collect()
+        };
+        let mut loaded: HashMap<u32, (usize, ArrayRef)> = HashMap::new();
+        let mut values: Vec<ArrayRef> = Vec::new();
+        for (segment, path) in &paths {
+            let batch = read_segment(path, &self.schema, Some(1))?;
+            loaded.insert(*segment, (values.len(), Arc::clone(batch.column(0))));
+            values.push(Arc::clone(batch.column(0)));
+        }
+        let picks: Vec<(usize, usize)> = slots
+            .iter()
+            .map(|(s, row)| (loaded[s].0, *row as usize))
+            .collect();
+        let refs: Vec<&dyn Array> = values.iter().map(|v| v.as_ref()).collect();
+        interleave(&refs, &picks).map_err(|e| e.to_string())
+    }
+
+    /// Adds a segment of `values` (one per key); rows where `keep` is false are left out.
+    pub fn store(&self, keys: &[u128], values: &ArrayRef, keep: &[bool]) -> Result<(), String> {
+        let rows: Vec<u32> = (0..keys.len())
+            .filter(|&i| keep[i] && values.is_valid(i))
+            .map(|i| i as u32)
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let key_bytes: Vec<[u8; 16]> = rows
+            .iter()
+            .map(|&i| keys[i as usize].to_le_bytes())
+            .collect();
+        let key_array =
+            FixedSizeBinaryArray::try_from_iter(key_bytes.iter()).map_err(|e| e.to_string())?;
+        let indices = datafusion::arrow::array::UInt32Array::from(rows.clone());
+        let value_array = take(values.as_ref(), &indices, None).map_err(|e| e.to_string())?;
+        let batch = RecordBatch::try_new(
+            Arc::clone(&self.schema),
+            vec![Arc::new(key_array), value_array],
+        )
+        .map_err(|e| e.to_string())?;
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let name = format!(
+            "segment-{millis}-{}-{:06}-{}.arrow",
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed),
+            rows.len()
+        );
+        let path = self.dir.join(&name);
+        let tmp = self.dir.join(format!(".{name}.inprogress"));
+        let written = (|| {
+            let mut w = FileWriter::try_new(File::create(&tmp)?, &self.schema)?;
+            w.write(&batch)?;
+            w.finish()?;
+            w.into_inner()?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("inference cache {}: {e}", tmp.display()));
+        }
+        let mut index = self.index.lock().expect("cache index");
+        let segment = index.segments.len() as u32;
+        index.segments.push(path);
+        for (row, key) in key_bytes.iter().enumerate() {
+            index
+                .slots
+                .insert(u128::from_le_bytes(*key), (segment, row as u32));
+        }
+        Ok(())
+    }
+}
+
+fn key_of(bytes: &[u8]) -> u128 {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&bytes[..16]);
+    u128::from_le_bytes(b)
+}
+
+/// The segment files of an operator's directory.
+fn segments(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("segment-") && name.ends_with(".arrow")
+        })
+        .collect())
+}
+
+/// A segment's rows (only `column` where given), checked against the expected schema.
+fn read_segment(
+    path: &Path,
+    schema: &Schema,
+    column: Option<usize>,
+) -> Result<RecordBatch, String> {
+    let at = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let file = File::open(path).map_err(io(path))?;
+    let reader = FileReader::try_new(file, column.map(|c| vec![c])).map_err(|e| at(&e))?;
+    let want: SchemaRef = match column {
+        Some(c) => Arc::new(schema.project(&[c]).map_err(|e| at(&e))?),
+        None => Arc::new(schema.clone()),
+    };
+    let mut batches = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| at(&e))?;
+        let same = b.num_columns() == want.fields().len()
+            && b.schema()
+                .fields()
+                .iter()
+                .zip(want.fields())
+                .all(|(g, w)| g.data_type() == w.data_type());
+        if !same {
+            return Err(at(&format!(
+                "holds {:?}, not this operator's output",
+                b.schema().fields()
+            )));
+        }
+        batches.push(b);
+    }
+    let schema = batches.first().map_or(want, |b| b.schema());
+    datafusion::arrow::compute::concat_batches(&schema, &batches).map_err(|e| at(&e))
+}
+
+/// One operator directory's figures, for `ferry cache stats`.
+#[derive(Debug, Clone)]
+pub struct CacheStats {
+    pub dir: PathBuf,
+    pub identity: Option<CacheIdentity>,
+    pub segments: usize,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// Figures of every operator directory under `root`.
+pub fn stats(root: &Path) -> Result<Vec<CacheStats>, String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(out);
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let identity = std::fs::read(dir.join("identity.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let files = segments(&dir)?;
+        let mut s = CacheStats {
+            dir: dir.clone(),
+            identity,
+            segments: files.len(),
+            entries: 0,
+            bytes: 0,
+        };
+        for f in files {
+            s.bytes += std::fs::metadata(&f).map_or(0, |m| m.len());
+            // The entry count is the segment name's last part.
+            s.entries += f
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.rsplit('-').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Removes the entries under `root` (of one operator when `operator` is given). Returns the
+/// directories removed.
+pub fn clear(root: &Path, operator: Option<&str>) -> Result<Vec<PathBuf>, String> {
+    let mut removed = Vec::new();
+    for s in stats(root)? {
+        let name = s.identity.as_ref().map(|i| i.operator.as_str());
+        if operator.is_none() || name == operator {
+            std::fs::remove_dir_all(&s.dir).map_err(io(&s.dir))?;
+            removed.push(s.dir);
+        }
+    }
+    Ok(removed)
+}
