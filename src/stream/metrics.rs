@@ -1,4 +1,5 @@
-//! Prometheus metrics of a running pipeline, served as text by `ferry run --metrics ADDR`.
+//! Prometheus metrics of a running pipeline, served as text by `ferry run --metrics ADDR`
+//! (hyper's HTTP/1 server: `GET /metrics` only, on loopback unless an address says otherwise).
 
 use std::sync::LazyLock;
 
@@ -8,7 +9,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type Labels = Vec<(String, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
@@ -122,35 +122,125 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
-/// Serves the metrics on `addr` (any path answers) until the process ends.
+/// How long a scraper has to send its request head, and to finish its exchange.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const EXCHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Where `--metrics ADDR` listens: `HOST:PORT` as given, a bare `PORT` on loopback.
+pub fn listen_addr(addr: &str) -> String {
+    if addr.parse::<u16>().is_ok() {
+        format!("127.0.0.1:{addr}")
+    } else {
+        addr.to_string()
+    }
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+/// `GET /metrics`: the exposition; any other path 404, any other method 405.
+async fn answer(
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Body>, std::convert::Infallible> {
+    use hyper::{Method, StatusCode, header};
+    let (status, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, metrics().render()),
+        (_, "/metrics") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET /metrics\n".to_string(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "metrics are at /metrics\n".to_string(),
+        ),
+    };
+    let mut response = hyper::Response::new(Body::from(body));
+    *response.status_mut() = status;
+    let content_type = if status == StatusCode::OK {
+        "text/plain; version=0.0.4; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+    }
+    Ok(response)
+}
+
+/// Serves the metrics on `addr` ([`listen_addr`]) until the process ends.
 pub async fn serve(addr: &str) -> std::io::Result<std::net::SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let listener = tokio::net::TcpListener::bind(listen_addr(addr)).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
+            let Ok((socket, _)) = listener.accept().await else {
                 continue;
             };
             tokio::spawn(async move {
-                // Read the request head (a scrape is a small GET); the path does not matter.
-                let mut buf = [0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 65536 {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let body = metrics().render();
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = socket.write_all(head.as_bytes()).await;
-                let _ = socket.write_all(body.as_bytes()).await;
-                let _ = socket.shutdown().await;
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEAD_TIMEOUT)
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(socket), hyper::service::service_fn(answer));
+                let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, connection).await;
             });
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    /// One exchange: the raw response.
+    fn exchange(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serves_get_metrics_only_on_loopback_with_timeouts() {
+        let addr = super::serve("0").await.unwrap();
+        assert!(
+            addr.ip().is_loopback(),
+            "a bare port binds loopback: {addr}"
+        );
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (ok, missing, post, silent) = tokio::task::spawn_blocking(move || {
+            let ok = exchange(addr, &get("/metrics"));
+            let missing = exchange(addr, &get("/"));
+            let post = exchange(
+                addr,
+                "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            );
+            // A client that never finishes its request head is cut off.
+            let started = std::time::Instant::now();
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            (ok, missing, post, started.elapsed())
+        })
+        .await
+        .unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("ferry_records_in_total"), "{ok}");
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert!(
+            silent < super::HEAD_TIMEOUT + std::time::Duration::from_secs(5),
+            "{silent:?}"
+        );
+        assert_eq!(super::listen_addr("0.0.0.0:9464"), "0.0.0.0:9464");
+    }
 }
