@@ -31,6 +31,18 @@ pub enum WheelError {
         path: PathBuf,
         source: zip::result::ZipError,
     },
+    #[error(
+        "{wheel}: SHA-256 {got}, but PyPI's file of that name has {want}; it was removed (a changed or substituted wheel is never opened)"
+    )]
+    Digest {
+        wheel: PathBuf,
+        got: String,
+        want: String,
+    },
+    #[error(
+        "{wheel}: no SHA-256 is recorded for this file (src/runtime/pins.tsv, written by scripts/pin_wheels.py), so it is not opened; set FERRY_UNPINNED_WHEELS=1 to accept wheels without a recorded digest"
+    )]
+    Unpinned { wheel: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -45,8 +57,53 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WheelError + '_ {
     }
 }
 
+/// The SHA-256 of every wheel ferry downloads, by file name (PyPI's digests, for every
+/// platform of each pinned release).
+const PINS: &str = include_str!("pins.tsv");
+
+/// The recorded digest of a wheel file name.
+fn pinned_digest(file_name: &str) -> Option<&'static str> {
+    PINS.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.split_once('\t').filter(|(name, _)| *name == file_name))
+        .map(|(_, digest)| digest.trim())
+}
+
+/// Checks a downloaded wheel against its recorded digest before anything reads it; a wheel
+/// whose digest differs is removed.
+pub fn verify(wheel: &Path) -> Result<(), WheelError> {
+    use sha2::{Digest, Sha256};
+    let name = wheel
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let Some(want) = pinned_digest(&name) else {
+        if std::env::var_os("FERRY_UNPINNED_WHEELS").is_some_and(|v| v == "1") {
+            tracing::warn!(wheel = %wheel.display(), "no recorded digest; accepted (FERRY_UNPINNED_WHEELS=1)");
+            return Ok(());
+        }
+        return Err(WheelError::Unpinned {
+            wheel: wheel.to_path_buf(),
+        });
+    };
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(wheel).map_err(io(wheel))?;
+    std::io::copy(&mut file, &mut hasher).map_err(io(wheel))?;
+    let got = format!("{:x}", hasher.finalize());
+    if got != want {
+        let _ = std::fs::remove_file(wheel);
+        return Err(WheelError::Digest {
+            wheel: wheel.to_path_buf(),
+            got,
+            want: want.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Downloads the wheel for `requirement` (e.g. `onnxruntime==1.31.1`) for this machine's Python
-/// into `dir` and returns its path. Nothing is installed.
+/// into `dir`, checks it against its recorded SHA-256 ([`verify`]) and returns its path.
+/// Nothing is installed.
 pub fn download(requirement: &str, dir: &Path) -> Result<PathBuf, WheelError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let python = std::env::var("FERRY_PYTHON").unwrap_or_else(|_| "python3".to_string());
@@ -79,8 +136,13 @@ pub fn download(requirement: &str, dir: &Path) -> Result<PathBuf, WheelError> {
         .split(['=', '<', '>', '~', '!'])
         .next()
         .unwrap_or(requirement)
-        .replace('-', "_")
+        .replace(['-', '.'], "_")
         .to_lowercase();
+    // With a pinned version, that version's file (the directory may hold others).
+    let prefix = match requirement.split_once("==") {
+        Some((_, version)) => format!("{project}-{}-", version.trim()),
+        None => format!("{project}-"),
+    };
     std::fs::read_dir(dir)
         .map_err(io(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -89,12 +151,13 @@ pub fn download(requirement: &str, dir: &Path) -> Result<PathBuf, WheelError> {
                 .file_name()
                 .map(|n| n.to_string_lossy().to_lowercase())
                 .unwrap_or_default();
-            name.starts_with(&format!("{project}-")) && name.ends_with(".whl")
+            name.starts_with(&prefix) && name.ends_with(".whl")
         })
         .ok_or_else(|| WheelError::NoWheel {
             requirement: requirement.to_string(),
             dir: dir.to_path_buf(),
         })
+        .and_then(|wheel| verify(&wheel).map(|()| wheel))
 }
 
 /// Reads the member of a zip archive whose name ends with `suffix`.
@@ -133,4 +196,34 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WheelError> {
     ));
     std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wheel whose bytes differ from PyPI's file of that name is refused and removed; a file
+    /// name with no recorded digest is refused.
+    #[test]
+    fn wheels_are_checked_against_their_recorded_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let forged = dir.path().join("silero_vad-6.2.3-py3-none-any.whl");
+        std::fs::write(&forged, b"not the real wheel").unwrap();
+        let err = verify(&forged).unwrap_err().to_string();
+        assert!(
+            err.contains("7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8"),
+            "{err}"
+        );
+        assert!(!forged.exists(), "the substituted wheel is removed");
+
+        let unknown = dir
+            .path()
+            .join("onnxruntime-9.9.9-cp311-cp311-manylinux_2_28_x86_64.whl");
+        std::fs::write(&unknown, b"x").unwrap();
+        let err = verify(&unknown).unwrap_err().to_string();
+        assert!(err.contains("no SHA-256 is recorded"), "{err}");
+        assert!(
+            pinned_digest("onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl").is_some()
+        );
+    }
 }
