@@ -1182,3 +1182,125 @@ sink:
     assert!(lost.is_empty(), "lost offsets: {lost:?}");
     assert!(counts.values().all(|&c| c == 1), "read again, written once");
 }
+
+/// Exactly-once Parquet under repeated crashes: ten `kill -9` at random moments (during
+/// start-up, the group join, processing, writing, rolling), then a run to the end. Every record
+/// is in the files exactly once and no temporary is left.
+#[test]
+fn exactly_once_parquet_survives_ten_kill_9s_at_random_moments() {
+    let broker = DevBroker::start().unwrap();
+    let input = unique("crashes");
+    create_topic(&broker.addr, &input, 3);
+    // More than ten short lives can process, so that every kill can land mid-stream.
+    let n = 20000;
+    produce(&broker.addr, &input, &json_texts(n));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let pipeline = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"
+name: crashes
+delivery: exactly_once
+source:
+  kafka:
+    brokers: {brokers}
+    topics: [{input}]
+    group_id: {group}
+    columns: {{id: int64, text: string}}
+    max_batch_rows: 10
+    max_batch_wait: 50ms
+    properties:
+      {FAST_GROUP}
+steps:
+  - operator: tiny_embed
+    inputs: [text]
+    output: embedding
+sink:
+  rolling_parquet:
+    dir: {out}
+    max_rows: 30
+"#,
+            brokers = broker.addr,
+            group = unique("g"),
+            out = out.display(),
+        ),
+    );
+    // A small deterministic generator, seeded from the clock (printed, to replay a failure).
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill seed: {seed}");
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        seed >> 33
+    };
+    let mut written = Vec::new();
+    for life in 0..10 {
+        let mut child = spawn(&pipeline, &[]);
+        // A restart joins the group once the killed member's session (6 s) has expired. Every
+        // other life is killed at a random moment from its start (often during the join); the
+        // others within 3 s of their assignment, while batches run, write and roll.
+        if life % 2 == 1 {
+            // This life's log: the one with the highest number.
+            let log = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let n = name
+                        .strip_prefix("ferry-")?
+                        .strip_suffix(".log")?
+                        .parse::<u32>()
+                        .ok()?;
+                    Some((n, e.path()))
+                })
+                .max()
+                .unwrap()
+                .1;
+            wait_for("an assignment", &pipeline, Duration::from_secs(60), || {
+                std::fs::read_to_string(&log).is_ok_and(|l| l.contains("assigned"))
+            });
+            std::thread::sleep(Duration::from_millis(next() % 3000));
+        } else {
+            std::thread::sleep(Duration::from_millis(500 + next() % 8000));
+        }
+        kill9(&mut child);
+        written.push(if out.is_dir() {
+            parquet_offsets(&out).0.len()
+        } else {
+            0
+        });
+    }
+    eprintln!("records in files after each kill: {written:?}");
+    let mut child = spawn(&pipeline, &["--until-idle", "4s"]);
+    assert!(child.wait().unwrap().success(), "{}", logs(&pipeline));
+    let (counts, files) = parquet_offsets(&out);
+    let dupes: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(
+        dupes.is_empty(),
+        "duplicated: {} records, e.g. {:?}",
+        dupes.len(),
+        &dupes[..dupes.len().min(5)]
+    );
+    assert_eq!(
+        counts.len(),
+        n,
+        "lost: {} ({} files)",
+        n - counts.len(),
+        files.len()
+    );
+    let mut stack = vec![out.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(!name.contains(".inprogress-"), "left over: {name}");
+        }
+    }
+}
