@@ -168,6 +168,16 @@ pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnos
             cx.report("", format!("missing required key `{key}`"));
         }
     }
+    // Secrets come from the environment: `${NAME}` in a Kafka property value.
+    if let Some(Source::Kafka(k)) = &mut source {
+        cx.expand_env("source.kafka.properties", &mut k.properties);
+    }
+    if let Some(Sink::Kafka(k)) = &mut sink {
+        cx.expand_env("sink.kafka.properties", &mut k.properties);
+    }
+    if let Some(DeadLetter::Kafka(k)) = &mut dead_letter {
+        cx.expand_env("dead_letter.kafka.properties", &mut k.properties);
+    }
     match (name, source, sink) {
         (Some(name), Some(source), Some(sink)) if cx.found.is_empty() => Ok(LoadedPipeline {
             file: cx.file,
@@ -185,6 +195,35 @@ pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnos
         }),
         _ => Err(Diagnostics(cx.found)),
     }
+}
+
+/// `value` with each `${NAME}` replaced by the environment variable NAME (`$${` is a literal
+/// `${`), or the first variable that is not set.
+pub fn expand_env(value: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at..];
+        if let Some(literal) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = literal;
+        } else if let Some(name_on) = after.strip_prefix("${") {
+            let end = name_on
+                .find('}')
+                .ok_or_else(|| "`${` without a closing `}`".to_string())?;
+            let name = &name_on[..end];
+            let v = std::env::var(name)
+                .map_err(|_| format!("environment variable {name} is not set"))?;
+            out.push_str(&v);
+            rest = &name_on[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// An enum written as a one-key map (`parquet: {path: ...}`), the form YAML users expect.
@@ -237,6 +276,21 @@ struct Checker {
 }
 
 impl Checker {
+    /// Expands `${NAME}` in every value of a properties map (see [`expand_env`]); the message of
+    /// a failure names the variable, never a value.
+    fn expand_env(
+        &mut self,
+        path: &str,
+        properties: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        for (key, value) in properties.iter_mut() {
+            match expand_env(value) {
+                Ok(v) => *value = v,
+                Err(e) => self.report(&format!("{path}.{key}"), e),
+            }
+        }
+    }
+
     fn report(&mut self, path: &str, message: impl Into<String>) {
         self.found.push(Diagnostic {
             file: self.file.clone(),
@@ -290,6 +344,31 @@ impl Checker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Secrets stay out of pipeline files: `${NAME}` in a Kafka property is the environment's,
+    /// and an unset one is reported by name and position, never with a value.
+    #[test]
+    fn kafka_properties_take_secrets_from_the_environment() {
+        let home = std::env::var("HOME").unwrap();
+        let text = "name: t\nsource:\n  kafka:\n    brokers: b:9092\n    topics: [t]\n    group_id: g\n    properties:\n      sasl.username: ${HOME}\n      sasl.password: x$${y}\nsink:\n  rolling_parquet:\n    dir: out\n";
+        let p = parse_pipeline(Path::new("p.yaml"), text).unwrap();
+        let Source::Kafka(k) = &p.pipeline.source else {
+            panic!()
+        };
+        assert_eq!(k.properties["sasl.username"], home);
+        assert_eq!(k.properties["sasl.password"], "x${y}");
+
+        let text = text.replace("${HOME}", "${FERRY_SURELY_UNSET_SECRET_17}");
+        let err = parse_pipeline(Path::new("p.yaml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("p.yaml:8:7: source.kafka.properties.sasl.username: environment variable FERRY_SURELY_UNSET_SECRET_17 is not set"),
+            "{err}"
+        );
+        assert!(expand_env("${OPEN").is_err());
+        assert_eq!(expand_env("a$b").unwrap(), "a$b");
+    }
 
     #[test]
     fn reports_every_problem_with_lines() {
