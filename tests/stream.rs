@@ -766,6 +766,7 @@ fn two_processes_share_partitions_and_rebalance_when_one_leaves() {
         &format!(
             r#"
 name: shared
+delivery: exactly_once
 source:
   kafka:
     brokers: {brokers}
@@ -850,6 +851,8 @@ sink:
     assert!(b.wait().unwrap().success(), "{}", logs(&pipeline));
     let (counts, files) = parquet_offsets(&out);
     assert_eq!(counts.len(), 4000, "nothing lost");
+    let duplicated = counts.values().filter(|&&c| c > 1).count();
+    assert_eq!(duplicated, 0, "exactly once across the rebalance");
     let after: std::collections::HashSet<u32> = files
         .iter()
         .filter(|f| {
