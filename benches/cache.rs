@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{bench_texts, env_usize, run_pipeline};
+use common::{bench_texts, env_usize, jsonl_to_parquet, run_pipeline};
 use ferry::engine::OperatorSet;
 
 /// Writes `texts` (with ids) as Parquet through a query over JSON Lines.
@@ -25,17 +25,7 @@ async fn parquet_of(work: &Path, name: &str, texts: &[String]) -> PathBuf {
         .collect();
     std::fs::write(&jsonl, lines.join("\n") + "\n").unwrap();
     let parquet = work.join(format!("{name}.parquet"));
-    let inputs = ferry::query::QueryInputs {
-        tables: vec![("t".into(), jsonl.display().to_string())],
-        ..Default::default()
-    };
-    ferry::query::run(
-        "SELECT id, text FROM t ORDER BY id",
-        &inputs,
-        Some(&parquet),
-    )
-    .await
-    .unwrap();
+    jsonl_to_parquet(&jsonl, &parquet).await;
     parquet
 }
 

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 mod common;
 
-use common::{bench_texts, env_usize, median, peak_rss_mb, run_pipeline};
+use common::{bench_texts, env_usize, jsonl_to_parquet, median, peak_rss_mb, run_pipeline};
 use ferry::datafusion::arrow::array::{ArrayRef, StringArray};
 use ferry::engine::OperatorSet;
 use ferry::ops::Operator;
@@ -26,17 +26,7 @@ async fn prepare(root: &Path, work: &Path, rows: usize) -> (PathBuf, Vec<String>
     let jsonl = work.join("texts.jsonl");
     let texts = bench_texts(root, &jsonl, rows);
     let parquet = work.join("texts.parquet");
-    let inputs = ferry::query::QueryInputs {
-        tables: vec![("t".into(), jsonl.display().to_string())],
-        ..Default::default()
-    };
-    ferry::query::run(
-        "SELECT id, text FROM t ORDER BY id",
-        &inputs,
-        Some(&parquet),
-    )
-    .await
-    .unwrap();
+    jsonl_to_parquet(&jsonl, &parquet).await;
     (parquet, texts)
 }
 

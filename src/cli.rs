@@ -318,30 +318,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Cache { action } => match action {
             CacheAction::Stats { dir } => {
-                let mut rows = Vec::new();
+                println!(
+                    "{:<20} {:>10} {:>8} {:>10}  model  (directory)",
+                    "operator", "entries", "segments", "size"
+                );
                 for root in cache_roots(dir, &cli.operators) {
                     for st in crate::ops::cache::stats(&root).map_err(anyhow::Error::msg)? {
-                        let (operator, model) = st
-                            .identity
-                            .as_ref()
-                            .map_or(("?".to_string(), "?".to_string()), |i| {
-                                (i.operator.clone(), i.model_dir.display().to_string())
-                            });
-                        rows.push(format!(
+                        let (operator, model) = match &st.identity {
+                            Some(i) => (i.operator.clone(), i.model_dir.display().to_string()),
+                            None => ("?".to_string(), "?".to_string()),
+                        };
+                        println!(
                             "{operator:<20} {:>10} {:>8} {:>10}  {model}  ({})",
                             st.entries,
                             st.segments,
                             human_bytes(st.bytes),
                             st.dir.display()
-                        ));
+                        );
                     }
-                }
-                println!(
-                    "{:<20} {:>10} {:>8} {:>10}  model  (directory)",
-                    "operator", "entries", "segments", "size"
-                );
-                for r in rows {
-                    println!("{r}");
                 }
                 Ok(ExitCode::SUCCESS)
             }

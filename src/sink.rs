@@ -49,6 +49,11 @@ pub fn plain_schema(schema: &Schema) -> SchemaRef {
     Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
+/// `batch` with [`plain_type`]s (for a writer that takes each batch's own schema).
+pub fn plain(batch: &RecordBatch) -> Result<RecordBatch> {
+    to_plain(batch, &plain_schema(&batch.schema()))
+}
+
 /// `batch` cast to `schema` (its [`plain_schema`]); the columns already plain are kept as they are.
 pub fn to_plain(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     if batch.schema().fields() == schema.fields() {

@@ -265,6 +265,24 @@ fn parquet_offsets(dir: &Path) -> (HashMap<(i32, i64), usize>, Vec<PathBuf>) {
     (counts, files)
 }
 
+/// No writer's temporary file is left anywhere under `dir`.
+fn assert_no_temporaries(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.contains(".inprogress-"),
+                "left over: {}",
+                e.path().display()
+            );
+        }
+    }
+}
+
 fn wait_for(what: &str, pipeline: &Path, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
@@ -453,15 +471,8 @@ sink:
         "every record exactly once ({} files)",
         files.len()
     );
-    let leftovers: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains(".inprogress-"))
-        .collect();
-    assert!(
-        leftovers.is_empty(),
-        "temporaries of the killed process are cleaned up"
-    );
+    // Temporaries of the killed process are cleaned up.
+    assert_no_temporaries(&out);
 }
 
 #[test]
@@ -1296,14 +1307,5 @@ sink:
         n - counts.len(),
         files.len()
     );
-    let mut stack = vec![out.clone()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            if e.path().is_dir() {
-                stack.push(e.path());
-            }
-            let name = e.file_name().to_string_lossy().into_owned();
-            assert!(!name.contains(".inprogress-"), "left over: {name}");
-        }
-    }
+    assert_no_temporaries(&out);
 }

@@ -97,3 +97,14 @@ pub fn python_venv(name: &str, imports: &str, packages: &[&str]) -> Option<PathB
             .success();
     (made && ok(&python)).then_some(python)
 }
+
+/// Writes a JSON Lines table as Parquet (rows ordered by `id`) through ferry's query path.
+pub async fn jsonl_to_parquet(jsonl: &Path, parquet: &Path) {
+    let inputs = ferry::query::QueryInputs {
+        tables: vec![("t".into(), jsonl.display().to_string())],
+        ..Default::default()
+    };
+    ferry::query::run("SELECT id, text FROM t ORDER BY id", &inputs, Some(parquet))
+        .await
+        .unwrap();
+}

@@ -9,7 +9,8 @@
 //! (`FixedSizeBinary(16)`, the first 16 bytes of a BLAKE3 hash of the row's argument values in
 //! Arrow's row format) and `value` (the operator's output). Segments are written under a
 //! temporary name and renamed into place, so readers never see half a segment, and several
-//! processes may share a cache. At start an operator reads the keys of every segment; a hit
+//! processes may share a cache (a segment that cannot be read, e.g. after a power cut, is
+//! skipped and its rows run again). At start an operator reads the keys of every segment; a hit
 //! reads its value from its segment. Rows that failed are never cached (they fail again, and
 //! streams dead-letter them again); a row whose output is null is not cached either.
 
@@ -27,11 +28,13 @@ use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::arrow::row::{RowConverter, SortField};
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::wheel::write_atomically;
+
 /// Bumped when the key or segment layout changes, so that old entries are not read.
 pub const FORMAT: u32 = 1;
 
 /// What an operator's outputs depend on, recorded beside its entries.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheIdentity {
     pub operator: String,
     pub task: String,
@@ -77,6 +80,15 @@ pub fn model_hash(dir: &Path) -> std::io::Result<String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
+/// [`model_hash`] of `dir`, computed the first time and kept in `once`.
+pub fn model_hash_once(once: &std::sync::OnceLock<String>, dir: &Path) -> Result<String, String> {
+    if let Some(h) = once.get() {
+        return Ok(h.clone());
+    }
+    let h = model_hash(dir).map_err(|e| format!("hashing {}: {e}", dir.display()))?;
+    Ok(once.get_or_init(|| h).clone())
+}
+
 /// Where a cached value is: (segment, row).
 type Slot = (u32, u32);
 
@@ -86,8 +98,6 @@ pub struct InferenceCache {
     schema: SchemaRef,
     index: Mutex<Index>,
     seq: AtomicU64,
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
 }
 
 #[derive(Default)]
@@ -109,9 +119,7 @@ impl InferenceCache {
         let meta = dir.join("identity.json");
         if !meta.is_file() {
             let json = serde_json::to_vec_pretty(identity).expect("serializable");
-            let tmp = dir.join(format!(".identity.json.{}", std::process::id()));
-            std::fs::write(&tmp, json).map_err(io(&tmp))?;
-            std::fs::rename(&tmp, &meta).map_err(io(&meta))?;
+            write_atomically(&meta, &json).map_err(|e| e.to_string())?;
         }
         let schema = Arc::new(Schema::new(vec![
             Field::new("key", DataType::FixedSizeBinary(16), false),
@@ -122,14 +130,12 @@ impl InferenceCache {
             schema,
             index: Mutex::default(),
             seq: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
         };
         let mut names: Vec<PathBuf> = segments(&cache.dir)?;
         names.sort();
         let mut index = cache.index.lock().expect("cache index");
         for path in names {
-            let keys = match read_segment(&path, &cache.schema, Some(0)) {
+            let keys = match read_column(&path, &cache.schema, 0) {
                 Ok(batch) => batch,
                 Err(e) => {
                     // A segment that cannot be read is left alone (and its rows run again).
@@ -139,7 +145,7 @@ impl InferenceCache {
             };
             let segment = index.segments.len() as u32;
             index.segments.push(path);
-            let keys = keys.column(0).as_fixed_size_binary();
+            let keys = keys.as_fixed_size_binary();
             for row in 0..keys.len() {
                 index
                     .slots
@@ -178,12 +184,7 @@ impl InferenceCache {
     /// Where each key's value is, if cached.
     pub fn lookup(&self, keys: &[u128]) -> Vec<Option<Slot>> {
         let index = self.index.lock().expect("cache index");
-        let found: Vec<Option<Slot>> = keys.iter().map(|k| index.slots.get(k).copied()).collect();
-        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
-        self.hits.fetch_add(hits, Ordering::Relaxed);
-        self.misses
-            .fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
-        found
+        keys.iter().map(|k| index.slots.get(k).copied()).collect()
     }
 
     /// The values at `slots`, in order.
@@ -195,16 +196,17 @@ impl InferenceCache {
                 .map(|(s, _)| (*s, index.segments[*s as usize].clone()))
                 .collect()
         };
-        let mut loaded: HashMap<u32, (usize, ArrayRef)> = HashMap::new();
+        // Each segment read once per call: its place in `values`.
+        let mut loaded: HashMap<u32, usize> = HashMap::new();
         let mut values: Vec<ArrayRef> = Vec::new();
         for (segment, path) in &paths {
-            let batch = read_segment(path, &self.schema, Some(1))?;
-            loaded.insert(*segment, (values.len(), Arc::clone(batch.column(0))));
-            values.push(Arc::clone(batch.column(0)));
+            let column = read_column(path, &self.schema, 1)?;
+            loaded.insert(*segment, values.len());
+            values.push(column);
         }
         let picks: Vec<(usize, usize)> = slots
             .iter()
-            .map(|(s, row)| (loaded[s].0, *row as usize))
+            .map(|(s, row)| (loaded[s], *row as usize))
             .collect();
         let refs: Vec<&dyn Array> = values.iter().map(|v| v.as_ref()).collect();
         interleave(&refs, &picks).map_err(|e| e.to_string())
@@ -241,20 +243,12 @@ impl InferenceCache {
             self.seq.fetch_add(1, Ordering::Relaxed),
             rows.len()
         );
+        let mut w = FileWriter::try_new(Vec::new(), &self.schema).map_err(|e| e.to_string())?;
+        w.write(&batch).map_err(|e| e.to_string())?;
+        w.finish().map_err(|e| e.to_string())?;
+        let bytes = w.into_inner().map_err(|e| e.to_string())?;
         let path = self.dir.join(&name);
-        let tmp = self.dir.join(format!(".{name}.inprogress"));
-        let written = (|| {
-            let mut w = FileWriter::try_new(File::create(&tmp)?, &self.schema)?;
-            w.write(&batch)?;
-            w.finish()?;
-            w.into_inner()?.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            Ok::<_, Box<dyn std::error::Error>>(())
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(format!("inference cache {}: {e}", tmp.display()));
-        }
+        write_atomically(&path, &bytes).map_err(|e| e.to_string())?;
         let mut index = self.index.lock().expect("cache index");
         let segment = index.segments.len() as u32;
         index.segments.push(path);
@@ -285,38 +279,31 @@ fn segments(dir: &Path) -> Result<Vec<PathBuf>, String> {
         .collect())
 }
 
-/// A segment's rows (only `column` where given), checked against the expected schema.
-fn read_segment(
-    path: &Path,
-    schema: &Schema,
-    column: Option<usize>,
-) -> Result<RecordBatch, String> {
+/// Column `column` of a segment, checked against the expected schema.
+fn read_column(path: &Path, schema: &Schema, column: usize) -> Result<ArrayRef, String> {
     let at = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     let file = File::open(path).map_err(io(path))?;
-    let reader = FileReader::try_new(file, column.map(|c| vec![c])).map_err(|e| at(&e))?;
-    let want: SchemaRef = match column {
-        Some(c) => Arc::new(schema.project(&[c]).map_err(|e| at(&e))?),
-        None => Arc::new(schema.clone()),
-    };
-    let mut batches = Vec::new();
+    let reader = FileReader::try_new(file, Some(vec![column])).map_err(|e| at(&e))?;
+    let want = schema.field(column).data_type();
+    let mut parts = Vec::new();
     for b in reader {
         let b = b.map_err(|e| at(&e))?;
-        let same = b.num_columns() == want.fields().len()
-            && b.schema()
-                .fields()
-                .iter()
-                .zip(want.fields())
-                .all(|(g, w)| g.data_type() == w.data_type());
-        if !same {
+        let got = b.column(0).data_type();
+        if b.num_columns() != 1 || got != want {
             return Err(at(&format!(
-                "holds {:?}, not this operator's output",
-                b.schema().fields()
+                "holds {got}, not this operator's output {want}"
             )));
         }
-        batches.push(b);
+        parts.push(Arc::clone(b.column(0)));
     }
-    let schema = batches.first().map_or(want, |b| b.schema());
-    datafusion::arrow::compute::concat_batches(&schema, &batches).map_err(|e| at(&e))
+    match parts.len() {
+        0 => Ok(datafusion::arrow::array::new_empty_array(want)),
+        1 => Ok(parts.swap_remove(0)),
+        _ => {
+            let refs: Vec<&dyn Array> = parts.iter().map(|p| p.as_ref()).collect();
+            datafusion::arrow::compute::concat(&refs).map_err(|e| at(&e))
+        }
+    }
 }
 
 /// One operator directory's figures, for `ferry cache stats`.

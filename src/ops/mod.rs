@@ -402,12 +402,7 @@ impl Operator {
 
     /// BLAKE3 of the model directory's files (hex), for lineage columns and the cache.
     pub fn model_hash(&self) -> Result<String, String> {
-        if let Some(h) = self.model_hash.get() {
-            return Ok(h.clone());
-        }
-        let h = cache::model_hash(&self.model.dir)
-            .map_err(|e| format!("hashing {}: {e}", self.model.dir.display()))?;
-        Ok(self.model_hash.get_or_init(|| h).clone())
+        cache::model_hash_once(&self.model_hash, &self.model.dir)
     }
 
     /// Checks a pipeline step's input columns against what the task takes.
@@ -450,17 +445,12 @@ impl Loading<'_> {
             return Ok(None);
         };
         let m = &self.loaded.manifest;
-        let hash = cache::model_hash(&self.model.dir).map_err(|e| {
-            OpError::Model(format!(
-                "hashing {} for the cache: {e}",
-                self.model.dir.display()
-            ))
-        })?;
+        let hash = cache::model_hash_once(model_hash, &self.model.dir).map_err(OpError::Model)?;
         let identity = cache::CacheIdentity {
             operator: m.name.clone(),
             task: m.task.info().name.to_string(),
             model_dir: self.model.dir.clone(),
-            model_hash: model_hash.get_or_init(|| hash).clone(),
+            model_hash: hash,
             file: m.file.clone(),
             provider: format!("{:?}", m.provider),
             options: serde_json::to_value(&m.options).unwrap_or_default(),

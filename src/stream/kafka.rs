@@ -88,11 +88,18 @@ pub type Producer_ = BaseProducer<DeliveryContext>;
 
 /// An idempotent producer (transactional when `transactional_id` is given).
 /// Consumer settings ferry's delivery rests on (it stores and commits offsets itself, after
-/// the sink is durable): `properties` may not change them.
-pub const CONSUMER_SETTINGS: &[(&str, &str)] = &[
-    ("enable.auto.commit", "false"),
-    ("enable.auto.offset.store", "false"),
-];
+/// the sink is durable; exactly-once reads only committed transactions): `properties` may not
+/// change them.
+pub fn consumer_settings(exactly_once: bool) -> Vec<(&'static str, &'static str)> {
+    let mut settings = vec![
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+    ];
+    if exactly_once {
+        settings.push(("isolation.level", "read_committed"));
+    }
+    settings
+}
 
 /// Producer settings ferry's delivery rests on.
 pub const PRODUCER_SETTINGS: &[(&str, &str)] = &[("enable.idempotence", "true")];
@@ -104,18 +111,15 @@ const FIELD_PROPERTIES: &[(&str, &str)] = &[
     ("transactional.id", "`delivery: exactly_once`"),
 ];
 
-/// The entries of `properties` that conflict with what delivery needs (`settings`, plus
-/// `isolation.level=read_committed` when `exactly_once`): (property, why).
+/// The entries of `properties` that conflict with what delivery needs (`settings`), or that a
+/// pipeline field sets: (property, why).
 pub fn conflicting_properties(
     properties: &BTreeMap<String, String>,
     settings: &[(&str, &str)],
-    exactly_once: bool,
 ) -> Vec<(String, String)> {
-    let isolation = [("isolation.level", "read_committed")];
-    let required = settings.iter().chain(exactly_once.then_some(&isolation[0]));
     let mut out = Vec::new();
     for (key, value) in properties {
-        if let Some((_, want)) = required.clone().find(|(k, _)| k == key)
+        if let Some((_, want)) = settings.iter().find(|(k, _)| k == key)
             && !value.eq_ignore_ascii_case(want)
         {
             out.push((
@@ -292,7 +296,9 @@ impl RecordEncoder {
                     .collect()
             }
             SinkFormat::Ipc => {
-                let payload = without_lineage(batch);
+                // Plain strings, as every file sink writes them.
+                let payload =
+                    crate::sink::plain(&without_lineage(batch)).map_err(|e| e.to_string())?;
                 (0..n)
                     .map(|i| {
                         let mut w = StreamWriter::try_new(Vec::new(), &payload.schema())
@@ -470,4 +476,40 @@ pub fn dead_letter_json(record: &Record, reason: &str) -> serde_json::Value {
         }
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{RecordBatch, StringViewArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    /// An IPC record declares plain strings, not DataFusion's view types.
+    #[test]
+    fn ipc_records_hold_plain_strings() {
+        let sink: crate::spec::KafkaSink =
+            serde_json::from_value(serde_json::json!({"topic": "t", "format": "ipc"})).unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "text",
+            DataType::Utf8View,
+            true,
+        )]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(StringViewArray::from(vec!["a", "b"]))],
+        )
+        .unwrap();
+        let encoded = super::RecordEncoder::new(&sink, &schema)
+            .unwrap()
+            .encode(&batch)
+            .unwrap();
+        assert_eq!(encoded.len(), 2);
+        let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(
+            std::io::Cursor::new(encoded[0].value.clone()),
+            None,
+        )
+        .unwrap();
+        assert_eq!(reader.schema().field(0).data_type(), &DataType::Utf8);
+    }
 }

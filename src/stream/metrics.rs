@@ -202,6 +202,8 @@ mod tests {
     /// One exchange: the raw response.
     fn exchange(addr: std::net::SocketAddr, request: &str) -> String {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
         s.write_all(request.as_bytes()).unwrap();
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
@@ -226,6 +228,9 @@ mod tests {
             // A client that never finishes its request head is cut off.
             let started = std::time::Instant::now();
             let mut s = std::net::TcpStream::connect(addr).unwrap();
+            // A server that never cuts it off fails the test (by the timeout) instead of hanging.
+            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                .unwrap();
             s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
             let mut rest = Vec::new();
             let _ = s.read_to_end(&mut rest);

@@ -109,8 +109,7 @@ pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
             if let Err(e) = RecordEncoder::new(s, output) {
                 problems.push(("sink.kafka".into(), e));
             }
-            for (key, why) in
-                kafka::conflicting_properties(&s.properties, kafka::PRODUCER_SETTINGS, false)
+            for (key, why) in kafka::conflicting_properties(&s.properties, kafka::PRODUCER_SETTINGS)
             {
                 problems.push((format!("sink.kafka.properties.{key}"), why));
             }
@@ -157,16 +156,12 @@ pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
             "a kafka source needs a streaming sink: kafka or rolling_parquet".into(),
         ));
     }
-    let exactly_once = p.delivery == Delivery::ExactlyOnce;
-    for (key, why) in
-        kafka::conflicting_properties(&k.properties, kafka::CONSUMER_SETTINGS, exactly_once)
-    {
+    let settings = kafka::consumer_settings(p.delivery == Delivery::ExactlyOnce);
+    for (key, why) in kafka::conflicting_properties(&k.properties, &settings) {
         problems.push((format!("source.kafka.properties.{key}"), why));
     }
     if let Some(DeadLetter::Kafka(d)) = &p.dead_letter {
-        for (key, why) in
-            kafka::conflicting_properties(&d.properties, kafka::PRODUCER_SETTINGS, false)
-        {
+        for (key, why) in kafka::conflicting_properties(&d.properties, kafka::PRODUCER_SETTINGS) {
             problems.push((format!("dead_letter.kafka.properties.{key}"), why));
         }
     }
@@ -728,11 +723,8 @@ pub fn run(
         config.set(k, v);
     }
     // What delivery rests on wins over `properties` (validation refuses a conflict).
-    for (k, v) in kafka::CONSUMER_SETTINGS {
-        config.set(*k, *v);
-    }
-    if exactly_once {
-        config.set("isolation.level", "read_committed");
+    for (k, v) in kafka::consumer_settings(exactly_once) {
+        config.set(k, v);
     }
     let consumer: BaseConsumer<StreamContext> = config
         .create_with_context(StreamContext {
