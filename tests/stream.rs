@@ -1309,3 +1309,101 @@ sink:
     );
     assert_no_temporaries(&out);
 }
+
+/// A pipeline whose micro-batches take ~4 s each (a SQL step sums 600 million numbers per
+/// batch), against a 1.5 s `max.poll.interval.ms`.
+fn slow_pipeline(dir: &Path, brokers: &str, input: &str, group: &str) -> (PathBuf, PathBuf) {
+    let out = dir.join("out");
+    let pipeline = write_pipeline(
+        dir,
+        &format!(
+            r#"
+name: slow
+delivery: exactly_once
+source:
+  kafka:
+    brokers: {brokers}
+    topics: [{input}]
+    group_id: {group}
+    columns: {{id: int64, text: string}}
+    max_batch_rows: 30
+    max_batch_wait: 1s
+    properties:
+      session.timeout.ms: "1000"
+      heartbeat.interval.ms: "200"
+      max.poll.interval.ms: "1500"
+steps:
+  - sql: >
+      SELECT id, text, _partition, _offset,
+        (SELECT sum(value) FROM generate_series(1, 600000000)) AS busy
+      FROM input
+sink:
+  rolling_parquet:
+    dir: {out}
+    max_age: 1h
+"#,
+            out = out.display(),
+        ),
+    );
+    (pipeline, out)
+}
+
+/// A micro-batch that runs longer than `max.poll.interval.ms` keeps the consumer in its group:
+/// the consumer is served (and the partitions paused) while the batch runs, so the batch is
+/// written and committed, and nothing is read twice. Before, librdkafka left the group in the
+/// first batch and its commit failed with "Unknown member".
+#[test]
+fn a_batch_longer_than_the_poll_interval_keeps_the_group() {
+    let broker = DevBroker::start().unwrap();
+    let input = unique("slow");
+    create_topic(&broker.addr, &input, 2);
+    let n = 60;
+    produce(&broker.addr, &input, &json_texts(n));
+    let dir = tempfile::tempdir().unwrap();
+    let (pipeline, out) = slow_pipeline(dir.path(), &broker.addr, &input, &unique("g"));
+    let run = ferry(&pipeline, &["--until-idle", "3s"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "ferry failed: {stderr}");
+    let (counts, _) = parquet_offsets(&out);
+    assert_eq!(counts.len(), n, "every record written: {stderr}");
+    assert!(counts.values().all(|&c| c == 1), "none twice: {stderr}");
+    assert!(
+        !stderr.contains("MAXPOLL") && !stderr.contains("PollExceeded"),
+        "the consumer never left its group: {stderr}"
+    );
+}
+
+/// A second member joins while the first runs a long micro-batch: the rebalance (served while
+/// the batch runs) takes the batch's partitions, so the batch's rows are discarded and read
+/// again from the committed offsets by whoever owns them now. Exactly once: nothing lost,
+/// nothing twice.
+#[test]
+fn a_rebalance_during_a_long_batch_leaves_its_records_to_be_read_again() {
+    let broker = DevBroker::start().unwrap();
+    let input = unique("slowgroup");
+    create_topic(&broker.addr, &input, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let (pipeline, out) = slow_pipeline(dir.path(), &broker.addr, &input, &unique("g"));
+    let mut a = spawn(&pipeline, &["--until-idle", "6s"]);
+    wait_for(
+        "the first member's assignment",
+        &pipeline,
+        Duration::from_secs(30),
+        || logs(&pipeline).contains(" assigned "),
+    );
+    let n = 120;
+    produce(&broker.addr, &input, &json_texts(n));
+    // The first batch closes after max_batch_wait (1 s) and runs for ~4 s: join meanwhile.
+    std::thread::sleep(Duration::from_millis(2000));
+    let mut b = spawn(&pipeline, &["--until-idle", "6s"]);
+    assert!(a.wait().unwrap().success(), "{}", logs(&pipeline));
+    assert!(b.wait().unwrap().success(), "{}", logs(&pipeline));
+    let (counts, _) = parquet_offsets(&out);
+    let log = logs(&pipeline);
+    assert_eq!(counts.len(), n, "nothing lost\n{log}");
+    assert!(counts.values().all(|&c| c == 1), "nothing twice\n{log}");
+    assert!(
+        log.contains("a rebalance took partitions of the running micro-batch"),
+        "the rebalance came during a batch\n{log}"
+    );
+}

@@ -5,7 +5,10 @@
 //! One thread polls the consumer, closes micro-batches by rows or wait, runs the plan, writes
 //! the sink and commits, in that order. Consumption therefore never runs ahead of the model:
 //! librdkafka's prefetch queue (bounded by `queued.max.messages.kbytes`) is the only buffer,
-//! and memory stays flat however slow the operators are.
+//! and memory stays flat however slow the operators are. While the plan runs (on the runtime)
+//! the thread keeps serving the consumer — heartbeats, `max.poll.interval.ms`, rebalances —
+//! and pauses the partitions of a long batch; a rebalance that takes a partition of the
+//! running batch discards the batch's rows, to be read again.
 
 pub mod decode;
 pub mod devbroker;
@@ -40,6 +43,11 @@ use decode::{Decoder, Record};
 use kafka::{Producer_, RecordEncoder};
 use metrics::metrics;
 use rolling::{Ranges, RollingWriter};
+
+/// How often the consumer is served while a micro-batch runs.
+const SERVE_EVERY: Duration = Duration::from_millis(100);
+/// How long a micro-batch runs before its partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_millis(500);
 
 /// Bounds on a stream run, for tests and backfills.
 #[derive(Debug, Clone, Default)]
@@ -772,6 +780,12 @@ pub fn run(
         if let Some(e) = shared.lock().expect("stream state").failed.clone() {
             return Err(e);
         }
+        // Rebalances first: a message returned by the same poll as an assignment is fetched
+        // from the new position and must not be dropped with the revoked buffer.
+        ctx.drop_revoked(&mut seen_generation, &mut pending);
+        if pending.is_empty() {
+            first_at = None;
+        }
         match polled {
             Some(Ok(m)) => {
                 pending.push(record_of(&m, &mut topic_names));
@@ -784,47 +798,30 @@ pub fn run(
             }
             None => {}
         }
-        let (generation, revoked) = {
-            let mut s = shared.lock().expect("stream state");
-            (s.generation, std::mem::take(&mut s.revoked))
-        };
-        if generation != seen_generation {
-            seen_generation = generation;
-            if !pending.is_empty() {
-                let assigned: HashSet<(String, i32)> = consumer
-                    .assignment()
-                    .map(|a| {
-                        a.elements()
-                            .iter()
-                            .map(|e| (e.topic().to_string(), e.partition()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let before = pending.len();
-                pending.retain(|r| {
-                    let tp = (r.topic.to_string(), r.partition);
-                    assigned.contains(&tp) && !revoked.contains(&tp)
-                });
-                if pending.len() < before {
-                    tracing::info!(
-                        dropped = before - pending.len(),
-                        "buffered records of revoked partitions left to their new owner"
-                    );
-                }
-                if pending.is_empty() {
-                    first_at = None;
-                }
-            }
-        }
         let full = pending.len() >= max_rows
             || options
                 .max_records
                 .is_some_and(|m| summary.records_in + pending.len() as u64 >= m);
         let due = first_at.is_some_and(|t| t.elapsed() >= max_wait);
         if full || due {
-            let records = std::mem::take(&mut pending);
-            first_at = None;
-            ctx.process(records, &mut dead, &mut summary)?;
+            let cut = options
+                .max_records
+                .map_or(max_rows, |m| {
+                    max_rows.min(m.saturating_sub(summary.records_in) as usize)
+                })
+                .max(1);
+            let records: Vec<Record> = pending.drain(..cut.min(pending.len())).collect();
+            ctx.process(
+                records,
+                &mut pending,
+                &mut seen_generation,
+                &mut dead,
+                &mut summary,
+            )?;
+            // Records that arrived while the batch ran open the next one; idleness counts
+            // from the end of the batch.
+            first_at = (!pending.is_empty()).then(Instant::now);
+            last_record = Some(Instant::now());
         } else if pending.is_empty() {
             // Idle: roll old files (and commit what they hold).
             let mut guard = shared.lock().expect("stream state");
@@ -852,9 +849,20 @@ pub fn run(
             ));
         }
     }
-    // Drain: what is buffered, then flush and commit.
+    // Drain: what is buffered (up to the cap), then flush and commit. Records that arrive
+    // while it runs stay uncommitted, for the next run.
+    if let Some(m) = options.max_records {
+        pending.truncate(m.saturating_sub(summary.records_in) as usize);
+    }
     if !pending.is_empty() {
-        ctx.process(std::mem::take(&mut pending), &mut dead, &mut summary)?;
+        let records = std::mem::take(&mut pending);
+        ctx.process(
+            records,
+            &mut pending,
+            &mut seen_generation,
+            &mut dead,
+            &mut summary,
+        )?;
     }
     shared
         .lock()
@@ -913,10 +921,120 @@ struct Batcher<'a> {
 }
 
 impl Batcher<'_> {
-    /// Decode → plan → dead letters → sink → commit, for one micro-batch.
+    /// After a rebalance, drops the buffered records of partitions revoked since the last look
+    /// (and of partitions no longer assigned): their new owner, or this consumer re-assigned
+    /// from the committed offset, reads them again. Returns the revoked partitions.
+    fn drop_revoked(
+        &self,
+        seen_generation: &mut u64,
+        pending: &mut Vec<Record>,
+    ) -> HashSet<(String, i32)> {
+        let (generation, revoked) = {
+            let mut s = self.shared.lock().expect("stream state");
+            (s.generation, std::mem::take(&mut s.revoked))
+        };
+        if generation == *seen_generation {
+            return revoked;
+        }
+        *seen_generation = generation;
+        if !pending.is_empty() {
+            let assigned: HashSet<(String, i32)> = self
+                .consumer
+                .assignment()
+                .map(|a| {
+                    a.elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let before = pending.len();
+            pending.retain(|r| {
+                let tp = (r.topic.to_string(), r.partition);
+                assigned.contains(&tp) && !revoked.contains(&tp)
+            });
+            if pending.len() < before {
+                tracing::info!(
+                    dropped = before - pending.len(),
+                    "buffered records of revoked partitions left to their new owner"
+                );
+            }
+        }
+        revoked
+    }
+
+    /// Runs the plan over the micro-batch in `slot` on the runtime while this thread keeps
+    /// serving the consumer, so a batch longer than `max.poll.interval.ms` does not get it
+    /// evicted from the group. Rebalance callbacks run here as they come; once the batch has run
+    /// for a while its partitions are paused, so records taken meanwhile (into `pending`, for
+    /// the next batch) stay few. Returns the plan's result and the partitions revoked while it
+    /// ran.
+    fn run_plan(
+        &self,
+        pending: &mut Vec<Record>,
+        seen_generation: &mut u64,
+    ) -> (
+        datafusion::error::Result<Vec<RecordBatch>>,
+        HashSet<(String, i32)>,
+    ) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let work = self.frame.clone().collect();
+        self.runtime.spawn(async move {
+            let _ = tx.send(work.await);
+        });
+        let started = Instant::now();
+        let mut revoked = HashSet::new();
+        let mut paused: Option<TopicPartitionList> = None;
+        let mut topics = HashMap::new();
+        let result = loop {
+            match rx.recv_timeout(SERVE_EVERY) {
+                Ok(result) => break result,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    break Err(datafusion::error::DataFusionError::Execution(
+                        "the micro-batch's plan stopped without a result (it panicked)".into(),
+                    ));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let polled = self.consumer.poll(Duration::ZERO);
+            revoked.extend(self.drop_revoked(seen_generation, pending));
+            match polled {
+                Some(Ok(m)) => pending.push(record_of(&m, &mut topics)),
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer"),
+                None => {}
+            }
+            // Pause what is assigned now (a rebalance brings unpaused partitions).
+            if started.elapsed() >= PAUSE_AFTER
+                && let Ok(assigned) = self.consumer.assignment()
+                && paused
+                    .as_ref()
+                    .is_none_or(|p| p.to_topic_map() != assigned.to_topic_map())
+            {
+                match self.consumer.pause(&assigned) {
+                    Ok(()) => {
+                        tracing::debug!("partitions paused while a long micro-batch runs");
+                        paused = Some(assigned);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "pausing partitions"),
+                }
+            }
+        };
+        if paused.is_some()
+            && let Ok(assigned) = self.consumer.assignment()
+            && let Err(e) = self.consumer.resume(&assigned)
+        {
+            tracing::warn!(error = %e, "resuming partitions");
+        }
+        (result, revoked)
+    }
+
+    /// Decode → plan → dead letters → sink → commit, for one micro-batch. Records that arrive
+    /// while the plan runs join `pending`.
     fn process(
         &self,
         records: Vec<Record>,
+        pending: &mut Vec<Record>,
+        seen_generation: &mut u64,
         dead: &mut Option<DeadLetters>,
         summary: &mut StreamSummary,
     ) -> Result<(), String> {
@@ -932,10 +1050,13 @@ impl Batcher<'_> {
             })
             .collect();
         *self.slot.lock().expect("micro-batch slot") = vec![batch];
-        let result = self.runtime.block_on(self.frame.clone().collect());
+        let (result, revoked) = self.run_plan(pending, seen_generation);
         self.slot.lock().expect("micro-batch slot").clear();
         let mut outputs =
             result.map_err(|e| format!("running the pipeline on a micro-batch: {e}"))?;
+        if self.discard_if_revoked(&records, &revoked, pending) {
+            return Ok(());
+        }
         let t_plan = t0.elapsed();
 
         // Rows an operator could not process, located by their lineage.
@@ -1115,6 +1236,64 @@ impl Batcher<'_> {
         m.batches.inc();
         m.batch_seconds.observe(t0.elapsed().as_secs_f64());
         Ok(())
+    }
+}
+
+impl Batcher<'_> {
+    /// Whether a rebalance while the batch ran took any of its partitions: then none of its
+    /// rows is written (their offsets may be read again already, by the new owner or by this
+    /// consumer from the committed offset). Partitions of the batch that stayed assigned
+    /// (cooperative rebalancing) are sought back to the batch's first offset, so all of it is
+    /// read again.
+    fn discard_if_revoked(
+        &self,
+        records: &[Record],
+        revoked: &HashSet<(String, i32)>,
+        pending: &mut Vec<Record>,
+    ) -> bool {
+        if revoked.is_empty() {
+            return false;
+        }
+        let consumed = ranges_of(records);
+        if !consumed.keys().any(|tp| revoked.contains(tp)) {
+            return false;
+        }
+        let assigned: HashSet<(String, i32)> = self
+            .consumer
+            .assignment()
+            .map(|a| {
+                a.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for ((topic, partition), (first, _)) in &consumed {
+            let tp = (topic.clone(), *partition);
+            if revoked.contains(&tp) || !assigned.contains(&tp) {
+                continue;
+            }
+            pending.retain(|r| !(&*r.topic == topic && r.partition == *partition));
+            if let Err(e) = self.consumer.seek(
+                topic,
+                *partition,
+                Offset::Offset(*first),
+                kafka::BROKER_TIMEOUT,
+            ) {
+                // Without the seek the batch's records of this partition would be skipped.
+                let e = format!("seeking {topic}[{partition}] back to {first}: {e}");
+                self.shared
+                    .lock()
+                    .expect("stream state")
+                    .failed
+                    .get_or_insert(e);
+            }
+        }
+        tracing::info!(
+            records = records.len(),
+            "a rebalance took partitions of the running micro-batch; its rows are left to be read again"
+        );
+        true
     }
 }
 
