@@ -313,3 +313,24 @@ fn cache_stats_and_clear() {
         "{stdout}"
     );
 }
+
+/// Paths in a pipeline are relative to the pipeline file, not to where ferry runs (here the
+/// repository root): `../data/in.parquet` from `<tmp>/pipelines/p.yaml` is
+/// `<tmp>/data/in.parquet`. Before, both paths were taken from the working directory.
+#[test]
+fn pipeline_paths_are_relative_to_the_pipeline_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+    write_texts(
+        &dir.path().join("data/in.parquet"),
+        &[Some("first"), Some("second")],
+    );
+    let yaml = "name: relative\nsource:\n  parquet:\n    path: ../data/in.parquet\nsink:\n  jsonl:\n    path: ../out/texts.jsonl\n";
+    let file = write_pipeline(&dir.path().join("pipelines"), yaml);
+    let (ok, _, stderr) = ferry(&["run", file.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "{stderr}");
+    let written = std::fs::read_to_string(dir.path().join("out/texts.jsonl")).unwrap();
+    assert_eq!(written.lines().count(), 2, "{written}");
+    assert!(!root().join("out/texts.jsonl").exists());
+}

@@ -83,7 +83,8 @@ pub fn load_pipeline(file: &Path) -> Result<LoadedPipeline, Diagnostics> {
     parse_pipeline(file, &text)
 }
 
-/// Like [`load_pipeline`] on text already read; `file` is only used in messages.
+/// Like [`load_pipeline`] on text already read; `file` names it in messages, and its directory
+/// is what relative paths in it are relative to.
 pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnostics> {
     let mut cx = Checker {
         file: file.to_path_buf(),
@@ -179,9 +180,8 @@ pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnos
         cx.expand_env("dead_letter.kafka.properties", &mut k.properties);
     }
     match (name, source, sink) {
-        (Some(name), Some(source), Some(sink)) if cx.found.is_empty() => Ok(LoadedPipeline {
-            file: cx.file,
-            pipeline: Pipeline {
+        (Some(name), Some(source), Some(sink)) if cx.found.is_empty() => {
+            let mut pipeline = Pipeline {
                 name,
                 description,
                 source,
@@ -190,9 +190,14 @@ pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnos
                 on_error,
                 dead_letter,
                 delivery: delivery.unwrap_or_default(),
-            },
-            locations: cx.locations,
-        }),
+            };
+            pipeline.resolve_paths(cx.file.parent().unwrap_or(Path::new("")));
+            Ok(LoadedPipeline {
+                file: cx.file,
+                pipeline,
+                locations: cx.locations,
+            })
+        }
         _ => Err(Diagnostics(cx.found)),
     }
 }

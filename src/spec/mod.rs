@@ -5,7 +5,7 @@ mod load;
 pub mod locate;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,33 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// Makes every relative path of the pipeline (source files and globs, `allow_roots`, the
+    /// Kafka `schema` file, sink files and directories, the dead-letter file) relative to
+    /// `base`, the directory of the pipeline file, as `model:` is relative to its manifest.
+    /// Absolute paths are kept.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let path = |p: &mut PathBuf| *p = resolve(base, p);
+        let text = |s: &mut String| *s = resolve(base, Path::new(s)).to_string_lossy().into();
+        match &mut self.source {
+            Source::Parquet(f) | Source::Ipc(f) | Source::Jsonl(f) => text(&mut f.path),
+            Source::Csv(c) => text(&mut c.path),
+            Source::Files(f) => {
+                text(&mut f.path);
+                f.allow_roots.iter_mut().for_each(path);
+            }
+            Source::Kafka(k) => k.schema.iter_mut().for_each(path),
+        }
+        match &mut self.sink {
+            Sink::Parquet(s) => path(&mut s.path),
+            Sink::Ipc(s) | Sink::Jsonl(s) | Sink::Csv(s) => path(&mut s.path),
+            Sink::RollingParquet(r) => path(&mut r.dir),
+            Sink::Kafka(_) => {}
+        }
+        if let Some(DeadLetter::Jsonl(f)) = &mut self.dead_letter {
+            path(&mut f.path);
+        }
+    }
+
     /// Whether the source is an unbounded stream.
     pub fn is_stream(&self) -> bool {
         matches!(self.source, Source::Kafka(_))
@@ -112,8 +139,8 @@ pub struct KafkaDeadLetter {
     pub properties: BTreeMap<String, String>,
 }
 
-/// Where rows come from: files read as one bounded table (paths relative to the current
-/// directory), or an unbounded Kafka stream.
+/// Where rows come from: files read as one bounded table (paths relative to the pipeline
+/// file's directory), or an unbounded Kafka stream.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Source {
@@ -458,5 +485,54 @@ impl ParquetCompression {
         datafusion::parquet::file::properties::WriterProperties::builder()
             .set_compression(codec)
             .build()
+    }
+}
+
+/// `path` joined to `base` when relative, with `.` and `name/..` taken out (lexically, as the
+/// path is written: `pipelines/../data/x.parquet` is `data/x.parquet`).
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let mut out = PathBuf::new();
+    for part in base.join(path).components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            Component::ParentDir if out.has_root() && out.parent().is_none() => {}
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_resolve_against_the_pipeline_directory() {
+        let r = |b: &str, p: &str| resolve(Path::new(b), Path::new(p));
+        assert_eq!(
+            r("pipelines", "../data/x.parquet"),
+            Path::new("data/x.parquet")
+        );
+        assert_eq!(
+            r("pipelines", "out/y.parquet"),
+            Path::new("pipelines/out/y.parquet")
+        );
+        assert_eq!(r("", "data/*.jpg"), Path::new("data/*.jpg"));
+        assert_eq!(r("/srv/p", "../../../x"), Path::new("/x"));
+        assert_eq!(r("a", "../../x"), Path::new("../x"));
+        assert_eq!(r("a", "/abs/x"), Path::new("/abs/x"));
+        assert_eq!(r("a", ".."), Path::new("."));
+        assert_eq!(r("/p", "./x/./y"), Path::new("/p/x/y"));
     }
 }
