@@ -47,6 +47,16 @@ impl DevBroker {
 
     /// Starts a broker on `port` (or a free one) and waits until it accepts connections.
     pub fn start_on(port: Option<u16>) -> Result<DevBroker, String> {
+        Self::start_with(port, None)
+    }
+
+    /// Starts a broker on a free port that tells clients to connect to `advertised`
+    /// (`host:port`) instead: a proxy in front of it (TLS termination, outages in tests).
+    pub fn start_advertising(advertised: &str) -> Result<DevBroker, String> {
+        Self::start_with(None, Some(advertised))
+    }
+
+    fn start_with(port: Option<u16>, advertised: Option<&str>) -> Result<DevBroker, String> {
         let bin = tansu_path()?;
         let mut last = String::new();
         for _ in 0..5 {
@@ -63,13 +73,14 @@ impl DevBroker {
             };
             let addr = format!("127.0.0.1:{port}");
             let url = format!("tcp://{addr}");
+            let advertised_url = advertised.map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
             let mut child = Command::new(&bin)
                 .args([
                     "broker",
                     "--listener-url",
                     &url,
                     "--advertised-listener-url",
-                    &url,
+                    &advertised_url,
                     "--storage-engine",
                     "memory://tansu/",
                 ])
