@@ -411,9 +411,23 @@ impl Shared {
             self.fail_on(rolled)?;
         }
         if self.can_commit() {
-            commit(consumer, &mut self.uncommitted)?;
+            let committed = commit(consumer, &mut self.uncommitted);
+            if roll {
+                return committed;
+            }
+            soft(committed);
         }
         Ok(())
+    }
+}
+
+/// A commit that failed mid-stream (a broker away, a coordinator moving) is not the end of the
+/// stream: the offsets stay in `uncommitted` and go with the next commit. Only the last commit
+/// of a run (and of a revoke) is reported.
+fn soft(committed: Result<(), String>) {
+    if let Err(e) = committed {
+        metrics().error("commit");
+        tracing::warn!(error = %e, "commit failed; the offsets are kept for the next one");
     }
 }
 
@@ -561,6 +575,10 @@ impl StreamContext {
                 "partitions revoked without a commit; their uncommitted records will be read again"
             ),
         }
+        // What could not be committed for them now belongs to their next owner: a later
+        // commit by this consumer would move the next owner's offsets.
+        let revoked = &shared.revoked;
+        shared.uncommitted.retain(|tp, _| !revoked.contains(tp));
     }
 }
 
@@ -1215,7 +1233,7 @@ impl Batcher<'_> {
         }
         let t_sink = t0.elapsed();
         if s.can_commit() {
-            commit(self.consumer, &mut s.uncommitted)?;
+            soft(commit(self.consumer, &mut s.uncommitted));
         }
         drop(guard);
         tracing::debug!(
