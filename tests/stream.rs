@@ -1219,6 +1219,61 @@ sink:
     assert!(counts.values().all(|&c| c == 1), "read again, written once");
 }
 
+/// Runs `pipeline` `lives` times, each life ended by `kill -9` at a random moment, and returns
+/// `progress()` after each kill. A restart joins the group once the killed member's session
+/// (6 s) has expired. Every other life is killed at a random moment from its start (often during
+/// the join); the others within 3 s of their assignment, while batches run, write and roll.
+fn kill_at_random_moments(
+    pipeline: &Path,
+    lives: usize,
+    mut progress: impl FnMut() -> usize,
+) -> Vec<usize> {
+    let dir = pipeline.parent().unwrap();
+    // A small deterministic generator, seeded from the clock (printed, to replay a failure).
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill seed: {seed}");
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        seed >> 33
+    };
+    let mut after = Vec::new();
+    for life in 0..lives {
+        let mut child = spawn(pipeline, &[]);
+        if life % 2 == 1 {
+            // This life's log: the one with the highest number.
+            let log = std::fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let n = name
+                        .strip_prefix("ferry-")?
+                        .strip_suffix(".log")?
+                        .parse::<u32>()
+                        .ok()?;
+                    Some((n, e.path()))
+                })
+                .max()
+                .unwrap()
+                .1;
+            wait_for("an assignment", pipeline, Duration::from_secs(60), || {
+                std::fs::read_to_string(&log).is_ok_and(|l| l.contains("assigned"))
+            });
+            std::thread::sleep(Duration::from_millis(next() % 3000));
+        } else {
+            std::thread::sleep(Duration::from_millis(500 + next() % 8000));
+        }
+        kill9(&mut child);
+        after.push(progress());
+    }
+    after
+}
+
 /// Exactly-once Parquet under repeated crashes: ten `kill -9` at random moments (during
 /// start-up, the group join, processing, writing, rolling), then a run to the end. Every record
 /// is in the files exactly once and no temporary is left.
@@ -1262,55 +1317,7 @@ sink:
             out = out.display(),
         ),
     );
-    // A small deterministic generator, seeded from the clock (printed, to replay a failure).
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("kill seed: {seed}");
-    let mut next = move || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        seed >> 33
-    };
-    let mut written = Vec::new();
-    for life in 0..10 {
-        let mut child = spawn(&pipeline, &[]);
-        // A restart joins the group once the killed member's session (6 s) has expired. Every
-        // other life is killed at a random moment from its start (often during the join); the
-        // others within 3 s of their assignment, while batches run, write and roll.
-        if life % 2 == 1 {
-            // This life's log: the one with the highest number.
-            let log = std::fs::read_dir(dir.path())
-                .unwrap()
-                .flatten()
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let n = name
-                        .strip_prefix("ferry-")?
-                        .strip_suffix(".log")?
-                        .parse::<u32>()
-                        .ok()?;
-                    Some((n, e.path()))
-                })
-                .max()
-                .unwrap()
-                .1;
-            wait_for("an assignment", &pipeline, Duration::from_secs(60), || {
-                std::fs::read_to_string(&log).is_ok_and(|l| l.contains("assigned"))
-            });
-            std::thread::sleep(Duration::from_millis(next() % 3000));
-        } else {
-            std::thread::sleep(Duration::from_millis(500 + next() % 8000));
-        }
-        kill9(&mut child);
-        written.push(if out.is_dir() {
-            parquet_offsets(&out).0.len()
-        } else {
-            0
-        });
-    }
+    let written = kill_at_random_moments(&pipeline, 10, || parquet_offsets(&out).0.len());
     eprintln!("records in files after each kill: {written:?}");
     let mut child = spawn(&pipeline, &["--until-idle", "4s"]);
     assert!(child.wait().unwrap().success(), "{}", logs(&pipeline));
@@ -1760,4 +1767,73 @@ sink:
     );
     assert!(counts.values().all(|&c| c == 1), "nothing twice");
     assert_no_temporaries(&out);
+}
+
+/// At-least-once Kafka → Kafka under ten `kill -9` at random moments, then a run to the end:
+/// every record reaches the output topic, and each kill redoes at most the micro-batches that
+/// were not acknowledged and committed (3 in flight plus the one being processed).
+#[test]
+fn at_least_once_kafka_survives_ten_kill_9s_with_bounded_duplicates() {
+    let broker = DevBroker::start().unwrap();
+    let (input, output) = (unique("in"), unique("out"));
+    create_topic(&broker.addr, &input, 3);
+    create_topic(&broker.addr, &output, 3);
+    let n = 20000;
+    let batch = 10;
+    produce(&broker.addr, &input, &json_texts(n));
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"
+name: copies
+source:
+  kafka:
+    brokers: {brokers}
+    topics: [{input}]
+    group_id: {group}
+    columns: {{id: int64, text: string}}
+    max_batch_rows: {batch}
+    max_batch_wait: 50ms
+    properties:
+      {FAST_GROUP}
+steps:
+  - operator: tiny_sentiment
+    inputs: [text]
+sink:
+  kafka:
+    topic: {output}
+    key: id
+"#,
+            brokers = broker.addr,
+            group = unique("g"),
+        ),
+    );
+    let kills = 10;
+    let counted = kill_at_random_moments(&pipeline, kills, || 0);
+    assert_eq!(counted.len(), kills);
+    let mut child = spawn(&pipeline, &["--until-idle", "4s"]);
+    assert!(child.wait().unwrap().success(), "{}", logs(&pipeline));
+    let got = consume(&broker.addr, &output, n, Duration::from_secs(120), &[]);
+    let mut per_id: HashMap<i64, usize> = HashMap::new();
+    for m in &got {
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        *per_id.entry(v["id"].as_i64().unwrap()).or_default() += 1;
+    }
+    let lost: Vec<i64> = (0..n as i64).filter(|i| !per_id.contains_key(i)).collect();
+    assert!(
+        lost.is_empty(),
+        "lost {} records, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let duplicates = got.len() - n;
+    let bound = kills * 4 * batch;
+    eprintln!(
+        "at-least-once after {kills} kill -9: {duplicates} duplicates of {n} (bound {bound})"
+    );
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates (bound {bound})"
+    );
 }
