@@ -112,16 +112,39 @@ fn plain_loop(brokers: &str, topic: &str, n: usize, copy_to: Option<&str>) -> f6
 }
 
 /// A plain rdkafka loop doing the work of the Kafka → Parquet pipeline by hand: consume `n`
-/// records, decode their JSON in blocks of 1,024 with arrow-json, write them to one Parquet file.
+/// records, decode their JSON in blocks of 1,024 with arrow-json, add the lineage columns ferry
+/// adds (`_topic`, `_partition`, `_offset`, `_timestamp`), and write them to one Parquet file
+/// with the rolling sink's default writer properties (zstd): the same columns and bytes as
+/// ferry's output.
 fn plain_parquet_loop(brokers: &str, topic: &str, n: usize, out: &Path) -> f64 {
-    use ferry::datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use ferry::datafusion::arrow::array::{
+        ArrayRef, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
+        TimestampMillisecondBuilder,
+    };
+    use ferry::datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     use ferry::datafusion::arrow::json::ReaderBuilder;
     use ferry::datafusion::parquet::arrow::ArrowWriter;
     use std::sync::Arc;
-    let schema = Arc::new(Schema::new(vec![
+    let payload = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, true),
         Field::new("text", DataType::Utf8, true),
     ]));
+    let mut fields: Vec<Field> = payload
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.extend([
+        Field::new("_topic", DataType::Utf8, false),
+        Field::new("_partition", DataType::Int32, false),
+        Field::new("_offset", DataType::Int64, false),
+        Field::new(
+            "_timestamp",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        ),
+    ]);
+    let schema = Arc::new(Schema::new(fields));
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("plain-pq"))
@@ -130,29 +153,58 @@ fn plain_parquet_loop(brokers: &str, topic: &str, n: usize, out: &Path) -> f64 {
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
-    let mut writer =
-        ArrowWriter::try_new(std::fs::File::create(out).unwrap(), schema.clone(), None).unwrap();
-    let mut decoder = ReaderBuilder::new(schema.clone())
+    let props = ferry::spec::ParquetCompression::default().writer_properties();
+    let mut writer = ArrowWriter::try_new(
+        std::fs::File::create(out).unwrap(),
+        schema.clone(),
+        Some(props),
+    )
+    .unwrap();
+    let mut decoder = ReaderBuilder::new(payload.clone())
         .with_batch_size(1024)
         .build_decoder()
         .unwrap();
+    let mut lineage = (
+        StringBuilder::new(),
+        Int32Builder::new(),
+        Int64Builder::new(),
+        TimestampMillisecondBuilder::new().with_timezone("UTC"),
+    );
+    let mut flush = |decoder: &mut ferry::datafusion::arrow::json::reader::Decoder,
+                     lineage: &mut (
+        StringBuilder,
+        Int32Builder,
+        Int64Builder,
+        TimestampMillisecondBuilder,
+    )| {
+        if let Some(b) = decoder.flush().unwrap() {
+            let mut columns: Vec<ArrayRef> = b.columns().to_vec();
+            columns.push(Arc::new(lineage.0.finish()));
+            columns.push(Arc::new(lineage.1.finish()));
+            columns.push(Arc::new(lineage.2.finish()));
+            columns.push(Arc::new(lineage.3.finish().with_timezone("UTC")));
+            writer
+                .write(&RecordBatch::try_new(schema.clone(), columns).unwrap())
+                .unwrap();
+        }
+    };
     let mut first = None;
     let mut seen = 0;
     while seen < n {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             first.get_or_insert_with(Instant::now);
             decoder.decode(m.payload().unwrap()).unwrap();
+            lineage.0.append_value(m.topic());
+            lineage.1.append_value(m.partition());
+            lineage.2.append_value(m.offset());
+            lineage.3.append_option(m.timestamp().to_millis());
             seen += 1;
-            if seen % 1024 == 0
-                && let Some(b) = decoder.flush().unwrap()
-            {
-                writer.write(&b).unwrap();
+            if seen % 1024 == 0 {
+                flush(&mut decoder, &mut lineage);
             }
         }
     }
-    if let Some(b) = decoder.flush().unwrap() {
-        writer.write(&b).unwrap();
-    }
+    flush(&mut decoder, &mut lineage);
     writer.close().unwrap();
     n as f64 / first.unwrap().elapsed().as_secs_f64()
 }

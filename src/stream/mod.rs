@@ -773,6 +773,7 @@ pub fn run(
     let mut last_status = Instant::now();
     let mut first_record: Option<Instant> = None;
     let ctx = Batcher {
+        max_rows,
         frame: &frame,
         slot: &slot,
         decoder: &decoder,
@@ -926,8 +927,16 @@ fn status_line(quiet: bool) -> indicatif::ProgressBar {
     bar
 }
 
+fn plan_panicked() -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::Execution(
+        "the micro-batch's plan stopped without a result (it panicked)".into(),
+    )
+}
+
 /// Everything one micro-batch needs.
 struct Batcher<'a> {
+    /// `max_batch_rows`: how many records of the next batch are taken while one runs.
+    max_rows: usize,
     frame: &'a DataFrame,
     slot: &'a Arc<Mutex<Vec<RecordBatch>>>,
     decoder: &'a Decoder,
@@ -983,10 +992,11 @@ impl Batcher<'_> {
 
     /// Runs the plan over the micro-batch in `slot` on the runtime while this thread keeps
     /// serving the consumer, so a batch longer than `max.poll.interval.ms` does not get it
-    /// evicted from the group. Rebalance callbacks run here as they come; once the batch has run
-    /// for a while its partitions are paused, so records taken meanwhile (into `pending`, for
-    /// the next batch) stay few. Returns the plan's result and the partitions revoked while it
-    /// ran.
+    /// evicted from the group. Meanwhile the next batch's records are taken (into `pending`, up
+    /// to `max_batch_rows`), so polling overlaps the plan; once that is full and the batch has
+    /// run for a while, the partitions are paused and the consumer only served. Rebalance
+    /// callbacks run here as they come. Returns the plan's result and the partitions revoked
+    /// while it ran.
     fn run_plan(
         &self,
         pending: &mut Vec<Record>,
@@ -1005,24 +1015,36 @@ impl Batcher<'_> {
         let mut paused: Option<TopicPartitionList> = None;
         let mut topics = HashMap::new();
         let result = loop {
-            match rx.recv_timeout(SERVE_EVERY) {
+            match rx.try_recv() {
                 Ok(result) => break result,
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    break Err(datafusion::error::DataFusionError::Execution(
-                        "the micro-batch's plan stopped without a result (it panicked)".into(),
-                    ));
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break Err(plan_panicked()),
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
             }
-            let polled = self.consumer.poll(Duration::ZERO);
+            // Until the next batch is full, take its records while this one runs (polling
+            // overlaps the plan); then only serve the consumer.
+            let filling = paused.is_none() && pending.len() < self.max_rows;
+            let polled = if filling {
+                self.consumer.poll(Duration::from_millis(1))
+            } else {
+                match rx.recv_timeout(SERVE_EVERY) {
+                    Ok(result) => break result,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        break Err(plan_panicked());
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                self.consumer.poll(Duration::ZERO)
+            };
             revoked.extend(self.drop_revoked(seen_generation, pending));
             match polled {
                 Some(Ok(m)) => pending.push(record_of(&m, &mut topics)),
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer"),
                 None => {}
             }
-            // Pause what is assigned now (a rebalance brings unpaused partitions).
-            if started.elapsed() >= PAUSE_AFTER
+            // A long batch with the next one full: pause what is assigned now (a rebalance
+            // brings unpaused partitions).
+            if pending.len() >= self.max_rows
+                && started.elapsed() >= PAUSE_AFTER
                 && let Ok(assigned) = self.consumer.assignment()
                 && paused
                     .as_ref()
