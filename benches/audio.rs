@@ -34,7 +34,7 @@ mod common;
 
 use common::{env_usize, python_venv, run_pipeline};
 use datafusion::arrow::array::{Array, AsArray};
-use ferry::engine::OperatorSet;
+use ferry::ops::OperatorSet;
 
 /// The recordings (made once) and what was spoken in each.
 fn speech(root: &Path, minutes: usize) -> (PathBuf, Vec<(PathBuf, f64, String)>) {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use common::{bench_texts, env_usize, jsonl_to_parquet, run_pipeline};
-use ferry::engine::OperatorSet;
+use ferry::ops::OperatorSet;
 
 /// Writes `texts` (with ids) as Parquet through a query over JSON Lines.
 async fn parquet_of(work: &Path, name: &str, texts: &[String]) -> PathBuf {

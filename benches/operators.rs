@@ -19,8 +19,9 @@ mod common;
 use common::{bench_texts, env_usize, median};
 use ferry::datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
 use ferry::datafusion::datasource::MemTable;
-use ferry::engine::{OperatorSet, session_context};
+use ferry::engine::session_context;
 use ferry::ops::Operator;
+use ferry::ops::OperatorSet;
 
 /// The operator's own calls over the same argument columns (same windows, same chunks),
 /// prepared outside the timing: only `Session::run` is timed.

@@ -17,8 +17,8 @@ mod common;
 
 use common::{bench_texts, env_usize, jsonl_to_parquet, median, peak_rss_mb, run_pipeline};
 use ferry::datafusion::arrow::array::{ArrayRef, StringArray};
-use ferry::engine::OperatorSet;
 use ferry::ops::Operator;
+use ferry::ops::OperatorSet;
 
 /// The benchmark texts, as Parquet (for ferry) and in memory (for the baseline).
 async fn prepare(root: &Path, work: &Path, rows: usize) -> (PathBuf, Vec<String>) {

@@ -27,7 +27,7 @@ use std::time::Instant;
 mod common;
 
 use common::{env_usize, median, peak_rss_mb, python_venv, run_pipeline};
-use ferry::engine::OperatorSet;
+use ferry::ops::OperatorSet;
 use ferry::ops::image::processor::{Layout, Processor, ProcessorOptions};
 use ferry::ops::image::resample::{Filter, pil_resize};
 use ferry::ops::image::{DEFAULT_MAX_PIXELS, Pixels, decode};

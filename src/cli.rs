@@ -208,7 +208,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics,
         } => {
             if let Some(addr) = metrics {
-                let bound = crate::stream::metrics::serve(&addr)
+                let bound = crate::metrics::serve(&addr)
                     .await
                     .with_context(|| format!("serving metrics on {addr}"))?;
                 eprintln!("metrics on http://{bound}/metrics");
@@ -312,7 +312,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Operators => {
             let manifests = crate::ops::load_manifests(&cli.operators)?;
-            let mut set = engine::OperatorSet::new(manifests);
+            let mut set = crate::ops::OperatorSet::new(manifests);
             println!("{}", operators_table(&mut set)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -389,7 +389,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// One row per operator: name, task, model directory, model hash, input and output types. An
 /// operator whose model cannot be loaded shows why in the output column.
-fn operators_table(set: &mut engine::OperatorSet) -> anyhow::Result<String> {
+fn operators_table(set: &mut crate::ops::OperatorSet) -> anyhow::Result<String> {
     use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
     use std::sync::Arc;
     let names: Vec<String> = set.names().into_iter().map(str::to_string).collect();

@@ -1,6 +1,5 @@
 //! Planning and running a pipeline: source table → SQL and operator steps → sink.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use datafusion::logical_expr::Expr;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
-use crate::ops::{self, LoadedManifest, Operator};
+use crate::ops::{self, Operator, OperatorSet};
 use crate::sink::{SinkWriter, check_schema};
 use crate::source;
 use crate::spec::{Diagnostic, Diagnostics, LoadedPipeline};
@@ -50,60 +49,6 @@ pub fn session_context_for(tasks: impl IntoIterator<Item = ops::TaskKind>) -> Se
     ctx.register_udf(ops::similarity::cosine_similarity());
     ctx.register_udtf("files", Arc::new(source::files::FilesFunction));
     ctx
-}
-
-/// Operators built so far, by name; each model is loaded once per process.
-#[derive(Default)]
-pub struct OperatorSet {
-    manifests: Vec<LoadedManifest>,
-    built: HashMap<String, Operator>,
-}
-
-impl OperatorSet {
-    pub fn new(manifests: Vec<LoadedManifest>) -> Self {
-        OperatorSet {
-            manifests,
-            built: HashMap::new(),
-        }
-    }
-
-    pub fn manifests(&self) -> &[LoadedManifest] {
-        &self.manifests
-    }
-
-    pub fn names(&self) -> Vec<&str> {
-        self.manifests
-            .iter()
-            .map(|m| m.manifest.name.as_str())
-            .collect()
-    }
-
-    /// The operator `name`, loading its model on first use.
-    pub fn get(&mut self, name: &str) -> Result<&Operator, String> {
-        if !self.built.contains_key(name) {
-            let manifest = self
-                .manifests
-                .iter()
-                .find(|m| m.manifest.name == name)
-                .ok_or_else(|| {
-                    format!(
-                        "unknown operator '{name}' (known: {})",
-                        if self.manifests.is_empty() {
-                            "none".to_string()
-                        } else {
-                            self.names().join(", ")
-                        }
-                    )
-                })?;
-            let op = ops::build(manifest).map_err(|e| format!("operator '{name}': {e}"))?;
-            self.built.insert(name.to_string(), op);
-        }
-        Ok(&self.built[name])
-    }
-
-    pub fn built(&self) -> impl Iterator<Item = &Operator> {
-        self.built.values()
-    }
 }
 
 /// A planned pipeline, ready to run.

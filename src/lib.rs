@@ -6,11 +6,13 @@
 //! - [`runtime`]: ONNX Runtime loading, model directories and the session pool.
 //! - [`engine`]: planning and running a pipeline; [`query`]: `ferry query`; [`render`]:
 //!   `ferry render`.
-//! - [`stream`]: Kafka sources and streaming sinks, micro-batches, commits, metrics.
+//! - [`stream`]: Kafka sources and streaming sinks, micro-batches, commits.
+//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 
 pub mod cli;
 pub mod engine;
 pub mod fetch;
+pub mod metrics;
 pub mod ops;
 pub mod query;
 pub mod render;

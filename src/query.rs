@@ -6,7 +6,8 @@ use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
-use crate::engine::{OperatorSet, session_context_for};
+use crate::engine::session_context_for;
+use crate::ops::OperatorSet;
 use crate::sink::{SinkWriter, sink_for_path};
 use crate::source;
 

@@ -532,7 +532,7 @@ async fn silero_vad_segments_match_the_package() {
     let names: Vec<String> = clip_names(&g).into_iter().filter(|n| exact(n)).collect();
     let ctx = ferry::engine::session_context();
     let manifests = ferry::ops::load_manifests(&root().join("operators")).unwrap();
-    let mut set = ferry::engine::OperatorSet::new(manifests);
+    let mut set = ferry::ops::OperatorSet::new(manifests);
     ctx.register_udf(set.get("silero_vad").unwrap().udf.clone());
     register_clips(&ctx, &names);
     register_samples(&ctx, &[("long", long_clip(), 16000)]);
@@ -952,7 +952,7 @@ fn timestamp_levels_are_checked_against_the_model() {
         )
         .unwrap();
     }
-    let mut set = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
+    let mut set = ferry::ops::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
     for (op, _, _, says) in cases {
         let err = set.get(op).map(|_| ()).unwrap_err();
         assert!(err.contains(says), "{op}: {err}");

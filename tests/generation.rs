@@ -434,7 +434,7 @@ async fn generation_needs_logits_tokens_and_a_possible_search() {
 
 /// A context with one generation operator per (model, search) of the goldens, written as
 /// manifests the way a user would: the pipeline's task, the model directory, and the search.
-fn generation_operators(dir: &Path) -> ferry::engine::OperatorSet {
+fn generation_operators(dir: &Path) -> ferry::ops::OperatorSet {
     let g = goldens();
     for (model, task) in [
         ("tiny-gpt2-gen", "generate"),
@@ -474,7 +474,7 @@ fn generation_operators(dir: &Path) -> ferry::engine::OperatorSet {
             .unwrap();
         }
     }
-    ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir).unwrap())
+    ferry::ops::OperatorSet::new(ferry::ops::load_manifests(dir).unwrap())
 }
 
 /// The operators over SQL give the pipelines' texts (`generated_text` with
@@ -601,7 +601,7 @@ async fn generation_operators_refuse_bad_settings_and_keep_nulls() {
         "tiny-bart-gen",
         "{generation: {beams: 2}}",
     );
-    let mut ops = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+    let mut ops = ferry::ops::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
     for (name, says) in [
         ("seq2seq_as_generate", "summarize or translate"),
         ("decoder_only_as_translate", "decoder-only"),
@@ -725,7 +725,7 @@ async fn smollm2_chat_matches_transformers_when_built() {
         ),
     )
     .unwrap();
-    let mut ops = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+    let mut ops = ferry::ops::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
     let ctx = ferry::engine::session_context();
     ctx.register_udf(ops.get("smollm2").unwrap().udf.clone());
     let prompts: Vec<Option<&str>> = rows.iter().map(|r| r["prompt"].as_str()).collect();
@@ -791,7 +791,7 @@ async fn sampling_is_reproducible_and_independent_of_batches() {
         )
         .unwrap();
     }
-    let mut ops = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+    let mut ops = ferry::ops::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
     let ctx = ferry::engine::session_context();
     for name in ["sample_a", "sample_b", "sample_c", "greedy"] {
         ctx.register_udf(ops.get(name).unwrap().udf.clone());
@@ -864,7 +864,7 @@ async fn conversations_and_stop_strings_match_the_pipeline() {
             format!(", stop_strings: {}", s["stop"]),
         );
     }
-    let mut ops = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+    let mut ops = ferry::ops::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
     let ctx = ferry::engine::session_context();
     for name in ["chat", "no_template", "stop0", "stop1", "stop2"] {
         ctx.register_udf(ops.get(name).unwrap().udf.clone());

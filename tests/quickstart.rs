@@ -2,7 +2,8 @@
 
 use ferry::datafusion::arrow::array::{Array, AsArray};
 use ferry::datafusion::arrow::datatypes::{Float32Type, Int64Type};
-use ferry::engine::{OperatorSet, execute, plan, session_context};
+use ferry::engine::{execute, plan, session_context};
+use ferry::ops::OperatorSet;
 use ferry::spec::{ParquetCompression, ParquetSink, Sink};
 
 use crate::util::*;

@@ -7,7 +7,8 @@ use ferry::datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
 use ferry::datafusion::arrow::datatypes::{DataType, Field, Schema};
 use ferry::datafusion::datasource::MemTable;
 use ferry::datafusion::prelude::SessionContext;
-use ferry::engine::{OperatorSet, session_context};
+use ferry::engine::session_context;
+use ferry::ops::OperatorSet;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -170,7 +171,7 @@ pub fn context_with_manifests(
         .unwrap();
     }
     let ctx = ferry::engine::session_context();
-    let mut set = ferry::engine::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
+    let mut set = ferry::ops::OperatorSet::new(ferry::ops::load_manifests(dir.path()).unwrap());
     for (name, _) in manifests {
         let op = set.get(name).unwrap_or_else(|e| panic!("{e}"));
         ctx.register_udf(op.udf.clone());

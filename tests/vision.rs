@@ -686,7 +686,7 @@ async fn real_yolov8n_matches_the_packages_own_detector() {
     let names = golden_images(&g);
     let ctx = ferry::engine::session_context();
     let manifests = ferry::ops::load_manifests(&root().join("operators")).unwrap();
-    let mut set = ferry::engine::OperatorSet::new(manifests);
+    let mut set = ferry::ops::OperatorSet::new(manifests);
     ctx.register_udf(set.get("nudenet").unwrap().udf.clone());
     register_images(&ctx, &names);
     let batches = sql(&ctx, "SELECT name, nudenet(bytes) FROM imgs").await;

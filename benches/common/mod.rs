@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use ferry::engine::{OperatorSet, execute, plan};
+use ferry::engine::{execute, plan};
+use ferry::ops::OperatorSet;
 
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -806,8 +806,7 @@ impl<T: Task> Core<T> {
         self.stats
             .progress_milli
             .fetch_add((rows - ran) as u64 * 1000, Ordering::Relaxed);
-        crate::stream::metrics::metrics()
-            .operator_latency(&self.name, started.elapsed().as_secs_f64());
+        crate::metrics::metrics().operator_latency(&self.name, started.elapsed().as_secs_f64());
         Ok(ColumnarValue::Array(out))
     }
 }

@@ -22,6 +22,7 @@ pub mod generation;
 pub mod image;
 pub mod manifest;
 pub mod segment;
+pub mod set;
 pub mod similarity;
 pub mod summarize;
 pub mod tag_tokens;
@@ -39,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use manifest::{LoadedManifest, Manifest, load_manifests};
+pub use set::OperatorSet;
 
 use self::core::{ArgKind, Baseline, Core, MODEL, ModelUdf, OpStats, Task};
 use crate::runtime::model_dir::ModelError;

@@ -13,7 +13,6 @@
 pub mod decode;
 pub mod devbroker;
 pub mod kafka;
-pub mod metrics;
 pub mod rolling;
 pub mod table;
 
@@ -35,13 +34,13 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext};
 
-use crate::engine::OperatorSet;
+use crate::metrics::metrics;
+use crate::ops::OperatorSet;
 use crate::spec::{
     DeadLetter, Delivery, KafkaSource, OnError, Pipeline, Sink, Source, StartPosition,
 };
 use decode::{Decoder, Record};
 use kafka::{Producer_, RecordEncoder};
-use metrics::metrics;
 use rolling::{Ranges, RollingWriter};
 
 /// How often the consumer is served while a micro-batch runs.
