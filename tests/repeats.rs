@@ -219,7 +219,7 @@ async fn the_inference_cache_runs_only_new_rows() {
         let first = {
             let ctx = ferry::engine::session_context();
             let mut ops =
-                ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+                ferry::ops::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
             let op = ops.get(name).unwrap().clone();
             ctx.register_udf(op.udf.clone());
             let refs: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
@@ -234,8 +234,7 @@ async fn the_inference_cache_runs_only_new_rows() {
         };
         // A new process: the operator reads the cache's segments when it loads.
         let ctx = ferry::engine::session_context();
-        let mut ops =
-            ferry::engine::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+        let mut ops = ferry::ops::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
         let op = ops.get(name).unwrap().clone();
         assert_eq!(op.cache.as_ref().unwrap().len(), texts.len());
         ctx.register_udf(op.udf.clone());
@@ -259,5 +258,49 @@ async fn the_inference_cache_runs_only_new_rows() {
         register_texts(&plain, &refs);
         let want = rendered(&sql(&plain, &format!("SELECT {base}(text) FROM t ORDER BY id")).await);
         assert_eq!(again, want, "{name}: the cache changes no result");
+    }
+}
+
+/// Rows that fail are not cached: in a new process the good rows come from the cache, and the
+/// bad one is tried again (and fails again) instead of being served as a stored failure.
+#[tokio::test]
+async fn the_inference_cache_keeps_no_failed_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    cached_operator(tmp.path(), "cached_sentiment", "tiny_sentiment", &cache);
+    let values: Vec<Option<&[u8]>> = vec![
+        Some(b"fine text"),
+        Some(b"\xff\xfe not utf-8"),
+        Some(b"other text"),
+    ];
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "bytes",
+        DataType::Binary,
+        true,
+    )]));
+    for run in 0..2 {
+        let ctx = ferry::engine::session_context();
+        let mut ops = ferry::ops::OperatorSet::new(ferry::ops::load_manifests(tmp.path()).unwrap());
+        let op = ops.get("cached_sentiment").unwrap().clone();
+        if run == 1 {
+            assert_eq!(
+                op.cache.as_ref().unwrap().len(),
+                2,
+                "only the good rows stored"
+            );
+        }
+        ctx.register_udf(op.udf.clone());
+        let bytes: ArrayRef = Arc::new(BinaryArray::from(values.clone()));
+        let batch = RecordBatch::try_new(schema.clone(), vec![bytes]).unwrap();
+        ctx.register_table(
+            "b",
+            Arc::new(MemTable::try_new(schema.clone(), vec![vec![batch]]).unwrap()),
+        )
+        .unwrap();
+        let got = labels(&sql(&ctx, "SELECT cached_sentiment(bytes) FROM b").await, 0);
+        assert!(got[0].is_some() && got[2].is_some(), "run {run}");
+        assert_eq!(got[1], None, "run {run}");
+        assert_eq!(op.row_errors(), 1, "run {run}: the bad row fails (again)");
+        assert_eq!(op.model_rows(), if run == 0 { 2 } else { 0 }, "run {run}");
     }
 }

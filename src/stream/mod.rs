@@ -1093,17 +1093,18 @@ impl Batcher<'_> {
         self.slot.lock().expect("micro-batch slot").clear();
         let mut outputs =
             result.map_err(|e| format!("running the pipeline on a micro-batch: {e}"))?;
-        if self.discard_if_revoked(&records, &revoked, pending) {
-            return Ok(());
-        }
-        let t_plan = t0.elapsed();
-
-        // Rows an operator could not process, located by their lineage.
+        // Rows an operator could not process, located by their lineage (taken even from a
+        // discarded batch, so they are not laid at the next one's door).
         let failures: Vec<_> = self
             .operators
             .built()
             .flat_map(|op| op.take_failures())
             .collect();
+        if self.discard_if_revoked(&records, &revoked, pending) {
+            return Ok(());
+        }
+        let t_plan = t0.elapsed();
+
         let mut failed_rows: HashSet<(String, i32, i64)> = HashSet::new();
         if !failures.is_empty() {
             let index: HashMap<(&str, i32, i64), usize> = records
