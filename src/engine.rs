@@ -203,7 +203,7 @@ fn operator_step(
     // A stream passes each row's source record, so a row the operator cannot process can be
     // dead-lettered (when a SQL step dropped the lineage columns, it cannot).
     if stream {
-        use crate::stream::decode::{OFFSET, PARTITION, TOPIC};
+        use crate::source::kafka::{OFFSET, PARTITION, TOPIC};
         let lineage = [TOPIC, PARTITION, OFFSET].map(Column::from_name);
         if lineage.iter().all(|c| schema.field_from_column(c).is_ok()) {
             args.extend(lineage.into_iter().map(Expr::Column));
@@ -306,11 +306,11 @@ pub async fn execute(
 enum BatchOutput {
     File(SinkWriter),
     Kafka {
-        producer: crate::stream::kafka::Producer_,
-        encoder: crate::stream::kafka::RecordEncoder,
+        producer: crate::sink::kafka::Producer_,
+        encoder: crate::sink::kafka::RecordEncoder,
         rows: u64,
     },
-    Rolling(crate::stream::rolling::RollingWriter, u64),
+    Rolling(crate::sink::rolling::RollingWriter, u64),
 }
 
 impl BatchOutput {
@@ -318,8 +318,8 @@ impl BatchOutput {
         sink: &crate::spec::Sink,
         schema: Arc<datafusion::arrow::datatypes::Schema>,
     ) -> Result<Self, DataFusionError> {
+        use crate::sink::kafka;
         use crate::spec::Sink;
-        use crate::stream::kafka;
         Ok(match sink {
             Sink::Kafka(k) => {
                 let brokers = k.brokers.as_deref().ok_or_else(|| {
@@ -334,7 +334,7 @@ impl BatchOutput {
                 }
             }
             Sink::RollingParquet(r) => BatchOutput::Rolling(
-                crate::stream::rolling::RollingWriter::new(r, schema)
+                crate::sink::rolling::RollingWriter::new(r, schema)
                     .map_err(DataFusionError::Plan)?,
                 0,
             ),
@@ -346,7 +346,7 @@ impl BatchOutput {
         &mut self,
         batch: &datafusion::arrow::record_batch::RecordBatch,
     ) -> Result<(), DataFusionError> {
-        use crate::stream::kafka;
+        use crate::sink::kafka;
         match self {
             BatchOutput::File(w) => w.write(batch),
             BatchOutput::Kafka {
@@ -373,7 +373,7 @@ impl BatchOutput {
         match self {
             BatchOutput::File(w) => w.finish(),
             BatchOutput::Kafka { producer, rows, .. } => {
-                crate::stream::kafka::flush(&producer).map_err(DataFusionError::Execution)?;
+                crate::sink::kafka::flush(&producer).map_err(DataFusionError::Execution)?;
                 Ok(rows)
             }
             BatchOutput::Rolling(mut w, rows) => {

@@ -6,7 +6,7 @@
 //! - [`runtime`]: ONNX Runtime loading, model directories and the session pool.
 //! - [`engine`]: planning and running a pipeline; [`query`]: `ferry query`; [`render`]:
 //!   `ferry render`.
-//! - [`stream`]: Kafka sources and streaming sinks, micro-batches, commits.
+//! - [`stream`]: the micro-batch loop over a Kafka source: offsets, commits, rebalances.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 
 pub mod cli;

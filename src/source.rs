@@ -4,6 +4,7 @@
 //! a bounded file and an unbounded stream.
 
 pub mod files;
+pub mod kafka;
 
 use std::path::Path;
 
@@ -76,7 +77,7 @@ pub async fn register(ctx: &SessionContext, name: &str, source: &Source) -> Resu
             ctx.register_csv(name, &c.path, options).await
         }
         Source::Kafka(k) => {
-            let decoder = crate::stream::decode::Decoder::new(k).map_err(DataFusionError::Plan)?;
+            let decoder = crate::source::kafka::Decoder::new(k).map_err(DataFusionError::Plan)?;
             ctx.register_table(
                 name,
                 std::sync::Arc::new(crate::stream::table::MicroBatchTable::new(decoder.schema())),

@@ -975,7 +975,7 @@ impl<T: Task> ModelUdf<T> {
 /// (`_topic`, `_partition`, `_offset`), which the pipeline adds to each operator step so that
 /// a row the operator cannot process can be dead-lettered. Users never pass them.
 fn task_arity(fields: &[FieldRef]) -> usize {
-    use crate::stream::decode::{OFFSET, PARTITION, TOPIC};
+    use crate::source::kafka::{OFFSET, PARTITION, TOPIC};
     let n = fields.len();
     let lineage = n >= 3
         && [TOPIC, PARTITION, OFFSET]

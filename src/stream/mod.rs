@@ -10,10 +10,7 @@
 //! and pauses the partitions of a long batch; a rebalance that takes a partition of the
 //! running batch discards the batch's rows, to be read again.
 
-pub mod decode;
 pub mod devbroker;
-pub mod kafka;
-pub mod rolling;
 pub mod table;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -36,12 +33,12 @@ use rdkafka::{ClientConfig, ClientContext};
 
 use crate::metrics::metrics;
 use crate::ops::OperatorSet;
+use crate::sink::kafka::{self, Producer_, RecordEncoder};
+use crate::sink::rolling::{self, Ranges, RollingWriter};
+use crate::source::kafka::{self as decode, Decoder, Record};
 use crate::spec::{
     DeadLetter, Delivery, KafkaSource, OnError, Pipeline, Sink, Source, StartPosition,
 };
-use decode::{Decoder, Record};
-use kafka::{Producer_, RecordEncoder};
-use rolling::{Ranges, RollingWriter};
 
 /// How often the consumer is served while a micro-batch runs.
 const SERVE_EVERY: Duration = Duration::from_millis(100);

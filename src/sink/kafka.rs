@@ -18,7 +18,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
-use super::decode::{LINEAGE, OFFSET, PARTITION, Record, TOPIC};
+use crate::source::kafka::{LINEAGE, OFFSET, PARTITION, Record, TOPIC};
 use crate::spec::{KafkaSink, SinkFormat};
 
 /// How long to wait for the broker on flushes and transactions before failing the batch.

@@ -1,4 +1,8 @@
-//! Sinks: writing result batches to a file that appears under its final name only when complete.
+//! Sinks: writing result batches to a file that appears under its final name only when complete
+//! (here), to Kafka ([`kafka`]) and to rolled Parquet files ([`rolling`]).
+
+pub mod kafka;
+pub mod rolling;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
