@@ -11,7 +11,7 @@
 //! temporary name and renamed into place, so readers never see half a segment, and several
 //! processes may share a cache (a segment that cannot be read, e.g. after a power cut, is
 //! skipped and its rows run again). At start an operator reads the keys of every segment; a hit
-//! reads its value from its segment. Rows that failed are never cached (they fail again, and
+//! reads its value from its segment, whose values then stay in memory (bounded) for later hits. Rows that failed are never cached (they fail again, and
 //! streams dead-letter them again); a row whose output is null is not cached either.
 
 use std::collections::HashMap;
@@ -92,12 +92,23 @@ pub fn model_hash_once(once: &std::sync::OnceLock<String>, dir: &Path) -> Result
 /// Where a cached value is: (segment, row).
 type Slot = (u32, u32);
 
+/// How many bytes of segment values an operator keeps in memory.
+pub const VALUES_IN_MEMORY: usize = 256 << 20;
+
 /// An operator's entries.
 pub struct InferenceCache {
     dir: PathBuf,
     schema: SchemaRef,
     index: Mutex<Index>,
+    /// Value columns of segments read so far, by segment.
+    values: Mutex<Values>,
     seq: AtomicU64,
+}
+
+#[derive(Default)]
+struct Values {
+    columns: HashMap<u32, ArrayRef>,
+    bytes: usize,
 }
 
 #[derive(Default)]
@@ -129,6 +140,7 @@ impl InferenceCache {
             dir,
             schema,
             index: Mutex::default(),
+            values: Mutex::default(),
             seq: AtomicU64::new(0),
         };
         let mut names: Vec<PathBuf> = segments(&cache.dir)?;
@@ -187,29 +199,54 @@ impl InferenceCache {
         keys.iter().map(|k| index.slots.get(k).copied()).collect()
     }
 
-    /// The values at `slots`, in order.
+    /// The values at `slots`, in order. A segment's values are read from disk once and kept
+    /// in memory (up to [`VALUES_IN_MEMORY`] bytes, then dropped and read again as needed), so
+    /// the micro-batches of a stream do not re-read the same segments.
     pub fn read(&self, slots: &[Slot]) -> Result<ArrayRef, String> {
-        let paths: HashMap<u32, PathBuf> = {
-            let index = self.index.lock().expect("cache index");
-            slots
-                .iter()
-                .map(|(s, _)| (*s, index.segments[*s as usize].clone()))
-                .collect()
-        };
-        // Each segment read once per call: its place in `values`.
-        let mut loaded: HashMap<u32, usize> = HashMap::new();
-        let mut values: Vec<ArrayRef> = Vec::new();
-        for (segment, path) in &paths {
-            let column = read_column(path, &self.schema, 1)?;
-            loaded.insert(*segment, values.len());
-            values.push(column);
+        let mut needed: Vec<u32> = slots.iter().map(|(s, _)| *s).collect();
+        needed.sort_unstable();
+        needed.dedup();
+        let mut values: Vec<ArrayRef> = Vec::with_capacity(needed.len());
+        for &segment in &needed {
+            values.push(self.segment_values(segment)?);
         }
         let picks: Vec<(usize, usize)> = slots
             .iter()
-            .map(|(s, row)| (loaded[s], *row as usize))
+            .map(|(s, row)| {
+                let place = needed
+                    .binary_search(s)
+                    .expect("every slot's segment was read");
+                (place, *row as usize)
+            })
             .collect();
         let refs: Vec<&dyn Array> = values.iter().map(|v| v.as_ref()).collect();
         interleave(&refs, &picks).map_err(|e| e.to_string())
+    }
+
+    /// The value column of `segment`, from memory or from its file.
+    fn segment_values(&self, segment: u32) -> Result<ArrayRef, String> {
+        if let Some(v) = self
+            .values
+            .lock()
+            .expect("cache values")
+            .columns
+            .get(&segment)
+        {
+            return Ok(Arc::clone(v));
+        }
+        let path = self.index.lock().expect("cache index").segments[segment as usize].clone();
+        let column = read_column(&path, &self.schema, 1)?;
+        let size = column.get_array_memory_size();
+        let mut memory = self.values.lock().expect("cache values");
+        if memory.bytes + size > VALUES_IN_MEMORY {
+            memory.columns.clear();
+            memory.bytes = 0;
+        }
+        if size <= VALUES_IN_MEMORY {
+            memory.bytes += size;
+            memory.columns.insert(segment, Arc::clone(&column));
+        }
+        Ok(column)
     }
 
     /// Adds a segment of `values` (one per key); rows where `keep` is false are left out.
