@@ -121,7 +121,7 @@ fn plain_parquet_loop(brokers: &str, topic: &str, n: usize, out: &Path) -> f64 {
         ArrayRef, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
         TimestampMillisecondBuilder,
     };
-    use ferry::datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use ferry::datafusion::arrow::datatypes::{DataType, Field, Schema};
     use ferry::datafusion::arrow::json::ReaderBuilder;
     use ferry::datafusion::parquet::arrow::ArrowWriter;
     use std::sync::Arc;
@@ -134,16 +134,7 @@ fn plain_parquet_loop(brokers: &str, topic: &str, n: usize, out: &Path) -> f64 {
         .iter()
         .map(|f| f.as_ref().clone())
         .collect();
-    fields.extend([
-        Field::new("_topic", DataType::Utf8, false),
-        Field::new("_partition", DataType::Int32, false),
-        Field::new("_offset", DataType::Int64, false),
-        Field::new(
-            "_timestamp",
-            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-            true,
-        ),
-    ]);
+    fields.extend(ferry::source::kafka::lineage_fields());
     let schema = Arc::new(Schema::new(fields));
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)

@@ -111,10 +111,13 @@ pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Pla
                     let output = step.output.clone().unwrap_or_else(|| name.clone());
                     operator_step(frame.clone(), op, &step.inputs, &output, spec.is_stream())
                         .map_err(|e| diag_of(p, &format!("{at}.inputs"), e))
-                        .and_then(|f| match step.lineage {
-                            true => lineage_columns(f, op, &output)
-                                .map_err(|e| diag_of(p, &format!("{at}.lineage"), e)),
-                            false => Ok(f),
+                        .and_then(|f| {
+                            if step.lineage {
+                                lineage_columns(f, op, &output)
+                                    .map_err(|e| diag_of(p, &format!("{at}.lineage"), e))
+                            } else {
+                                Ok(f)
+                            }
                         })
                 }
             }

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub records_out: Counter,
     pub batches: Counter,
     pub commits: Counter,
+    /// Commits that failed mid-stream (their offsets go with the next one).
+    pub commit_failures: Counter,
     /// Bad records by kind (`decode`, `operator`) and what happened to them.
     pub errors: Family<Labels, Counter>,
     pub dead_letters: Counter,
@@ -43,6 +45,7 @@ impl Metrics {
             records_out: Counter::default(),
             batches: Counter::default(),
             commits: Counter::default(),
+            commit_failures: Counter::default(),
             errors: Family::default(),
             dead_letters: Counter::default(),
             consumer_lag: Gauge::default(),
@@ -64,6 +67,11 @@ impl Metrics {
             "commits",
             "Source offset commits (or committed transactions)",
             m.commits.clone(),
+        );
+        registry.register(
+            "commit_failures",
+            "Offset commits that failed mid-stream; their offsets go with the next commit",
+            m.commit_failures.clone(),
         );
         registry.register(
             "errors",

@@ -351,6 +351,8 @@ async fn lineage_columns_name_the_operator_and_the_model() {
     let hash =
         ferry::ops::cache::model_hash(Path::new(&fixture_model("tiny-bert-sentiment"))).unwrap();
     assert_eq!(hash.len(), 64);
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, TEXTS.len(), "every row has its lineage");
     for b in &batches {
         for i in 0..b.num_rows() {
             let text = |c: &str| {

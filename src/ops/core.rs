@@ -720,18 +720,14 @@ impl<T: Task> Core<T> {
         }
         let hits: Vec<_> = found.iter().flatten().copied().collect();
         let cached = cache.read(&hits).map_err(DataFusionError::Execution)?;
-        let (mut next_miss, mut next_hit) = (0, 0);
+        // Row i comes from the misses' output (0) or the cached values (1), in order.
+        let mut next = [0usize; 2];
         let picks: Vec<(usize, usize)> = found
             .iter()
-            .map(|f| match f {
-                None => {
-                    next_miss += 1;
-                    (0, next_miss - 1)
-                }
-                Some(_) => {
-                    next_hit += 1;
-                    (1, next_hit - 1)
-                }
+            .map(|f| {
+                let source = usize::from(f.is_some());
+                next[source] += 1;
+                (source, next[source] - 1)
             })
             .collect();
         let out =

@@ -447,32 +447,20 @@ pub fn dead_letter_json(record: &Record, reason: &str) -> serde_json::Value {
         "timestamp": record.timestamp,
     });
     let o = v.as_object_mut().expect("object");
-    match record.key.as_deref().map(std::str::from_utf8) {
-        None => {
-            o.insert("key".into(), serde_json::Value::Null);
-        }
-        Some(Ok(k)) => {
-            o.insert("key".into(), k.into());
-        }
-        Some(Err(_)) => {
-            o.insert(
-                "key_base64".into(),
-                b64(record.key.as_deref().unwrap()).into(),
-            );
-        }
-    }
-    match record.payload.as_deref().map(std::str::from_utf8) {
-        None => {
-            o.insert("payload".into(), serde_json::Value::Null);
-        }
-        Some(Ok(p)) => {
-            o.insert("payload".into(), p.into());
-        }
-        Some(Err(_)) => {
-            o.insert(
-                "payload_base64".into(),
-                b64(record.payload.as_deref().unwrap()).into(),
-            );
+    // `name` as text when it is UTF-8, else `<name>_base64`.
+    for (name, bytes) in [("key", &record.key), ("payload", &record.payload)] {
+        match bytes.as_deref() {
+            None => {
+                o.insert(name.into(), serde_json::Value::Null);
+            }
+            Some(b) => match std::str::from_utf8(b) {
+                Ok(text) => {
+                    o.insert(name.into(), text.into());
+                }
+                Err(_) => {
+                    o.insert(format!("{name}_base64"), b64(b).into());
+                }
+            },
         }
     }
     v

@@ -46,7 +46,8 @@ pub struct BadRecord {
     pub reason: String,
 }
 
-fn lineage_fields() -> Vec<Field> {
+/// The lineage columns' fields, in order (what every Kafka source row ends with).
+pub fn lineage_fields() -> Vec<Field> {
     vec![
         Field::new(TOPIC, DataType::Utf8, false),
         Field::new(PARTITION, DataType::Int32, false),

@@ -422,7 +422,7 @@ impl Shared {
 /// of a run (and of a revoke) is reported.
 fn soft(committed: Result<(), String>) {
     if let Err(e) = committed {
-        metrics().error("commit");
+        metrics().commit_failures.inc();
         tracing::warn!(error = %e, "commit failed; the offsets are kept for the next one");
     }
 }
@@ -944,6 +944,19 @@ struct Batcher<'a> {
 }
 
 impl Batcher<'_> {
+    /// The partitions assigned now (none when the assignment cannot be read).
+    fn assigned(&self) -> HashSet<(String, i32)> {
+        self.consumer
+            .assignment()
+            .map(|a| {
+                a.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// After a rebalance, drops the buffered records of partitions revoked since the last look
     /// (and of partitions no longer assigned): their new owner, or this consumer re-assigned
     /// from the committed offset, reads them again. Returns the revoked partitions.
@@ -961,16 +974,7 @@ impl Batcher<'_> {
         }
         *seen_generation = generation;
         if !pending.is_empty() {
-            let assigned: HashSet<(String, i32)> = self
-                .consumer
-                .assignment()
-                .map(|a| {
-                    a.elements()
-                        .iter()
-                        .map(|e| (e.topic().to_string(), e.partition()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let assigned = self.assigned();
             let before = pending.len();
             pending.retain(|r| {
                 let tp = (r.topic.to_string(), r.partition);
@@ -1295,16 +1299,7 @@ impl Batcher<'_> {
         if !consumed.keys().any(|tp| revoked.contains(tp)) {
             return false;
         }
-        let assigned: HashSet<(String, i32)> = self
-            .consumer
-            .assignment()
-            .map(|a| {
-                a.elements()
-                    .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let assigned = self.assigned();
         for ((topic, partition), (first, _)) in &consumed {
             let tp = (topic.clone(), *partition);
             if revoked.contains(&tp) || !assigned.contains(&tp) {
