@@ -13,7 +13,7 @@ use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
 use crate::ops::{self, Operator, OperatorSet};
-use crate::sink::{SinkWriter, check_schema};
+use crate::sink::{Settle, check_schema};
 use crate::source;
 use crate::spec::{Diagnostic, Diagnostics, LoadedPipeline};
 
@@ -263,7 +263,8 @@ pub async fn execute(
     let errors_before: u64 = operators.built().map(|o| o.row_errors()).sum();
     let schema = Arc::new(planned.frame.schema().as_arrow().clone());
     let mut stream = planned.frame.execute_stream().await?;
-    let mut writer = BatchOutput::open(sink, schema)?;
+    // A file, or (a bounded source into a stream's sink) a Kafka topic or rolled files.
+    let mut writer = crate::sink::open(sink, schema, Default::default()).map_err(sink_error)?;
     let bar = progress_bar(planned.total_rows, quiet);
     // Operators work a whole batch (8192 rows) at a time: between batches, show their progress.
     let _ticker = AbortOnDrop({
@@ -291,11 +292,15 @@ pub async fn execute(
     let mut written = 0;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
-        writer.write(&batch)?;
+        writer
+            .write(std::slice::from_ref(&batch), Default::default())
+            .map_err(sink_error)?;
+        // Bounds what a Kafka sink has unacknowledged; nothing to commit for a bounded source.
+        writer.durable(Settle::AfterWrite).map_err(sink_error)?;
         written += batch.num_rows() as u64;
         bar.set_position(bar.position().max(written));
     }
-    let rows = writer.finish()?;
+    let rows = writer.finish().map_err(sink_error)?;
     bar.finish_and_clear();
     let row_errors = operators.built().map(|o| o.row_errors()).sum::<u64>() - errors_before;
     Ok(RunSummary {
@@ -305,86 +310,8 @@ pub async fn execute(
     })
 }
 
-/// Where a bounded run writes: a file, or (batch into a stream) a Kafka topic or rolled files.
-enum BatchOutput {
-    File(SinkWriter),
-    Kafka {
-        producer: crate::sink::kafka::Producer_,
-        encoder: crate::sink::kafka::RecordEncoder,
-        rows: u64,
-    },
-    Rolling(crate::sink::rolling::RollingWriter, u64),
-}
-
-impl BatchOutput {
-    fn open(
-        sink: &crate::spec::Sink,
-        schema: Arc<datafusion::arrow::datatypes::Schema>,
-    ) -> Result<Self, DataFusionError> {
-        use crate::sink::kafka;
-        use crate::spec::Sink;
-        Ok(match sink {
-            Sink::Kafka(k) => {
-                let brokers = k.brokers.as_deref().ok_or_else(|| {
-                    DataFusionError::Plan("sink.kafka.brokers: give the brokers (a file source has none to default to)".into())
-                })?;
-                BatchOutput::Kafka {
-                    producer: kafka::producer(brokers, &k.properties, None)
-                        .map_err(DataFusionError::Execution)?,
-                    encoder: kafka::RecordEncoder::new(k, &schema)
-                        .map_err(DataFusionError::Plan)?,
-                    rows: 0,
-                }
-            }
-            Sink::RollingParquet(r) => BatchOutput::Rolling(
-                crate::sink::rolling::RollingWriter::new(r, schema)
-                    .map_err(DataFusionError::Plan)?,
-                0,
-            ),
-            file => BatchOutput::File(SinkWriter::open(file, schema)?),
-        })
-    }
-
-    fn write(
-        &mut self,
-        batch: &datafusion::arrow::record_batch::RecordBatch,
-    ) -> Result<(), DataFusionError> {
-        use crate::sink::kafka;
-        match self {
-            BatchOutput::File(w) => w.write(batch),
-            BatchOutput::Kafka {
-                producer,
-                encoder,
-                rows,
-            } => {
-                let records = encoder.encode(batch).map_err(DataFusionError::Execution)?;
-                kafka::produce(producer, encoder.topic(), &records, 0)
-                    .map_err(DataFusionError::Execution)?;
-                *rows += batch.num_rows() as u64;
-                Ok(())
-            }
-            BatchOutput::Rolling(w, rows) => {
-                w.write(std::slice::from_ref(batch), &Default::default())
-                    .map_err(DataFusionError::Execution)?;
-                *rows += batch.num_rows() as u64;
-                Ok(())
-            }
-        }
-    }
-
-    fn finish(self) -> Result<u64, DataFusionError> {
-        match self {
-            BatchOutput::File(w) => w.finish(),
-            BatchOutput::Kafka { producer, rows, .. } => {
-                crate::sink::kafka::flush(&producer).map_err(DataFusionError::Execution)?;
-                Ok(rows)
-            }
-            BatchOutput::Rolling(mut w, rows) => {
-                w.roll().map_err(DataFusionError::Execution)?;
-                Ok(rows)
-            }
-        }
-    }
+fn sink_error(e: String) -> DataFusionError {
+    DataFusionError::Execution(e)
 }
 
 /// Stops a background task when the run ends, however it ends.

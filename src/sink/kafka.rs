@@ -1,13 +1,13 @@
 //! Kafka clients: the producer behind the Kafka sink and the dead-letter topic, and the encoding
 //! of output rows into records.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::json::WriterBuilder;
 use datafusion::arrow::json::writer::LineDelimited;
@@ -17,6 +17,10 @@ use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::{Covers, Offsets, OpenOptions, Output, Settle, next_offsets};
+use crate::metrics::metrics;
 
 use crate::source::kafka::{LINEAGE, OFFSET, PARTITION, Record, TOPIC};
 use crate::spec::{KafkaSink, SinkFormat};
@@ -86,7 +90,6 @@ impl ProducerContext for DeliveryContext {
 
 pub type Producer_ = BaseProducer<DeliveryContext>;
 
-/// An idempotent producer (transactional when `transactional_id` is given).
 /// Consumer settings ferry's delivery rests on (it stores and commits offsets itself, after
 /// the sink is durable; exactly-once reads only committed transactions): `properties` may not
 /// change them.
@@ -137,6 +140,7 @@ pub fn conflicting_properties(
     out
 }
 
+/// An idempotent producer (transactional when `transactional_id` is given).
 pub fn producer(
     brokers: &str,
     properties: &BTreeMap<String, String>,
@@ -388,6 +392,188 @@ pub fn produce(
         send(producer, record)?;
     }
     Ok(())
+}
+
+/// Micro-batches a Kafka sink may have unacknowledged while the next ones are processed.
+const MAX_IN_FLIGHT: usize = 3;
+
+/// A produced micro-batch waiting for its acknowledgements.
+struct InFlight {
+    id: usize,
+    rows: u64,
+    offsets: Offsets,
+}
+
+/// The Kafka sink. At-least-once, a micro-batch's offsets are durable once every record of it
+/// is acknowledged (up to [`MAX_IN_FLIGHT`] batches are acknowledged while the next ones run);
+/// exactly-once, each write is a transaction that commits the batch's offsets with its records.
+pub struct KafkaOutput {
+    producer: Producer_,
+    encoder: RecordEncoder,
+    transactional: bool,
+    /// Produced, not yet all acknowledged (at-least-once), oldest first.
+    in_flight: VecDeque<InFlight>,
+    next_batch: usize,
+    rows: u64,
+    /// The first failure: nothing is produced or reported durable after it.
+    failed: Option<String>,
+}
+
+impl KafkaOutput {
+    pub fn new(sink: &KafkaSink, schema: &Schema, options: OpenOptions) -> Result<Self, String> {
+        let brokers = sink
+            .brokers
+            .as_deref()
+            .or(options.default_brokers.as_deref())
+            .ok_or("sink.kafka.brokers: give the brokers (a file source has none to default to)")?;
+        let encoder = RecordEncoder::new(sink, schema)?;
+        Ok(KafkaOutput {
+            producer: producer(
+                brokers,
+                &sink.properties,
+                options.transactional_id.as_deref(),
+            )?,
+            encoder,
+            transactional: options.transactional_id.is_some(),
+            in_flight: VecDeque::new(),
+            next_batch: 1,
+            rows: 0,
+            failed: None,
+        })
+    }
+
+    fn fail_on<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
+        if let Err(e) = &result {
+            self.failed.get_or_insert_with(|| e.clone());
+        }
+        result
+    }
+
+    /// Produces the batch, its offsets and its records in one transaction.
+    fn transaction(&mut self, batches: &[RecordBatch], covers: &Covers<'_>) -> Result<(), String> {
+        let producer = &self.producer;
+        producer
+            .begin_transaction()
+            .map_err(|e| format!("beginning a Kafka transaction: {e}"))?;
+        let sent = (|| {
+            for b in batches {
+                produce(producer, self.encoder.topic(), &self.encoder.encode(b)?, 0)?;
+            }
+            // Delivery errors surface before the offsets join the transaction.
+            flush(producer)?;
+            if !covers.consumed.is_empty() {
+                let group = covers
+                    .group
+                    .ok_or("the consumer has no group metadata for the transaction")?;
+                let mut tpl = TopicPartitionList::new();
+                for ((t, p), next) in next_offsets(&covers.consumed) {
+                    tpl.add_partition_offset(&t, p, Offset::Offset(next))
+                        .map_err(|e| e.to_string())?;
+                }
+                producer
+                    .send_offsets_to_transaction(&tpl, group, BROKER_TIMEOUT)
+                    .map_err(|e| format!("adding offsets to the transaction: {e}"))?;
+            }
+            producer
+                .commit_transaction(BROKER_TIMEOUT)
+                .map_err(|e| format!("committing the Kafka transaction: {e}"))
+        })();
+        match sent {
+            Ok(()) => {
+                metrics().commits.inc();
+                Ok(())
+            }
+            Err(e) => Err(match producer.abort_transaction(BROKER_TIMEOUT) {
+                Ok(()) => format!("{e}; the transaction was aborted"),
+                Err(a) => format!(
+                    "{e}; aborting the transaction failed too ({a}): the broker aborts it when it times out"
+                ),
+            }),
+        }
+    }
+
+    /// Moves the offsets of fully acknowledged batches (oldest first) out of `in_flight`,
+    /// waiting until at most `max_in_flight` batches remain unacknowledged. Fails on a failed
+    /// delivery.
+    fn settle(&mut self, max_in_flight: usize) -> Result<Offsets, String> {
+        let mut durable = Offsets::new();
+        let deadline = Instant::now() + BROKER_TIMEOUT;
+        loop {
+            self.producer.poll(Duration::ZERO);
+            if let Some(e) = self.producer.context().take_failure() {
+                return Err(e);
+            }
+            while let Some(f) = self.in_flight.front()
+                && self.producer.context().acked(f.id) >= f.rows
+            {
+                let f = self.in_flight.pop_front().expect("front exists");
+                self.producer.context().forget(f.id);
+                durable.extend(f.offsets);
+            }
+            if self.in_flight.len() <= max_in_flight {
+                return Ok(durable);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "waiting for Kafka acknowledgements: {} batch(es) unacknowledged after {BROKER_TIMEOUT:?}",
+                    self.in_flight.len(),
+                ));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Output for KafkaOutput {
+    fn write(&mut self, batches: &[RecordBatch], covers: Covers<'_>) -> Result<(), String> {
+        if let Some(e) = &self.failed {
+            return Err(format!("not producing after a failure: {e}"));
+        }
+        let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+        if self.transactional {
+            let sent = self.transaction(batches, &covers);
+            self.fail_on(sent)?;
+        } else {
+            // Acknowledgements are collected while the next batches run.
+            let id = self.next_batch;
+            self.next_batch += 1;
+            let sent = batches.iter().try_for_each(|b| {
+                produce(
+                    &self.producer,
+                    self.encoder.topic(),
+                    &self.encoder.encode(b)?,
+                    id,
+                )
+            });
+            self.fail_on(sent)?;
+            self.in_flight.push_back(InFlight {
+                id,
+                rows,
+                offsets: next_offsets(&covers.consumed),
+            });
+        }
+        self.rows += rows;
+        Ok(())
+    }
+
+    fn durable(&mut self, settle: Settle) -> Result<Offsets, String> {
+        if let Some(e) = &self.failed {
+            return Err(format!("not committing after a failure: {e}"));
+        }
+        let settled = self.settle(match settle {
+            Settle::AfterWrite => MAX_IN_FLIGHT,
+            Settle::Idle => usize::MAX,
+            Settle::All => 0,
+        });
+        self.fail_on(settled)
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<u64, String> {
+        self.durable(Settle::All)?;
+        let flushed = flush(&self.producer);
+        self.fail_on(flushed)?;
+        Ok(self.rows)
+    }
 }
 
 /// Bytes of each value: strings and binary as they are, anything else as its display text.

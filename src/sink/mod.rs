@@ -1,22 +1,122 @@
-//! Sinks: writing result batches to a file that appears under its final name only when complete
-//! (here), to Kafka ([`kafka`]) and to rolled Parquet files ([`rolling`]).
+//! Sinks: where a pipeline's rows go. Every sink is an [`Output`]: it writes batches (with the
+//! stream offsets they cover), says which offsets are durable and may be committed, and
+//! finishes. A file that appears under its final name only when complete ([`file`]), Kafka
+//! ([`kafka`]), rolled Parquet files ([`rolling`]); failed stream records go to a dead-letter
+//! sink ([`dead_letter`]).
 
+pub mod dead_letter;
+pub mod file;
 pub mod kafka;
 pub mod rolling;
 
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use datafusion::arrow::csv;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
-use datafusion::arrow::ipc::writer::FileWriter;
-use datafusion::arrow::json::LineDelimitedWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result, plan_err};
-use datafusion::parquet::arrow::ArrowWriter;
+use rdkafka::consumer::ConsumerGroupMetadata;
 
-use crate::spec::{ParquetCompression, Sink};
+use crate::spec::Sink;
+
+pub use file::{SinkWriter, sink_for_path};
+
+/// Offset ranges per (topic, partition): first and last offset consumed, inclusive.
+pub type Ranges = BTreeMap<(String, i32), (i64, i64)>;
+
+/// Next offset to read per (topic, partition): what a consumer commits.
+pub type Offsets = BTreeMap<(String, i32), i64>;
+
+/// Merges `more` into `ranges`.
+pub fn merge_ranges(ranges: &mut Ranges, more: &Ranges) {
+    for (tp, &(first, last)) in more {
+        ranges
+            .entry(tp.clone())
+            .and_modify(|r| {
+                r.0 = r.0.min(first);
+                r.1 = r.1.max(last);
+            })
+            .or_insert((first, last));
+    }
+}
+
+/// The offsets to commit once the records of `ranges` are done with: one past each last.
+pub fn next_offsets(ranges: &Ranges) -> Offsets {
+    ranges
+        .iter()
+        .map(|(tp, (_, last))| (tp.clone(), last + 1))
+        .collect()
+}
+
+/// What a written batch came from.
+#[derive(Default)]
+pub struct Covers<'a> {
+    /// The stream records the rows came from (empty for a bounded source).
+    pub consumed: Ranges,
+    /// The consumer's group, for a sink that commits the offsets in its own transaction.
+    pub group: Option<&'a ConsumerGroupMetadata>,
+}
+
+/// How long [`Output::durable`] may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Right after a write: what is durable already, waiting only to bound what is pending
+    /// (a Kafka sink keeps a few micro-batches unacknowledged).
+    AfterWrite,
+    /// The stream is idle: what is durable already, and files older than their age limit.
+    Idle,
+    /// Everything written (partitions revoked, end of a run): roll open files, wait for every
+    /// acknowledgement.
+    All,
+}
+
+/// A sink that rows are written to.
+///
+/// After a failed `write` or `durable` an output is failed for good: it writes and rolls
+/// nothing more and reports nothing durable, so no offset is committed for rows that may not
+/// have been written.
+pub trait Output: Send {
+    /// Writes a micro-batch's rows (all of them, or the output fails).
+    fn write(&mut self, batches: &[RecordBatch], covers: Covers<'_>) -> Result<(), String>;
+
+    /// Offsets whose rows became durable since the last call: the consumer may commit them.
+    fn durable(&mut self, settle: Settle) -> Result<Offsets, String>;
+
+    /// Makes everything durable and closes the output. Returns the rows written.
+    fn finish(self: Box<Self>) -> Result<u64, String>;
+}
+
+/// Options for [`open`].
+#[derive(Default)]
+pub struct OpenOptions {
+    /// Brokers of a Kafka sink that names none (the stream source's).
+    pub default_brokers: Option<String>,
+    /// A Kafka sink produces in transactions under this id (exactly-once streams).
+    pub transactional_id: Option<String>,
+}
+
+/// Opens `sink` for rows of `schema`.
+pub fn open(
+    sink: &Sink,
+    schema: SchemaRef,
+    options: OpenOptions,
+) -> Result<Box<dyn Output>, String> {
+    Ok(match sink {
+        Sink::Kafka(k) => Box::new(kafka::KafkaOutput::new(k, &schema, options)?),
+        Sink::RollingParquet(r) => Box::new(rolling::RollingWriter::new(r, schema)?),
+        file => Box::new(SinkWriter::open(file, schema).map_err(message)?),
+    })
+}
+
+/// A DataFusion error's text without its kind prefix where the text says it all.
+pub fn message(e: DataFusionError) -> String {
+    match e {
+        DataFusionError::Execution(m) | DataFusionError::Plan(m) => m,
+        other => other.to_string(),
+    }
+}
 
 /// Rows per Parquet row group.
 pub const PARQUET_ROW_GROUP_ROWS: usize = 32 * 1024;
@@ -78,23 +178,6 @@ pub fn to_plain(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> 
     Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }
 
-enum Writer {
-    Parquet(ArrowWriter<File>),
-    Ipc(FileWriter<File>),
-    Jsonl(LineDelimitedWriter<File>),
-    Csv(csv::Writer<File>),
-}
-
-/// An open sink. Dropping it without [`SinkWriter::finish`] removes the partial file.
-pub struct SinkWriter {
-    writer: Option<Writer>,
-    /// What the file holds ([`plain_schema`] of the plan's).
-    schema: SchemaRef,
-    tmp: PathBuf,
-    path: PathBuf,
-    rows: u64,
-}
-
 /// Checks at plan time that `schema` can be written to `sink`.
 pub fn check_schema(sink: &Sink, schema: &Schema) -> Result<()> {
     if let Sink::Csv(_) = sink {
@@ -125,124 +208,4 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
         dir
     };
     File::open(dir)?.sync_all()
-}
-
-fn io_err(path: &Path, e: std::io::Error) -> DataFusionError {
-    DataFusionError::Execution(format!("{}: {e}", path.display()))
-}
-
-impl SinkWriter {
-    pub fn open(sink: &Sink, schema: SchemaRef) -> Result<Self> {
-        check_schema(sink, &schema)?;
-        let schema = plain_schema(&schema);
-        let path = sink
-            .path()
-            .ok_or_else(|| {
-                DataFusionError::Plan(format!("sink {} takes a stream, not a file", sink.format()))
-            })?
-            .clone();
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let name = path
-            .file_name()
-            .ok_or_else(|| {
-                DataFusionError::Plan(format!("sink path {} has no file name", path.display()))
-            })?
-            .to_string_lossy()
-            .into_owned();
-        let tmp = dir.join(format!(".{name}.inprogress-{}", std::process::id()));
-        let file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        let writer = match sink {
-            Sink::Parquet(p) => Writer::Parquet(ArrowWriter::try_new(
-                file,
-                Arc::clone(&schema),
-                Some(p.compression.writer_properties()),
-            )?),
-            Sink::Ipc(_) => Writer::Ipc(FileWriter::try_new(file, &schema)?),
-            Sink::Jsonl(_) => Writer::Jsonl(LineDelimitedWriter::new(file)),
-            Sink::Csv(_) => Writer::Csv(csv::WriterBuilder::new().with_header(true).build(file)),
-            Sink::Kafka(_) | Sink::RollingParquet(_) => {
-                unreachable!("streaming sinks have no path")
-            }
-        };
-        Ok(SinkWriter {
-            writer: Some(writer),
-            schema,
-            tmp,
-            path,
-            rows: 0,
-        })
-    }
-
-    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        let batch = &to_plain(batch, &self.schema)?;
-        match self.writer.as_mut().expect("write after finish") {
-            Writer::Parquet(w) => w.write(batch)?,
-            Writer::Ipc(w) => w.write(batch)?,
-            Writer::Jsonl(w) => w.write(batch)?,
-            Writer::Csv(w) => w.write(batch)?,
-        }
-        self.rows += batch.num_rows() as u64;
-        Ok(())
-    }
-
-    /// Completes the file, syncs it and renames it into place. Returns the rows written.
-    pub fn finish(mut self) -> Result<u64> {
-        let file = match self.writer.take().expect("finish twice") {
-            Writer::Parquet(w) => w.into_inner()?,
-            Writer::Ipc(mut w) => {
-                w.finish()?;
-                w.into_inner()?
-            }
-            Writer::Jsonl(mut w) => {
-                w.finish()?;
-                w.into_inner()
-            }
-            Writer::Csv(w) => w.into_inner(),
-        };
-        file.sync_all().map_err(|e| io_err(&self.tmp, e))?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| io_err(&self.path, e))?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        sync_dir(dir).map_err(|e| io_err(dir, e))?;
-        Ok(self.rows)
-    }
-}
-
-impl Drop for SinkWriter {
-    fn drop(&mut self) {
-        if self.writer.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// A sink for a path, by its extension (for `ferry query --output`).
-pub fn sink_for_path(path: &Path) -> Result<Sink> {
-    use crate::spec::{FileSink, ParquetSink};
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
-    let file = FileSink {
-        path: path.to_path_buf(),
-    };
-    Ok(match ext.as_str() {
-        "parquet" | "pq" => Sink::Parquet(ParquetSink {
-            path: path.to_path_buf(),
-            compression: ParquetCompression::default(),
-        }),
-        "arrow" | "ipc" | "feather" => Sink::Ipc(file),
-        "jsonl" | "ndjson" | "json" => Sink::Jsonl(file),
-        "csv" => Sink::Csv(file),
-        other => {
-            return plan_err!(
-                "{}: cannot tell the output format from '.{other}' (use .parquet, .arrow, .jsonl or .csv)",
-                path.display()
-            );
-        }
-    })
 }

@@ -16,26 +16,11 @@ use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
 
+use super::{Covers, Offsets, Output, Ranges, Settle, merge_ranges, next_offsets};
 use crate::spec::RollingParquetSink;
 
 /// Footer key holding the offsets a file covers: `{"topic": {"partition": [first, last]}}`.
 pub const OFFSETS_KEY: &str = "ferry.offsets";
-
-/// Offset ranges per (topic, partition): first and last offset consumed, inclusive.
-pub type Ranges = BTreeMap<(String, i32), (i64, i64)>;
-
-/// Merges `more` into `ranges`.
-pub fn merge_ranges(ranges: &mut Ranges, more: &Ranges) {
-    for (tp, &(first, last)) in more {
-        ranges
-            .entry(tp.clone())
-            .and_modify(|r| {
-                r.0 = r.0.min(first);
-                r.1 = r.1.max(last);
-            })
-            .or_insert((first, last));
-    }
-}
 
 fn ranges_json(ranges: &Ranges) -> String {
     let mut out: BTreeMap<&str, BTreeMap<String, [i64; 2]>> = BTreeMap::new();
@@ -76,6 +61,10 @@ pub struct RollingWriter {
     /// Offsets consumed since the last roll (they go into the footers of the next roll).
     ranges: Ranges,
     seq: u64,
+    /// Next offsets of the rows written since the last roll: committable once they roll.
+    pending: Offsets,
+    /// Rows written.
+    rows: u64,
     /// Files renamed into place so far.
     pub files_written: u64,
     /// The first write or roll that failed: from then on nothing is durable and nothing rolls,
@@ -102,20 +91,23 @@ impl RollingWriter {
             open: HashMap::new(),
             ranges: Ranges::new(),
             seq: 0,
+            pending: Offsets::new(),
+            rows: 0,
             files_written: 0,
             failed: None,
         })
     }
 
     /// Writes a micro-batch's output rows, covering the offsets in `consumed`; rolls the files
-    /// that are due. Returns whether everything consumed so far is in renamed files. The
-    /// offsets join the next footers only once every row of the batch is written; after a
-    /// failure the writer is failed for good (see [`RollingWriter::durable`]).
-    pub fn write(&mut self, batches: &[RecordBatch], consumed: &Ranges) -> Result<bool, String> {
+    /// that are due. The offsets join the next footers only once every row of the batch is
+    /// written; after a failure the writer is failed for good.
+    fn write_rows(&mut self, batches: &[RecordBatch], consumed: &Ranges) -> Result<(), String> {
         self.check_not_failed()?;
         let written = self.append_all(batches);
         self.fail_on(written)?;
         merge_ranges(&mut self.ranges, consumed);
+        self.pending.extend(next_offsets(consumed));
+        self.rows += batches.iter().map(|b| b.num_rows() as u64).sum::<u64>();
         let due = self.open.values().any(|f| {
             f.rows >= self.cfg.max_rows
                 || f.writer.bytes_written() + f.writer.in_progress_size()
@@ -124,7 +116,7 @@ impl RollingWriter {
         if due {
             self.roll()?;
         }
-        Ok(self.durable())
+        Ok(())
     }
 
     fn append_all(&mut self, batches: &[RecordBatch]) -> Result<(), String> {
@@ -142,7 +134,7 @@ impl RollingWriter {
     }
 
     /// Whether no consumed offset waits for a file to roll (never, once a write failed).
-    pub fn durable(&self) -> bool {
+    fn all_rolled(&self) -> bool {
         self.open.is_empty() && self.failed.is_none()
     }
 
@@ -164,7 +156,7 @@ impl RollingWriter {
     }
 
     /// Rolls if the oldest open file is older than `max_age`. Returns whether it rolled.
-    pub fn roll_if_old(&mut self) -> Result<bool, String> {
+    fn roll_if_old(&mut self) -> Result<bool, String> {
         if self
             .open
             .values()
@@ -223,7 +215,7 @@ impl RollingWriter {
 
     /// Closes every open file: footer (with the offsets), fsync, rename into place, fsync of
     /// the directory. A failure fails the writer (the files not yet renamed stay temporaries).
-    pub fn roll(&mut self) -> Result<(), String> {
+    fn roll(&mut self) -> Result<(), String> {
         self.check_not_failed()?;
         let offsets = ranges_json(&self.ranges);
         let mut files = self
@@ -265,6 +257,36 @@ impl RollingWriter {
         crate::sink::sync_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         drop(file);
         Ok(())
+    }
+}
+
+impl Output for RollingWriter {
+    fn write(&mut self, batches: &[RecordBatch], covers: Covers<'_>) -> Result<(), String> {
+        self.write_rows(batches, &covers.consumed)
+    }
+
+    /// The offsets of rows written since the last call once no file holding rows is open
+    /// (files roll at `max_rows`, `max_bytes`, `max_age` when idle, and on [`Settle::All`]).
+    fn durable(&mut self, settle: Settle) -> Result<Offsets, String> {
+        self.check_not_failed()?;
+        match settle {
+            Settle::AfterWrite => {}
+            Settle::Idle => {
+                self.roll_if_old()?;
+            }
+            Settle::All if !self.open.is_empty() => self.roll()?,
+            Settle::All => {}
+        }
+        Ok(if self.all_rolled() {
+            std::mem::take(&mut self.pending)
+        } else {
+            Offsets::new()
+        })
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<u64, String> {
+        self.durable(Settle::All)?;
+        Ok(self.rows)
     }
 }
 
@@ -362,7 +384,7 @@ fn remove_stale_temporaries(dir: &Path) {
 }
 
 /// The next offset to read per (topic, partition), from the footers of the files in `dir`.
-pub fn recorded_next_offsets(dir: &Path) -> Result<BTreeMap<(String, i32), i64>, String> {
+pub fn recorded_next_offsets(dir: &Path) -> Result<Offsets, String> {
     let mut next = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -431,8 +453,31 @@ mod tests {
         .unwrap()
     }
 
-    fn consumed(first: i64, last: i64) -> Ranges {
-        Ranges::from([(("t".to_string(), 0), (first, last))])
+    fn covers(first: i64, last: i64) -> Covers<'static> {
+        Covers {
+            consumed: Ranges::from([(("t".to_string(), 0), (first, last))]),
+            group: None,
+        }
+    }
+
+    /// Offsets become committable when the files holding their rows roll, not before.
+    #[test]
+    fn offsets_are_durable_once_their_files_roll() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = batch(&["a", "b"]);
+        let mut w = RollingWriter::new(&sink(dir.path()), b.schema()).unwrap();
+        w.write(&[b], covers(0, 1)).unwrap();
+        w.write(&[batch(&["a"])], covers(2, 2)).unwrap();
+        assert!(w.durable(Settle::AfterWrite).unwrap().is_empty());
+        assert!(
+            w.durable(Settle::Idle).unwrap().is_empty(),
+            "younger than max_age"
+        );
+        let durable = w.durable(Settle::All).unwrap();
+        assert_eq!(durable, Offsets::from([(("t".to_string(), 0), 3)]));
+        assert_eq!(recorded_next_offsets(dir.path()).unwrap(), durable);
+        assert!(w.durable(Settle::All).unwrap().is_empty(), "reported once");
+        assert_eq!(Box::new(w).finish().unwrap(), 3);
     }
 
     /// A batch that cannot be written in full leaves its offsets out of every footer, and the
@@ -443,14 +488,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = batch(&["a", "a"]);
         let mut w = RollingWriter::new(&sink(dir.path()), b.schema()).unwrap();
-        assert!(!w.write(&[b], &consumed(0, 1)).unwrap());
+        w.write(&[b], covers(0, 1)).unwrap();
         // The directory of the value `b` cannot be made: a file holds its name.
         std::fs::write(dir.path().join("k=b"), b"in the way").unwrap();
-        let err = w.write(&[batch(&["a", "b"])], &consumed(2, 3)).unwrap_err();
+        let err = w.write(&[batch(&["a", "b"])], covers(2, 3)).unwrap_err();
         assert!(err.contains("k=b"), "{err}");
-        assert!(!w.durable());
-        assert!(w.roll().is_err(), "a failed writer never rolls");
-        assert!(w.write(&[batch(&["a"])], &consumed(4, 4)).is_err());
+        assert!(
+            w.durable(Settle::All).is_err(),
+            "a failed writer never rolls"
+        );
+        assert!(w.write(&[batch(&["a"])], covers(4, 4)).is_err());
         assert!(recorded_next_offsets(dir.path()).unwrap().is_empty());
     }
 
@@ -460,12 +507,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = batch(&["a", "b"]);
         let mut w = RollingWriter::new(&sink(dir.path()), b.schema()).unwrap();
-        w.write(&[b], &consumed(0, 1)).unwrap();
+        w.write(&[b], covers(0, 1)).unwrap();
         // One of the two files cannot be renamed into place.
         std::fs::remove_dir_all(dir.path().join("k=b")).unwrap();
-        assert!(w.roll().is_err());
-        assert!(!w.durable());
-        assert!(w.roll().is_err());
+        assert!(w.durable(Settle::All).is_err());
+        assert!(w.durable(Settle::All).is_err());
+        assert!(w.durable(Settle::Idle).is_err());
         let temporaries = std::fs::read_dir(dir.path().join("k=a"))
             .unwrap()
             .flatten()

@@ -11,11 +11,10 @@
 //! running batch discards the batch's rows, to be read again.
 
 pub mod devbroker;
+mod offsets;
 pub mod table;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,22 +22,18 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{Int32Type, Int64Type, Schema};
 use datafusion::dataframe::DataFrame;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaResult;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, ClientContext};
 
 use crate::metrics::metrics;
 use crate::ops::OperatorSet;
-use crate::sink::kafka::{self, Producer_, RecordEncoder};
-use crate::sink::rolling::{self, Ranges, RollingWriter};
+use crate::sink::dead_letter::DeadLetters;
+use crate::sink::{self, Covers, Offsets, OpenOptions, Ranges, Settle, kafka};
 use crate::source::kafka::{self as decode, Decoder, Record};
-use crate::spec::{
-    DeadLetter, Delivery, KafkaSource, OnError, Pipeline, Sink, Source, StartPosition,
-};
+use crate::spec::{DeadLetter, Delivery, OnError, Pipeline, Sink, Source, StartPosition};
+use offsets::{Shared, StreamContext};
 
 /// How often the consumer is served while a micro-batch runs.
 const SERVE_EVERY: Duration = Duration::from_millis(100);
@@ -110,7 +105,7 @@ pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
                     "give `brokers:` (only a kafka source has brokers to default to)".into(),
                 ));
             }
-            if let Err(e) = RecordEncoder::new(s, output) {
+            if let Err(e) = kafka::RecordEncoder::new(s, output) {
                 problems.push(("sink.kafka".into(), e));
             }
             for (key, why) in kafka::conflicting_properties(&s.properties, kafka::PRODUCER_SETTINGS)
@@ -196,427 +191,6 @@ pub fn check(p: &Pipeline, output: &Schema) -> Vec<(String, String)> {
     problems
 }
 
-enum Output {
-    Kafka {
-        producer: Producer_,
-        encoder: RecordEncoder,
-        transactional: bool,
-    },
-    Rolling(Box<RollingWriter>),
-}
-
-enum DeadLetters {
-    Kafka { producer: Producer_, topic: String },
-    Jsonl { file: std::fs::File, path: PathBuf },
-}
-
-impl DeadLetters {
-    fn open(d: &DeadLetter, source: &KafkaSource) -> Result<Self, String> {
-        Ok(match d {
-            DeadLetter::Kafka(k) => DeadLetters::Kafka {
-                producer: kafka::producer(
-                    k.brokers.as_deref().unwrap_or(&source.brokers),
-                    &k.properties,
-                    None,
-                )?,
-                topic: k.topic.clone(),
-            },
-            DeadLetter::Jsonl(f) => {
-                if let Some(dir) = f.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                }
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&f.path)
-                    .map_err(|e| format!("dead letters {}: {e}", f.path.display()))?;
-                DeadLetters::Jsonl {
-                    file,
-                    path: f.path.clone(),
-                }
-            }
-        })
-    }
-
-    /// Writes the records and makes them durable.
-    fn write(&mut self, records: &[(&Record, String)]) -> Result<(), String> {
-        match self {
-            DeadLetters::Kafka { producer, topic } => {
-                for (r, reason) in records {
-                    let partition = r.partition.to_string();
-                    let offset = r.offset.to_string();
-                    let headers = rdkafka::message::OwnedHeaders::new()
-                        .insert(rdkafka::message::Header {
-                            key: "ferry.error",
-                            value: Some(reason.as_bytes()),
-                        })
-                        .insert(rdkafka::message::Header {
-                            key: "ferry.source.topic",
-                            value: Some(r.topic.as_bytes()),
-                        })
-                        .insert(rdkafka::message::Header {
-                            key: "ferry.source.partition",
-                            value: Some(partition.as_bytes()),
-                        })
-                        .insert(rdkafka::message::Header {
-                            key: "ferry.source.offset",
-                            value: Some(offset.as_bytes()),
-                        });
-                    let mut rec =
-                        rdkafka::producer::BaseRecord::<[u8], [u8], usize>::with_opaque_to(
-                            topic, 0,
-                        )
-                        .headers(headers);
-                    if let Some(p) = &r.payload {
-                        rec = rec.payload(&p[..]);
-                    }
-                    if let Some(k) = &r.key {
-                        rec = rec.key(&k[..]);
-                    }
-                    kafka::send(producer, rec)?;
-                }
-                kafka::flush(producer)
-            }
-            DeadLetters::Jsonl { file, path } => {
-                let mut buf = Vec::new();
-                for (r, reason) in records {
-                    serde_json::to_writer(&mut buf, &kafka::dead_letter_json(r, reason))
-                        .expect("JSON values serialize");
-                    buf.push(b'\n');
-                }
-                file.write_all(&buf)
-                    .and_then(|_| file.sync_data())
-                    .map_err(|e| format!("dead letters {}: {e}", path.display()))
-            }
-        }
-    }
-}
-
-/// State the rebalance callback shares with the loop: it flushes and commits before partitions
-/// are revoked.
-struct Shared {
-    output: Output,
-    /// Kafka sink, at-least-once: micro-batches produced but not yet all acknowledged, oldest
-    /// first, with the offsets they cover. Their offsets join `uncommitted` once acknowledged.
-    in_flight: std::collections::VecDeque<InFlight>,
-    next_batch: usize,
-    /// Next offset to commit per partition, for records whose output is durable or pending.
-    uncommitted: BTreeMap<(String, i32), i64>,
-    /// Bumped on every rebalance, so the loop drops buffered records of revoked partitions.
-    generation: u64,
-    /// Partitions revoked since the loop last looked: their buffered records are dropped even
-    /// when the partition is assigned again (it is then fetched again from the committed
-    /// offset).
-    revoked: HashSet<(String, i32)>,
-    /// Why the stream must stop: a sink write or roll failed (so nothing more is rolled or
-    /// committed: the offsets might cover rows that are not durable), or an assignment could
-    /// not find where to resume.
-    failed: Option<String>,
-    first_assigned: Option<Instant>,
-    /// Exactly-once Parquet: resume from the offsets recorded in the files.
-    resume_dir: Option<PathBuf>,
-    start_timestamp: Option<i64>,
-}
-
-/// A produced micro-batch waiting for its acknowledgements.
-struct InFlight {
-    id: usize,
-    rows: u64,
-    offsets: Vec<((String, i32), i64)>,
-}
-
-/// Micro-batches a Kafka sink may have unacknowledged while the next ones are processed.
-const MAX_IN_FLIGHT: usize = 3;
-
-impl Shared {
-    /// Moves the offsets of fully acknowledged batches (oldest first) to `uncommitted`, waiting
-    /// until at most `max_in_flight` batches remain unacknowledged. Fails on a failed delivery.
-    fn settle(&mut self, max_in_flight: usize) -> Result<(), String> {
-        use rdkafka::producer::Producer;
-        let Shared {
-            output,
-            in_flight,
-            uncommitted,
-            ..
-        } = self;
-        let Output::Kafka { producer, .. } = output else {
-            return Ok(());
-        };
-        let deadline = Instant::now() + kafka::BROKER_TIMEOUT;
-        loop {
-            producer.poll(Duration::ZERO);
-            if let Some(e) = producer.context().take_failure() {
-                return Err(e);
-            }
-            while let Some(f) = in_flight.front()
-                && producer.context().acked(f.id) >= f.rows
-            {
-                let f = in_flight.pop_front().expect("front exists");
-                producer.context().forget(f.id);
-                uncommitted.extend(f.offsets);
-            }
-            if in_flight.len() <= max_in_flight {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "waiting for Kafka acknowledgements: {} batch(es) unacknowledged after {:?}",
-                    in_flight.len(),
-                    kafka::BROKER_TIMEOUT
-                ));
-            }
-            producer.poll(Duration::from_millis(1));
-        }
-    }
-
-    /// Whether `uncommitted` may be committed now (it only holds durable batches).
-    fn can_commit(&self) -> bool {
-        self.failed.is_none()
-            && match &self.output {
-                Output::Kafka { .. } => true,
-                Output::Rolling(w) => w.durable(),
-            }
-    }
-
-    /// Records the first failure of the sink (or of an assignment): from then on nothing is
-    /// rolled or committed.
-    fn fail_on<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
-        if let Err(e) = &result {
-            self.failed.get_or_insert_with(|| e.clone());
-        }
-        result
-    }
-
-    /// Flushes the sink and commits what it holds (idle, rebalance, end of the run).
-    fn flush_and_commit<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        roll: bool,
-    ) -> Result<(), String> {
-        if let Some(e) = &self.failed {
-            return Err(format!("not committing after a failure: {e}"));
-        }
-        let settled = self.settle(if roll { 0 } else { usize::MAX });
-        self.fail_on(settled)?;
-        if let Output::Rolling(w) = &mut self.output {
-            let rolled = if roll {
-                if w.durable() { Ok(()) } else { w.roll() }
-            } else {
-                w.roll_if_old().map(|_| ())
-            };
-            self.fail_on(rolled)?;
-        }
-        if self.can_commit() {
-            let committed = commit(consumer, &mut self.uncommitted);
-            if roll {
-                return committed;
-            }
-            soft(committed);
-        }
-        Ok(())
-    }
-}
-
-/// A commit that failed mid-stream (a broker away, a coordinator moving) is not the end of the
-/// stream: the offsets stay in `uncommitted` and go with the next commit. Only the last commit
-/// of a run (and of a revoke) is reported.
-fn soft(committed: Result<(), String>) {
-    if let Err(e) = committed {
-        metrics().commit_failures.inc();
-        tracing::warn!(error = %e, "commit failed; the offsets are kept for the next one");
-    }
-}
-
-fn tpl_of(offsets: &BTreeMap<(String, i32), i64>) -> KafkaResult<TopicPartitionList> {
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), next) in offsets {
-        tpl.add_partition_offset(t, *p, Offset::Offset(*next))?;
-    }
-    Ok(tpl)
-}
-
-fn commit<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    offsets: &mut BTreeMap<(String, i32), i64>,
-) -> Result<(), String> {
-    if offsets.is_empty() {
-        return Ok(());
-    }
-    let tpl = tpl_of(offsets).map_err(|e| e.to_string())?;
-    consumer
-        .commit(&tpl, CommitMode::Sync)
-        .map_err(|e| format!("committing offsets: {e}"))?;
-    metrics().commits.inc();
-    offsets.clear();
-    Ok(())
-}
-
-struct StreamContext {
-    shared: Arc<Mutex<Shared>>,
-}
-
-impl ClientContext for StreamContext {
-    fn stats(&self, stats: Statistics) {
-        let lag: i64 = stats
-            .topics
-            .values()
-            .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| p.consumer_lag)
-            .sum();
-        metrics().consumer_lag.set(lag);
-    }
-}
-
-impl StreamContext {
-    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
-        let mut shared = self.shared.lock().expect("stream state");
-        shared.generation += 1;
-        shared.first_assigned.get_or_insert_with(Instant::now);
-        let needs_committed = shared.resume_dir.is_some() || shared.start_timestamp.is_some();
-        if needs_committed && tpl.count() > 0 {
-            let committed = match consumer.committed_offsets(tpl.clone(), kafka::BROKER_TIMEOUT) {
-                Ok(c) => c,
-                Err(e) => {
-                    // Resuming from a guess would read records twice (or skip them): stop.
-                    let e = format!("reading the committed offsets of an assignment: {e}");
-                    tracing::error!(error = %e, "cannot tell where to resume");
-                    shared.failed.get_or_insert(e);
-                    return;
-                }
-            };
-            let committed: HashMap<(String, i32), i64> = committed
-                .elements()
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
-                    _ => None,
-                })
-                .collect();
-            if let Some(dir) = &shared.resume_dir {
-                match rolling::recorded_next_offsets(dir) {
-                    Ok(files) => {
-                        let assigned: Vec<(String, i32)> = tpl
-                            .elements()
-                            .iter()
-                            .map(|e| (e.topic().to_string(), e.partition()))
-                            .collect();
-                        for tp in assigned {
-                            if let Some(&f) = files.get(&tp)
-                                && committed.get(&tp).is_none_or(|&c| f > c)
-                            {
-                                tracing::info!(
-                                    topic = tp.0,
-                                    partition = tp.1,
-                                    offset = f,
-                                    "resuming from the offsets recorded in the output files"
-                                );
-                                let _ = tpl.set_partition_offset(&tp.0, tp.1, Offset::Offset(f));
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let e = format!("reading the offsets recorded in the output files: {e}");
-                        tracing::error!(error = %e, "cannot tell where to resume");
-                        shared.failed.get_or_insert(e);
-                    }
-                }
-            } else if let Some(ts) = shared.start_timestamp {
-                let mut query = TopicPartitionList::new();
-                for e in tpl.elements() {
-                    if !committed.contains_key(&(e.topic().to_string(), e.partition())) {
-                        let _ = query.add_partition_offset(
-                            e.topic(),
-                            e.partition(),
-                            Offset::Offset(ts),
-                        );
-                    }
-                }
-                if query.count() > 0 {
-                    match consumer.offsets_for_times(query, kafka::BROKER_TIMEOUT) {
-                        Ok(found) => {
-                            for e in found.elements() {
-                                let _ =
-                                    tpl.set_partition_offset(e.topic(), e.partition(), e.offset());
-                            }
-                        }
-                        Err(e) => {
-                            let e = format!("looking up offsets for the start timestamp: {e}");
-                            tracing::error!(error = %e, "cannot tell where to start");
-                            shared.failed.get_or_insert(e);
-                        }
-                    }
-                }
-            }
-        }
-        tracing::info!(partitions = ?tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect::<Vec<_>>(), "assigned");
-    }
-
-    fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
-        let mut guard = self.shared.lock().expect("stream state");
-        let shared = &mut *guard;
-        shared.generation += 1;
-        shared.revoked.extend(
-            tpl.elements()
-                .iter()
-                .map(|e| (e.topic().to_string(), e.partition())),
-        );
-        // Flush before the partitions go: wait for every acknowledgement / roll open files,
-        // then commit what they hold. After a sink failure, nothing: the new owner reads
-        // again from the last commit.
-        match shared.flush_and_commit(consumer, true) {
-            Ok(()) => tracing::info!("partitions revoked"),
-            Err(e) => tracing::error!(
-                error = %e,
-                "partitions revoked without a commit; their uncommitted records will be read again"
-            ),
-        }
-        // What could not be committed for them now belongs to their next owner: a later
-        // commit by this consumer would move the next owner's offsets.
-        let revoked = &shared.revoked;
-        shared.uncommitted.retain(|tp, _| !revoked.contains(tp));
-    }
-}
-
-impl ConsumerContext for StreamContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
-        let result = match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.on_assign(consumer, tpl);
-                if cooperative {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.on_revoke(consumer, tpl);
-                if cooperative {
-                    consumer.incremental_unassign(tpl)
-                } else {
-                    consumer.unassign()
-                }
-            }
-            other => {
-                tracing::error!(error = ?other, "rebalance failed");
-                consumer.unassign()
-            }
-        };
-        if let Err(e) = result {
-            tracing::error!(error = %e, "applying a rebalance");
-        }
-    }
-}
-
 fn record_of<M: Message>(m: &M, topics: &mut HashMap<String, Arc<str>>) -> Record {
     let topic = match topics.get(m.topic()) {
         Some(t) => Arc::clone(t),
@@ -681,27 +255,24 @@ pub fn run(
     let max_wait = parse_duration("max_batch_wait", &source.max_batch_wait)?;
 
     let output = match &pipeline.sink {
-        Sink::Kafka(s) => {
-            let brokers = s.brokers.as_deref().unwrap_or(&source.brokers);
-            let txn_id = exactly_once.then(|| {
-                format!(
-                    "ferry-{}-{}-{}",
-                    source.group_id,
-                    std::process::id(),
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_nanos())
-                )
-            });
-            Output::Kafka {
-                producer: kafka::producer(brokers, &s.properties, txn_id.as_deref())?,
-                encoder: RecordEncoder::new(s, &output_schema)?,
-                transactional: exactly_once,
-            }
-        }
-        Sink::RollingParquet(r) => {
-            Output::Rolling(Box::new(RollingWriter::new(r, output_schema.clone())?))
-        }
+        Sink::Kafka(_) | Sink::RollingParquet(_) => sink::open(
+            &pipeline.sink,
+            Arc::clone(&output_schema),
+            OpenOptions {
+                default_brokers: Some(source.brokers.clone()),
+                // Exactly-once into Kafka: transactions under an id of this run's own.
+                transactional_id: exactly_once.then(|| {
+                    format!(
+                        "ferry-{}-{}-{}",
+                        source.group_id,
+                        std::process::id(),
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_nanos())
+                    )
+                }),
+            },
+        )?,
         other => return Err(format!("sink {} cannot take a stream", other.format())),
     };
     let resume_dir = match (&pipeline.sink, exactly_once) {
@@ -714,9 +285,7 @@ pub fn run(
     };
     let shared = Arc::new(Mutex::new(Shared {
         output,
-        in_flight: Default::default(),
-        next_batch: 1,
-        uncommitted: BTreeMap::new(),
+        uncommitted: Offsets::new(),
         generation: 0,
         revoked: HashSet::new(),
         failed: None,
@@ -841,7 +410,7 @@ pub fn run(
             // Idle: roll old files (and commit what they hold).
             let mut guard = shared.lock().expect("stream state");
             let s = &mut *guard;
-            s.flush_and_commit(&consumer, false)?;
+            s.settle_and_commit(&consumer, Settle::Idle)?;
             let idle_since = last_record.or(s.first_assigned);
             drop(guard);
             if let (Some(limit), Some(since)) = (options.until_idle, idle_since)
@@ -882,7 +451,7 @@ pub fn run(
     shared
         .lock()
         .expect("stream state")
-        .flush_and_commit(&consumer, true)?;
+        .settle_and_commit(&consumer, Settle::All)?;
     status.finish_and_clear();
     drop(consumer);
     summary.elapsed = started.elapsed();
@@ -1167,97 +736,24 @@ impl Batcher<'_> {
 
         let consumed = ranges_of(&records);
         let rows: u64 = outputs.iter().map(|b| b.num_rows() as u64).sum();
+        let group = self.consumer.group_metadata();
         let mut guard = self.shared.lock().expect("stream state");
         let s = &mut *guard;
-        let next_offsets: Vec<((String, i32), i64)> = consumed
-            .iter()
-            .map(|((t, p), (_, last))| ((t.clone(), *p), last + 1))
-            .collect();
         if let Some(e) = &s.failed {
             return Err(format!("not writing after a failure: {e}"));
         }
-        let pipelined = matches!(
-            s.output,
-            Output::Kafka {
-                transactional: false,
-                ..
-            }
+        // The batch's offsets become committable only once the sink says its rows are durable
+        // (a transactional sink commits them itself).
+        let written = s.output.write(
+            &outputs,
+            Covers {
+                consumed,
+                group: group.as_ref(),
+            },
         );
-        let seq = s.next_batch;
-        s.next_batch += 1;
-        let written = match &mut s.output {
-            Output::Kafka {
-                producer,
-                encoder,
-                transactional,
-            } => {
-                use rdkafka::producer::Producer;
-                let transactional = *transactional;
-                let sent = (|| {
-                    if transactional {
-                        producer
-                            .begin_transaction()
-                            .map_err(|e| format!("beginning a Kafka transaction: {e}"))?;
-                    }
-                    for b in &outputs {
-                        kafka::produce(producer, encoder.topic(), &encoder.encode(b)?, seq)?;
-                    }
-                    if transactional {
-                        // Delivery errors surface before the offsets join the transaction.
-                        kafka::flush(producer)?;
-                        let offsets: BTreeMap<(String, i32), i64> =
-                            next_offsets.iter().cloned().collect();
-                        let tpl = tpl_of(&offsets).map_err(|e| e.to_string())?;
-                        let group = self
-                            .consumer
-                            .group_metadata()
-                            .ok_or("the consumer has no group metadata")?;
-                        producer
-                            .send_offsets_to_transaction(&tpl, &group, kafka::BROKER_TIMEOUT)
-                            .map_err(|e| format!("adding offsets to the transaction: {e}"))?;
-                        producer
-                            .commit_transaction(kafka::BROKER_TIMEOUT)
-                            .map_err(|e| format!("committing the Kafka transaction: {e}"))?;
-                        m.commits.inc();
-                    }
-                    // Without a transaction, acknowledgements are collected while the next
-                    // batches run.
-                    Ok(())
-                })();
-                match sent {
-                    Err(e) if transactional => {
-                        Err(match producer.abort_transaction(kafka::BROKER_TIMEOUT) {
-                            Ok(()) => format!("{e}; the transaction was aborted"),
-                            Err(a) => format!(
-                                "{e}; aborting the transaction failed too ({a}): the broker aborts it when it times out"
-                            ),
-                        })
-                    }
-                    other => other,
-                }
-            }
-            Output::Rolling(w) => w.write(&outputs, &consumed).map(|_| ()),
-        };
         s.fail_on(written)?;
-        // Only now, with every row written, may the batch's offsets be committed (a
-        // transaction committed them already; a Kafka sink's once acknowledged).
-        match &s.output {
-            Output::Rolling(_) => s.uncommitted.extend(next_offsets),
-            Output::Kafka { .. } if pipelined => {
-                s.in_flight.push_back(InFlight {
-                    id: seq,
-                    rows,
-                    offsets: next_offsets,
-                });
-                let settled = s.settle(MAX_IN_FLIGHT);
-                s.fail_on(settled)?;
-            }
-            Output::Kafka { .. } => {}
-        }
         let t_sink = t0.elapsed();
-        if s.can_commit() {
-            soft(commit(self.consumer, &mut s.uncommitted));
-        }
+        s.settle_and_commit(self.consumer, Settle::AfterWrite)?;
         drop(guard);
         tracing::debug!(
             records = records.len(),
