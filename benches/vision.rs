@@ -210,7 +210,7 @@ fn stages(root: &Path, paths: &[PathBuf]) {
         ),
     ];
     for (name, dir, options, layout) in processors {
-        let options: ProcessorOptions = serde_yaml::from_str(options).unwrap();
+        let options: ProcessorOptions = ferry::spec::yaml::from_str(options).unwrap();
         let processor = Processor::load(&root.join(dir), &options, None, layout).unwrap();
         let start = Instant::now();
         for p in &pictures {

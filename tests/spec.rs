@@ -43,7 +43,7 @@ fn every_task_kind_is_registered_once() {
     for t in ferry::ops::TASKS {
         assert_eq!(t.kind.info().name, t.name);
         // The manifest spelling of the kind is the registered name.
-        let yaml: ferry::ops::TaskKind = serde_yaml::from_str(t.name).unwrap();
+        let yaml: ferry::ops::TaskKind = ferry::spec::yaml::from_str(t.name).unwrap();
         assert_eq!(yaml, t.kind);
     }
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{OpError, TaskKind};
 use crate::runtime::ExecutionProvider;
 use crate::spec::locate::Locations;
+use crate::spec::yaml::{self, Value};
 use crate::spec::{Diagnostic, Diagnostics, deserialize_at};
 
 /// An operator: a model directory run as a task, callable as a SQL function named `name`.
@@ -63,7 +64,7 @@ pub struct Manifest {
     /// Task options: see `EmbedOptions`, `ClassifyTextOptions`, `TagTokensOptions`, `AnswerOptions`, `ClassifyImageOptions`, `DetectOptions`, `SegmentOptions`, `EstimateDepthOptions`, `GenerationOptions` (generate, summarize, translate), `TranscribeOptions`, `ClassifyAudioOptions` and `DetectSpeechOptions` in this schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<TaskOptions>")]
-    pub options: Option<serde_yaml::Value>,
+    pub options: Option<Value>,
 }
 
 /// Where an operator's inference cache lives.
@@ -164,7 +165,7 @@ impl LoadedManifest {
     /// The task options, typed for the manifest's task.
     pub fn options<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, OpError> {
         match &self.manifest.options {
-            None | Some(serde_yaml::Value::Null) => Ok(T::default()),
+            None | Some(Value::Null) => Ok(T::default()),
             Some(v) => deserialize_at("options", v.clone()).map_err(|(path, message)| {
                 let diagnostic = Diagnostic {
                     file: self.file.clone(),
@@ -210,15 +211,11 @@ pub fn load_manifests(dir: &Path) -> Result<Vec<LoadedManifest>, Diagnostics> {
                 continue;
             }
         };
-        let locations = Locations::index(&text);
-        let value: serde_yaml::Value = match serde_yaml::from_str(&text) {
-            Ok(v) => v,
+        let (value, locations) = match yaml::parse(&text) {
+            Ok(parsed) => parsed,
             Err(e) => {
-                let mut d = diag(&file, None, "", format!("invalid YAML: {e}"));
-                d.position = e.location().map(|l| crate::spec::locate::Position {
-                    line: l.line(),
-                    column: l.column(),
-                });
+                let mut d = diag(&file, None, "", format!("invalid YAML: {}", e.message));
+                d.position = e.position;
                 problems.push(d);
                 continue;
             }

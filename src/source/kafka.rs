@@ -222,13 +222,7 @@ impl Decoder {
                 }
                 (Some(cols), None) => {
                     let mut fields = Vec::new();
-                    for (k, v) in cols {
-                        let name = k
-                            .as_str()
-                            .ok_or_else(|| format!("column name {k:?} is not a string"))?;
-                        let ty = v
-                            .as_str()
-                            .ok_or_else(|| format!("column '{name}': type must be a string"))?;
+                    for (name, ty) in &cols.0 {
                         let dt = parse_type(ty).map_err(|e| format!("column '{name}': {e}"))?;
                         fields.push(Field::new(name, dt, true));
                     }
@@ -494,7 +488,7 @@ mod tests {
     }
 
     fn json_source(columns: &str) -> KafkaSource {
-        serde_yaml::from_str(&format!(
+        crate::spec::yaml::from_str(&format!(
             "{{brokers: x, topics: [t], group_id: g, format: json, columns: {columns}}}"
         ))
         .unwrap()
@@ -526,7 +520,7 @@ mod tests {
     fn ipc_payloads_match_columns_by_name() {
         use datafusion::arrow::array::{Int64Array, StringArray};
         use datafusion::arrow::ipc::writer::StreamWriter;
-        let src: KafkaSource = serde_yaml::from_str(
+        let src: KafkaSource = crate::spec::yaml::from_str(
             "{brokers: x, topics: [t], group_id: g, format: ipc, columns: {id: int64, text: string}}",
         )
         .unwrap();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use super::locate::{Locations, Position};
+use super::yaml::{self, Value};
 use super::{DeadLetter, Delivery, OnError, Pipeline, Sink, Source, Step};
 
 /// One problem in a file, with where it is.
@@ -86,27 +87,23 @@ pub fn load_pipeline(file: &Path) -> Result<LoadedPipeline, Diagnostics> {
 /// Like [`load_pipeline`] on text already read; `file` names it in messages, and its directory
 /// is what relative paths in it are relative to.
 pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnostics> {
-    let mut cx = Checker {
-        file: file.to_path_buf(),
-        locations: Locations::index(text),
-        found: Vec::new(),
-    };
-    let root: serde_yaml::Value = match serde_yaml::from_str(text) {
-        Ok(v) => v,
+    let (root, locations) = match yaml::parse(text) {
+        Ok(parsed) => parsed,
         Err(e) => {
-            let position = e.location().map(|l| Position {
-                line: l.line(),
-                column: l.column(),
-            });
             return Err(Diagnostics(vec![Diagnostic {
-                file: cx.file,
-                position,
+                file: file.to_path_buf(),
+                position: e.position,
                 path: String::new(),
-                message: format!("invalid YAML: {e}"),
+                message: format!("invalid YAML: {}", e.message),
             }]));
         }
     };
-    let serde_yaml::Value::Mapping(map) = root else {
+    let mut cx = Checker {
+        file: file.to_path_buf(),
+        locations,
+        found: Vec::new(),
+    };
+    let Value::Map(map) = root else {
         cx.report(
             "",
             "a pipeline must be a mapping with keys name, source, steps and sink",
@@ -123,24 +120,18 @@ pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnos
     let mut dead_letter = None;
     let mut delivery = None;
     for (key, value) in map {
-        let Some(key) = key.as_str().map(str::to_string) else {
-            cx.report("", format!("keys must be strings, found {key:?}"));
-            continue;
-        };
         match key.as_str() {
             "name" => name = cx.typed::<String>("name", value),
             "description" => description = cx.typed::<String>("description", value),
-            "source" => source = cx.typed::<Tagged<Source>>("source", value).map(|t| t.0),
-            "sink" => sink = cx.typed::<Tagged<Sink>>("sink", value).map(|t| t.0),
+            "source" => source = cx.typed::<Source>("source", value),
+            "sink" => sink = cx.typed::<Sink>("sink", value),
             "on_error" => on_error = cx.typed::<OnError>("on_error", value),
             "dead_letter" => {
-                dead_letter = cx
-                    .typed::<Tagged<DeadLetter>>("dead_letter", value)
-                    .map(|t| t.0)
+                dead_letter = cx.typed::<DeadLetter>("dead_letter", value)
             }
             "delivery" => delivery = cx.typed::<Delivery>("delivery", value),
             "steps" => match value {
-                serde_yaml::Value::Sequence(items) => {
+                Value::Seq(items) => {
                     for (i, item) in items.into_iter().enumerate() {
                         let path = format!("steps[{i}]");
                         if let Some(step) = cx.typed::<Step>(&path, item) {
@@ -149,7 +140,7 @@ pub fn parse_pipeline(file: &Path, text: &str) -> Result<LoadedPipeline, Diagnos
                         }
                     }
                 }
-                serde_yaml::Value::Null => {}
+                Value::Null => {}
                 _ => cx.report("steps", "steps must be a list"),
             },
             other => cx.report(
@@ -231,22 +222,12 @@ pub fn expand_env(value: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// An enum written as a one-key map (`parquet: {path: ...}`), the form YAML users expect.
-#[derive(serde::Deserialize)]
-struct Tagged<T: DeserializeOwned>(
-    #[serde(
-        with = "serde_yaml::with::singleton_map",
-        bound = "T: DeserializeOwned"
-    )]
-    T,
-);
-
 /// Deserializes `value`, found at the dotted path `prefix` of a file. On failure returns the
 /// path of the offending value (for an unknown key, the key itself rather than its parent) and
 /// serde's message, so that the caller can point at its line.
 pub fn deserialize_at<T: DeserializeOwned>(
     prefix: &str,
-    value: serde_yaml::Value,
+    value: Value,
 ) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
         let inner = e.path().to_string();
@@ -306,7 +287,7 @@ impl Checker {
     }
 
     /// Deserializes one section, turning a serde error into a located diagnostic.
-    fn typed<T: DeserializeOwned>(&mut self, path: &str, value: serde_yaml::Value) -> Option<T> {
+    fn typed<T: DeserializeOwned>(&mut self, path: &str, value: Value) -> Option<T> {
         match deserialize_at(path, value) {
             Ok(v) => Some(v),
             Err((at, message)) => {

@@ -3,6 +3,7 @@
 
 mod load;
 pub mod locate;
+pub mod yaml;
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -11,6 +12,44 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use load::{Diagnostic, Diagnostics, LoadedPipeline, deserialize_at, load_pipeline};
+
+/// Column name → type, in the order the file gives them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Columns(pub Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for Columns {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct InOrder;
+        impl<'de> serde::de::Visitor<'de> for InOrder {
+            type Value = Columns;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a mapping of column name to type")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Columns, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, String>()? {
+                    out.push(entry);
+                }
+                Ok(Columns(out))
+            }
+        }
+        d.deserialize_map(InOrder)
+    }
+}
+
+impl Serialize for Columns {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
 
 /// A pipeline: one source, optional SQL and operator steps applied in order, one sink.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -22,16 +61,12 @@ pub struct Pipeline {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Where the rows come from.
-    #[serde(with = "serde_yaml::with::singleton_map")]
-    #[schemars(with = "Source")]
     pub source: Source,
     /// Transformations applied in order. Each step sees the previous step's result as the table
     /// `input`.
     #[serde(default)]
     pub steps: Vec<Step>,
     /// Where the enriched rows go.
-    #[serde(with = "serde_yaml::with::singleton_map")]
-    #[schemars(with = "Sink")]
     pub sink: Sink,
     /// Streams only: what happens to a record that cannot be decoded, does not match the
     /// declared columns, or that an operator cannot process. Default: `dead_letter` when a
@@ -40,12 +75,7 @@ pub struct Pipeline {
     pub on_error: Option<OnError>,
     /// Streams only: where bad records go, with the reason, their source topic, partition and
     /// offset, and the raw payload.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "serde_yaml::with::singleton_map"
-    )]
-    #[schemars(with = "Option<DeadLetter>")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<DeadLetter>,
     /// Streams only: the delivery guarantee.
     #[serde(default)]
@@ -186,8 +216,7 @@ pub struct KafkaSource {
     pub group_id: String,
     /// Where to start in a partition the group has no committed offset for. Committed offsets
     /// (and, for exactly-once Parquet, the offsets recorded in the output files) always win.
-    #[serde(default, with = "serde_yaml::with::singleton_map")]
-    #[schemars(with = "StartPosition")]
+    #[serde(default)]
     pub start: StartPosition,
     /// How record values are decoded.
     #[serde(default)]
@@ -197,7 +226,7 @@ pub struct KafkaSource {
     /// of a JSON object that are not listed are ignored; a listed field that is missing is null.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<BTreeMap<String, String>>")]
-    pub columns: Option<serde_yaml::Mapping>,
+    pub columns: Option<Columns>,
     /// A JSON Schema file (an object with `properties`; `required` fields are non-null) giving
     /// the columns instead of `columns`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
