@@ -55,9 +55,10 @@ enum Command {
         #[arg(required = true)]
         pipelines: Vec<PathBuf>,
     },
-    /// Run SQL over pipeline outputs and files; operators are SQL functions.
+    /// Run SQL over pipeline outputs and files; operators are SQL functions. Without SQL, an
+    /// interactive shell (statements end with `;`, `\d` lists tables and operators).
     Query {
-        sql: String,
+        sql: Option<String>,
         /// Extra tables: NAME=PATH (format from the extension).
         #[arg(long = "table", value_parser = parse_table)]
         tables: Vec<(String, String)>,
@@ -277,6 +278,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 tables,
                 pipelines_dir: Some(pipelines),
                 operators_dir: Some(cli.operators),
+            };
+            let Some(sql) = sql else {
+                if output.is_some() {
+                    anyhow::bail!(
+                        "--output needs a query: ferry query \"SELECT ...\" --output FILE"
+                    );
+                }
+                crate::shell::run(&inputs).await?;
+                return Ok(ExitCode::SUCCESS);
             };
             let text = query::run(&sql, &inputs, output.as_deref()).await?;
             println!("{text}");

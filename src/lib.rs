@@ -18,6 +18,7 @@ pub mod query;
 pub mod render;
 pub mod runtime;
 pub mod schemas;
+pub mod shell;
 pub mod sink;
 pub mod source;
 pub mod spec;

@@ -151,9 +151,62 @@ pub struct QueryContext {
     pub ctx: SessionContext,
     pub operators: OperatorSet,
     pub pipelines: Option<PipelineTables>,
+    /// Operators registered as functions so far (each is loaded when a query first calls it).
+    registered: Vec<String>,
 }
 
 impl QueryContext {
+    /// Registers the tables of `inputs`; no operator is loaded yet. `may_call`: the operators
+    /// the queries may call (their tasks set how many rows a batch holds: images, few).
+    pub async fn open(
+        inputs: &QueryInputs,
+        may_call: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<Self> {
+        let operators = match &inputs.operators_dir {
+            Some(dir) if dir.is_dir() => OperatorSet::new(crate::ops::load_manifests(dir)?),
+            _ => OperatorSet::default(),
+        };
+        let ctx = session_context_for(
+            operators
+                .manifests()
+                .iter()
+                .filter(|m| may_call(&m.manifest.name))
+                .map(|m| m.manifest.task),
+        );
+        let pipelines = match &inputs.pipelines_dir {
+            Some(dir) => Some(register_pipeline_outputs(&ctx, dir).await),
+            None => None,
+        };
+        for (name, path) in &inputs.tables {
+            source::register_file(&ctx, name, path)
+                .await
+                .map_err(|e| anyhow::anyhow!("--table {name}={path}: {e}"))?;
+        }
+        Ok(QueryContext {
+            ctx,
+            operators,
+            pipelines,
+            registered: Vec::new(),
+        })
+    }
+
+    /// Loads the operators `sql` calls that are not registered yet, and registers them.
+    pub fn register_operators_for(&mut self, sql: &str) -> anyhow::Result<()> {
+        let wanted: Vec<String> = self
+            .operators
+            .names()
+            .into_iter()
+            .filter(|n| mentioned(sql, n) && !self.registered.iter().any(|r| r == n))
+            .map(str::to_string)
+            .collect();
+        for name in wanted {
+            let op = self.operators.get(&name).map_err(anyhow::Error::msg)?;
+            self.ctx.register_udf(op.udf.clone());
+            self.registered.push(name);
+        }
+        Ok(())
+    }
+
     /// Plans `sql`; a table that is not there is explained by the pipelines that were skipped.
     pub async fn sql(&self, sql: &str) -> anyhow::Result<datafusion::dataframe::DataFrame> {
         match self.ctx.sql(sql).await {
@@ -173,40 +226,9 @@ impl QueryContext {
 
 /// Builds a context with tables and the operators `sql` mentions.
 pub async fn context_for(sql: &str, inputs: &QueryInputs) -> anyhow::Result<QueryContext> {
-    let mut operators = match &inputs.operators_dir {
-        Some(dir) if dir.is_dir() => OperatorSet::new(crate::ops::load_manifests(dir)?),
-        _ => OperatorSet::default(),
-    };
-    let wanted: Vec<String> = operators
-        .names()
-        .into_iter()
-        .filter(|n| mentioned(sql, n))
-        .map(str::to_string)
-        .collect();
-    let mut udfs = Vec::new();
-    for name in wanted {
-        let op = operators.get(&name).map_err(anyhow::Error::msg)?;
-        udfs.push((op.task, op.udf.clone()));
-    }
-    // The batch size depends on the operators' tasks (images: small batches).
-    let ctx = session_context_for(udfs.iter().map(|(task, _)| *task));
-    for (_, udf) in udfs {
-        ctx.register_udf(udf);
-    }
-    let pipelines = match &inputs.pipelines_dir {
-        Some(dir) => Some(register_pipeline_outputs(&ctx, dir).await),
-        None => None,
-    };
-    for (name, path) in &inputs.tables {
-        source::register_file(&ctx, name, path)
-            .await
-            .map_err(|e| anyhow::anyhow!("--table {name}={path}: {e}"))?;
-    }
-    Ok(QueryContext {
-        ctx,
-        operators,
-        pipelines,
-    })
+    let mut query = QueryContext::open(inputs, |name| mentioned(sql, name)).await?;
+    query.register_operators_for(sql)?;
+    Ok(query)
 }
 
 /// Runs `sql`; prints a table, or writes `output` (format from its extension).

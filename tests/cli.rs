@@ -334,3 +334,66 @@ fn pipeline_paths_are_relative_to_the_pipeline_file() {
     assert_eq!(written.lines().count(), 2, "{written}");
     assert!(!root().join("out/texts.jsonl").exists());
 }
+
+/// `ferry query` with no SQL is a SQL shell; with a pipe for input it runs the statements as a
+/// script: statements over several lines, `\d`, operators called as they come, an error that
+/// does not end the shell, history kept, nothing after `\q`.
+#[test]
+fn query_without_sql_is_a_shell() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.parquet");
+    write_texts(&input, &[Some("great product"), Some("worst purchase")]);
+    let history = dir.path().join("history");
+    let ops = fixture_operators();
+    let mut child = Command::new(ferry_bin())
+        .args([
+            "--operators",
+            ops.to_str().unwrap(),
+            "query",
+            "--pipelines",
+            dir.path().to_str().unwrap(),
+            "--table",
+            &format!("r={}", input.display()),
+        ])
+        .env("FERRY_HISTORY", &history)
+        .current_dir(root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"\\d\n\\d r\n\\d tiny_sentiment\nSELECT id,\n  tiny_sentiment(text)['label'] AS label -- a comment; not the end\nFROM r ORDER BY id;\nSELECT nosuch FROM r;\nSELECT count(*) AS n FROM r; SELECT 'x;y' AS s;\n\\q\nSELECT 'after quit';\n",
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for expected in [
+        "tables:",
+        "  r\n",
+        "tiny_sentiment  classify_text",
+        "  text  ",
+        "operator tiny_sentiment: classify_text (text-classification)",
+        "| id | label",
+        "2 rows in",
+        "| n |",
+        "| x;y |",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in\n{stdout}");
+    }
+    assert_eq!(
+        stderr.matches("No field named nosuch").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(!stdout.contains("after quit"), "{stdout}");
+    let kept = std::fs::read_to_string(&history).unwrap();
+    assert!(kept.contains("SELECT count(*) AS n FROM r"), "{kept}");
+}
