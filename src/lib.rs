@@ -1,11 +1,11 @@
 //! ferry: declarative pipelines that run ONNX models over Arrow data, queried with SQL.
 //!
 //! - [`spec`]: the pipeline file and its diagnostics.
-//! - [`source`] / [`sink`]: where rows come from and go to.
+//! - [`source`] / [`sink`]: where rows come from and go to (every sink an [`sink::Output`]).
 //! - [`ops`]: operator manifests and task kinds (model-backed SQL functions).
 //! - [`runtime`]: ONNX Runtime loading, model directories and the session pool.
-//! - [`engine`]: planning and running a pipeline; [`query`]: `ferry query`; [`render`]:
-//!   `ferry render`.
+//! - [`engine`]: planning and running a pipeline; [`query`]: `ferry query`; [`shell`]: its
+//!   interactive SQL shell; [`render`]: `ferry render`.
 //! - [`stream`]: the micro-batch loop over a Kafka source: offsets, commits, rebalances.
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 
