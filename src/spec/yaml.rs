@@ -141,7 +141,10 @@ fn convert(node: MarkedYaml<'_>, path: &str, at: &mut Locations) -> Result<Value
             )));
         }
         YamlData::Alias(_) => return Err(fail("an alias to an unknown anchor".into())),
-        YamlData::BadValue => Value::Null,
+        // An empty document.
+        YamlData::BadValue if path.is_empty() => Value::Null,
+        // A scalar whose tag it does not fit (`!!int abc`).
+        YamlData::BadValue => return Err(fail("a value that does not fit its tag".into())),
     })
 }
 
@@ -467,6 +470,8 @@ mod tests {
         let e = parse("a: 1\nb: [1, 2\n").unwrap_err();
         assert!(e.position.is_some(), "{e}");
         assert!(parse("a: 1\na: 2\n").is_err(), "a key twice");
+        let e = parse("a: !!int abc\n").unwrap_err();
+        assert_eq!(e.position.map(|p| p.line), Some(1), "{e}");
         let e = parse("a: !custom 1\n").unwrap_err();
         assert!(e.message.contains("tags"), "{e}");
         assert_eq!(parse("").unwrap().0, Value::Null);
