@@ -12,6 +12,7 @@ use datafusion::logical_expr::Expr;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
+use crate::error::df_message;
 use crate::ops::{self, Operator, OperatorSet};
 use crate::sink::{Settle, check_schema};
 use crate::source;
@@ -60,14 +61,6 @@ pub struct Planned {
 
 fn diag_of(p: &LoadedPipeline, path: &str, e: impl std::fmt::Display) -> Diagnostic {
     p.diagnostic(path, e.to_string())
-}
-
-/// Strips DataFusion's wrapping ("Error during planning: ...") down to the user's part.
-fn df_message(e: &DataFusionError) -> String {
-    match e.find_root() {
-        DataFusionError::Plan(m) | DataFusionError::Execution(m) => m.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// Plans `p`: registers the source, applies each step and checks the sink. Every problem is
@@ -300,11 +293,11 @@ pub async fn execute(
         written += batch.num_rows() as u64;
         bar.set_position(bar.position().max(written));
     }
-    let rows = writer.finish().map_err(sink_error)?;
+    writer.finish().map_err(sink_error)?;
     bar.finish_and_clear();
     let row_errors = operators.built().map(|o| o.row_errors()).sum::<u64>() - errors_before;
     Ok(RunSummary {
-        rows,
+        rows: written,
         elapsed: start.elapsed(),
         row_errors,
     })

@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod engine;
+pub mod error;
 pub mod fetch;
 pub mod metrics;
 pub mod ops;

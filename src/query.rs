@@ -151,8 +151,6 @@ pub struct QueryContext {
     pub ctx: SessionContext,
     pub operators: OperatorSet,
     pub pipelines: Option<PipelineTables>,
-    /// Operators registered as functions so far (each is loaded when a query first calls it).
-    registered: Vec<String>,
 }
 
 impl QueryContext {
@@ -186,23 +184,22 @@ impl QueryContext {
             ctx,
             operators,
             pipelines,
-            registered: Vec::new(),
         })
     }
 
-    /// Loads the operators `sql` calls that are not registered yet, and registers them.
+    /// Registers the operators `sql` calls as functions; each model is loaded on its first
+    /// call ([`OperatorSet::get`] keeps it), registering it again replaces it with itself.
     pub fn register_operators_for(&mut self, sql: &str) -> anyhow::Result<()> {
         let wanted: Vec<String> = self
             .operators
             .names()
             .into_iter()
-            .filter(|n| mentioned(sql, n) && !self.registered.iter().any(|r| r == n))
+            .filter(|n| mentioned(sql, n))
             .map(str::to_string)
             .collect();
         for name in wanted {
             let op = self.operators.get(&name).map_err(anyhow::Error::msg)?;
             self.ctx.register_udf(op.udf.clone());
-            self.registered.push(name);
         }
         Ok(())
     }

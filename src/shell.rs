@@ -201,10 +201,7 @@ fn describe_all(query: &QueryContext) -> String {
 }
 
 async fn describe(query: &QueryContext, name: &str) -> String {
-    let table = table_names(query).into_iter().find(|t| t == name);
-    if let Some(table) = table
-        && let Ok(provider) = query.ctx.table_provider(table.as_str()).await
-    {
+    if let Ok(provider) = query.ctx.table_provider(name).await {
         let schema = provider.schema();
         let width = schema
             .fields()

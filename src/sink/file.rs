@@ -13,9 +13,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::{DataFusionError, Result, plan_err};
 use datafusion::parquet::arrow::ArrowWriter;
 
-use super::{
-    Covers, Offsets, Output, Settle, check_schema, message, plain_schema, sync_dir, to_plain,
-};
+use super::{Covers, Offsets, Output, Settle, check_schema, plain_schema, sync_dir, to_plain};
+use crate::error::df_message;
 use crate::spec::{ParquetCompression, Sink};
 
 enum Writer {
@@ -133,7 +132,7 @@ impl Output for SinkWriter {
         batches
             .iter()
             .try_for_each(|b| SinkWriter::write(self, b))
-            .map_err(message)
+            .map_err(|e| df_message(&e))
     }
 
     /// Nothing is durable before the file is complete (and a file source has no offsets).
@@ -141,8 +140,10 @@ impl Output for SinkWriter {
         Ok(Offsets::new())
     }
 
-    fn finish(self: Box<Self>) -> Result<u64, String> {
-        SinkWriter::finish(*self).map_err(message)
+    fn finish(self: Box<Self>) -> Result<(), String> {
+        SinkWriter::finish(*self)
+            .map(|_rows| ())
+            .map_err(|e| df_message(&e))
     }
 }
 

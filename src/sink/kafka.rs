@@ -17,11 +17,11 @@ use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use super::{Covers, Offsets, OpenOptions, Output, Settle, next_offsets};
+use super::{
+    Covers, FirstFailure, Offsets, OpenOptions, Output, Settle, next_offsets, topic_partitions,
+};
 use crate::metrics::metrics;
-
 use crate::source::kafka::{LINEAGE, OFFSET, PARTITION, Record, TOPIC};
 use crate::spec::{KafkaSink, SinkFormat};
 
@@ -414,9 +414,9 @@ pub struct KafkaOutput {
     /// Produced, not yet all acknowledged (at-least-once), oldest first.
     in_flight: VecDeque<InFlight>,
     next_batch: usize,
-    rows: u64,
-    /// The first failure: nothing is produced or reported durable after it.
-    failed: Option<String>,
+    /// The first failure: nothing is produced or reported durable after it (a batch after a
+    /// failed transaction would commit offsets past it).
+    failed: FirstFailure,
 }
 
 impl KafkaOutput {
@@ -437,20 +437,12 @@ impl KafkaOutput {
             transactional: options.transactional_id.is_some(),
             in_flight: VecDeque::new(),
             next_batch: 1,
-            rows: 0,
-            failed: None,
+            failed: FirstFailure::default(),
         })
     }
 
-    fn fail_on<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
-        if let Err(e) = &result {
-            self.failed.get_or_insert_with(|| e.clone());
-        }
-        result
-    }
-
     /// Produces the batch, its offsets and its records in one transaction.
-    fn transaction(&mut self, batches: &[RecordBatch], covers: &Covers<'_>) -> Result<(), String> {
+    fn transaction(&self, batches: &[RecordBatch], covers: &Covers<'_>) -> Result<(), String> {
         let producer = &self.producer;
         producer
             .begin_transaction()
@@ -465,11 +457,7 @@ impl KafkaOutput {
                 let group = covers
                     .group
                     .ok_or("the consumer has no group metadata for the transaction")?;
-                let mut tpl = TopicPartitionList::new();
-                for ((t, p), next) in next_offsets(&covers.consumed) {
-                    tpl.add_partition_offset(&t, p, Offset::Offset(next))
-                        .map_err(|e| e.to_string())?;
-                }
+                let tpl = topic_partitions(&next_offsets(&covers.consumed))?;
                 producer
                     .send_offsets_to_transaction(&tpl, group, BROKER_TIMEOUT)
                     .map_err(|e| format!("adding offsets to the transaction: {e}"))?;
@@ -526,13 +514,10 @@ impl KafkaOutput {
 
 impl Output for KafkaOutput {
     fn write(&mut self, batches: &[RecordBatch], covers: Covers<'_>) -> Result<(), String> {
-        if let Some(e) = &self.failed {
-            return Err(format!("not producing after a failure: {e}"));
-        }
-        let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+        self.failed.check("not producing")?;
         if self.transactional {
             let sent = self.transaction(batches, &covers);
-            self.fail_on(sent)?;
+            self.failed.record(sent)?;
         } else {
             // Acknowledgements are collected while the next batches run.
             let id = self.next_batch;
@@ -545,34 +530,29 @@ impl Output for KafkaOutput {
                     id,
                 )
             });
-            self.fail_on(sent)?;
+            self.failed.record(sent)?;
             self.in_flight.push_back(InFlight {
                 id,
-                rows,
+                rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
                 offsets: next_offsets(&covers.consumed),
             });
         }
-        self.rows += rows;
         Ok(())
     }
 
     fn durable(&mut self, settle: Settle) -> Result<Offsets, String> {
-        if let Some(e) = &self.failed {
-            return Err(format!("not committing after a failure: {e}"));
-        }
+        self.failed.check("not committing")?;
         let settled = self.settle(match settle {
             Settle::AfterWrite => MAX_IN_FLIGHT,
             Settle::Idle => usize::MAX,
             Settle::All => 0,
         });
-        self.fail_on(settled)
+        self.failed.record(settled)
     }
 
-    fn finish(mut self: Box<Self>) -> Result<u64, String> {
-        self.durable(Settle::All)?;
-        let flushed = flush(&self.producer);
-        self.fail_on(flushed)?;
-        Ok(self.rows)
+    /// Every batch acknowledged (a transaction is flushed when it commits).
+    fn finish(mut self: Box<Self>) -> Result<(), String> {
+        self.durable(Settle::All).map(|_| ())
     }
 }
 

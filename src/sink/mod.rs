@@ -16,9 +16,11 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::common::{DataFusionError, Result, plan_err};
+use datafusion::common::{Result, plan_err};
 use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use crate::error::df_message;
 use crate::spec::Sink;
 
 pub use file::{SinkWriter, sink_for_path};
@@ -84,8 +86,8 @@ pub trait Output: Send {
     /// Offsets whose rows became durable since the last call: the consumer may commit them.
     fn durable(&mut self, settle: Settle) -> Result<Offsets, String>;
 
-    /// Makes everything durable and closes the output. Returns the rows written.
-    fn finish(self: Box<Self>) -> Result<u64, String>;
+    /// Makes everything durable and closes the output.
+    fn finish(self: Box<Self>) -> Result<(), String>;
 }
 
 /// Options for [`open`].
@@ -106,15 +108,49 @@ pub fn open(
     Ok(match sink {
         Sink::Kafka(k) => Box::new(kafka::KafkaOutput::new(k, &schema, options)?),
         Sink::RollingParquet(r) => Box::new(rolling::RollingWriter::new(r, schema)?),
-        file => Box::new(SinkWriter::open(file, schema).map_err(message)?),
+        file => Box::new(SinkWriter::open(file, schema).map_err(|e| df_message(&e))?),
     })
 }
 
-/// A DataFusion error's text without its kind prefix where the text says it all.
-pub fn message(e: DataFusionError) -> String {
-    match e {
-        DataFusionError::Execution(m) | DataFusionError::Plan(m) => m,
-        other => other.to_string(),
+/// The Kafka form of `offsets`, for a commit or a transaction.
+pub fn topic_partitions(offsets: &Offsets) -> Result<TopicPartitionList, String> {
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), next) in offsets {
+        tpl.add_partition_offset(t, *p, Offset::Offset(*next))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(tpl)
+}
+
+/// The first failure of a sink (or of a stream). It stays: after it nothing more is written,
+/// rolled or committed, since offsets might then cover rows that are not durable.
+#[derive(Debug, Default)]
+pub struct FirstFailure(Option<String>);
+
+impl FirstFailure {
+    /// Passes `result` on, keeping its error if it is the first.
+    pub fn record<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
+        if let Err(e) = &result {
+            self.set(e.clone());
+        }
+        result
+    }
+
+    /// Keeps `e` unless a failure came first.
+    pub fn set(&mut self, e: String) {
+        self.0.get_or_insert(e);
+    }
+
+    pub fn get(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
+    /// Fails with "`doing` after a failure: ..." once a failure is kept.
+    pub fn check(&self, doing: &str) -> Result<(), String> {
+        match &self.0 {
+            Some(e) => Err(format!("{doing} after a failure: {e}")),
+            None => Ok(()),
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
 
-use super::{Covers, Offsets, Output, Ranges, Settle, merge_ranges, next_offsets};
+use super::{Covers, FirstFailure, Offsets, Output, Ranges, Settle, merge_ranges, next_offsets};
 use crate::spec::RollingParquetSink;
 
 /// Footer key holding the offsets a file covers: `{"topic": {"partition": [first, last]}}`.
@@ -63,13 +63,11 @@ pub struct RollingWriter {
     seq: u64,
     /// Next offsets of the rows written since the last roll: committable once they roll.
     pending: Offsets,
-    /// Rows written.
-    rows: u64,
     /// Files renamed into place so far.
     pub files_written: u64,
     /// The first write or roll that failed: from then on nothing is durable and nothing rolls,
     /// so no offset is committed for rows that may not be in a file.
-    failed: Option<String>,
+    failed: FirstFailure,
 }
 
 impl RollingWriter {
@@ -92,9 +90,8 @@ impl RollingWriter {
             ranges: Ranges::new(),
             seq: 0,
             pending: Offsets::new(),
-            rows: 0,
             files_written: 0,
-            failed: None,
+            failed: FirstFailure::default(),
         })
     }
 
@@ -102,12 +99,11 @@ impl RollingWriter {
     /// that are due. The offsets join the next footers only once every row of the batch is
     /// written; after a failure the writer is failed for good.
     fn write_rows(&mut self, batches: &[RecordBatch], consumed: &Ranges) -> Result<(), String> {
-        self.check_not_failed()?;
+        self.failed.check("not writing")?;
         let written = self.append_all(batches);
-        self.fail_on(written)?;
+        self.failed.record(written)?;
         merge_ranges(&mut self.ranges, consumed);
         self.pending.extend(next_offsets(consumed));
-        self.rows += batches.iter().map(|b| b.num_rows() as u64).sum::<u64>();
         let due = self.open.values().any(|f| {
             f.rows >= self.cfg.max_rows
                 || f.writer.bytes_written() + f.writer.in_progress_size()
@@ -131,28 +127,6 @@ impl RollingWriter {
             }
         }
         Ok(())
-    }
-
-    /// Whether no consumed offset waits for a file to roll (never, once a write failed).
-    fn all_rolled(&self) -> bool {
-        self.open.is_empty() && self.failed.is_none()
-    }
-
-    fn check_not_failed(&self) -> Result<(), String> {
-        match &self.failed {
-            Some(e) => Err(format!(
-                "an earlier write failed ({e}); nothing more is written or rolled"
-            )),
-            None => Ok(()),
-        }
-    }
-
-    /// Records the first failure: the writer takes no more rows and rolls nothing.
-    fn fail_on<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
-        if let Err(e) = &result {
-            self.failed.get_or_insert_with(|| e.clone());
-        }
-        result
     }
 
     /// Rolls if the oldest open file is older than `max_age`. Returns whether it rolled.
@@ -216,7 +190,7 @@ impl RollingWriter {
     /// Closes every open file: footer (with the offsets), fsync, rename into place, fsync of
     /// the directory. A failure fails the writer (the files not yet renamed stay temporaries).
     fn roll(&mut self) -> Result<(), String> {
-        self.check_not_failed()?;
+        self.failed.check("not rolling")?;
         let offsets = ranges_json(&self.ranges);
         let mut files = self
             .open
@@ -230,7 +204,7 @@ impl RollingWriter {
                 for rest in files {
                     let _ = std::fs::remove_file(&rest.tmp);
                 }
-                return self.fail_on(Err(e));
+                return self.failed.record(Err(e));
             }
             self.files_written += 1;
             tracing::debug!(file = %path.display(), rows, "rolled");
@@ -268,7 +242,7 @@ impl Output for RollingWriter {
     /// The offsets of rows written since the last call once no file holding rows is open
     /// (files roll at `max_rows`, `max_bytes`, `max_age` when idle, and on [`Settle::All`]).
     fn durable(&mut self, settle: Settle) -> Result<Offsets, String> {
-        self.check_not_failed()?;
+        self.failed.check("nothing is durable")?;
         match settle {
             Settle::AfterWrite => {}
             Settle::Idle => {
@@ -277,16 +251,16 @@ impl Output for RollingWriter {
             Settle::All if !self.open.is_empty() => self.roll()?,
             Settle::All => {}
         }
-        Ok(if self.all_rolled() {
+        // Offsets are durable once no file holding rows is open.
+        Ok(if self.open.is_empty() {
             std::mem::take(&mut self.pending)
         } else {
             Offsets::new()
         })
     }
 
-    fn finish(mut self: Box<Self>) -> Result<u64, String> {
-        self.durable(Settle::All)?;
-        Ok(self.rows)
+    fn finish(mut self: Box<Self>) -> Result<(), String> {
+        self.durable(Settle::All).map(|_| ())
     }
 }
 
@@ -477,7 +451,7 @@ mod tests {
         assert_eq!(durable, Offsets::from([(("t".to_string(), 0), 3)]));
         assert_eq!(recorded_next_offsets(dir.path()).unwrap(), durable);
         assert!(w.durable(Settle::All).unwrap().is_empty(), "reported once");
-        assert_eq!(Box::new(w).finish().unwrap(), 3);
+        Box::new(w).finish().unwrap();
     }
 
     /// A batch that cannot be written in full leaves its offsets out of every footer, and the

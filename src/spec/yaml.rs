@@ -159,21 +159,6 @@ fn scalar(s: Scalar<'_>) -> Value {
 }
 
 impl Value {
-    /// The value at `key` of a mapping.
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        match self {
-            Value::Map(entries) => entries.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Value::String(s) => Some(s),
-            _ => None,
-        }
-    }
-
     fn unexpected(&self) -> de::Unexpected<'_> {
         match self {
             Value::Null => de::Unexpected::Unit,

@@ -288,7 +288,7 @@ pub fn run(
         uncommitted: Offsets::new(),
         generation: 0,
         revoked: HashSet::new(),
-        failed: None,
+        failed: Default::default(),
         first_assigned: None,
         resume_dir,
         start_timestamp: parse_start(&source.start)?,
@@ -361,8 +361,8 @@ pub fn run(
             })
             .min(Duration::from_millis(100));
         let polled = consumer.poll(wait);
-        if let Some(e) = shared.lock().expect("stream state").failed.clone() {
-            return Err(e);
+        if let Some(e) = shared.lock().expect("stream state").failed.get() {
+            return Err(e.to_string());
         }
         // Rebalances first: a message returned by the same poll as an assignment is fetched
         // from the new position and must not be dropped with the revoked buffer.
@@ -739,9 +739,7 @@ impl Batcher<'_> {
         let group = self.consumer.group_metadata();
         let mut guard = self.shared.lock().expect("stream state");
         let s = &mut *guard;
-        if let Some(e) = &s.failed {
-            return Err(format!("not writing after a failure: {e}"));
-        }
+        s.failed.check("not writing")?;
         // The batch's offsets become committable only once the sink says its rows are durable
         // (a transactional sink commits them itself).
         let written = s.output.write(
@@ -751,7 +749,7 @@ impl Batcher<'_> {
                 group: group.as_ref(),
             },
         );
-        s.fail_on(written)?;
+        s.failed.record(written)?;
         let t_sink = t0.elapsed();
         s.settle_and_commit(self.consumer, Settle::AfterWrite)?;
         drop(guard);
@@ -810,11 +808,7 @@ impl Batcher<'_> {
             ) {
                 // Without the seek the batch's records of this partition would be skipped.
                 let e = format!("seeking {topic}[{partition}] back to {first}: {e}");
-                self.shared
-                    .lock()
-                    .expect("stream state")
-                    .failed
-                    .get_or_insert(e);
+                self.shared.lock().expect("stream state").failed.set(e);
             }
         }
         tracing::info!(

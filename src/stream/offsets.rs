@@ -10,13 +10,12 @@ use std::time::Instant;
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 
 use crate::metrics::metrics;
-use crate::sink::{Offsets, Output, Settle, kafka, rolling};
+use crate::sink::{FirstFailure, Offsets, Output, Settle, kafka, rolling, topic_partitions};
 
 /// State the rebalance callback shares with the loop: it flushes and commits before partitions
 /// are revoked.
@@ -33,7 +32,7 @@ pub(super) struct Shared {
     /// Why the stream must stop: a sink write or roll failed (so nothing more is rolled or
     /// committed: the offsets might cover rows that are not durable), or an assignment could
     /// not find where to resume.
-    pub(super) failed: Option<String>,
+    pub(super) failed: FirstFailure,
     pub(super) first_assigned: Option<Instant>,
     /// Exactly-once Parquet: resume from the offsets recorded in the files.
     pub(super) resume_dir: Option<PathBuf>,
@@ -41,15 +40,6 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    /// Records the first failure of the sink (or of an assignment): from then on nothing is
-    /// rolled or committed.
-    pub(super) fn fail_on<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
-        if let Err(e) = &result {
-            self.failed.get_or_insert_with(|| e.clone());
-        }
-        result
-    }
-
     /// Takes what the sink made durable and commits it. `settle`: how long the sink may wait
     /// (after a write, idle, or everything: rebalance and end of the run). Only a commit of
     /// everything reports its failure; one mid-stream leaves the offsets for the next.
@@ -58,11 +48,9 @@ impl Shared {
         consumer: &BaseConsumer<C>,
         settle: Settle,
     ) -> Result<(), String> {
-        if let Some(e) = &self.failed {
-            return Err(format!("not committing after a failure: {e}"));
-        }
+        self.failed.check("not committing")?;
         let durable = self.output.durable(settle);
-        let durable = self.fail_on(durable)?;
+        let durable = self.failed.record(durable)?;
         self.uncommitted.extend(durable);
         let committed = commit(consumer, &mut self.uncommitted);
         if settle == Settle::All {
@@ -76,29 +64,21 @@ impl Shared {
 /// A commit that failed mid-stream (a broker away, a coordinator moving) is not the end of the
 /// stream: the offsets stay in `uncommitted` and go with the next commit. Only the last commit
 /// of a run (and of a revoke) is reported.
-pub(super) fn soft(committed: Result<(), String>) {
+fn soft(committed: Result<(), String>) {
     if let Err(e) = committed {
         metrics().commit_failures.inc();
         tracing::warn!(error = %e, "commit failed; the offsets are kept for the next one");
     }
 }
 
-fn tpl_of(offsets: &Offsets) -> KafkaResult<TopicPartitionList> {
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), next) in offsets {
-        tpl.add_partition_offset(t, *p, Offset::Offset(*next))?;
-    }
-    Ok(tpl)
-}
-
-pub(super) fn commit<C: ConsumerContext>(
+fn commit<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     offsets: &mut Offsets,
 ) -> Result<(), String> {
     if offsets.is_empty() {
         return Ok(());
     }
-    let tpl = tpl_of(offsets).map_err(|e| e.to_string())?;
+    let tpl = topic_partitions(offsets)?;
     consumer
         .commit(&tpl, CommitMode::Sync)
         .map_err(|e| format!("committing offsets: {e}"))?;
@@ -137,7 +117,7 @@ impl StreamContext {
                     // Resuming from a guess would read records twice (or skip them): stop.
                     let e = format!("reading the committed offsets of an assignment: {e}");
                     tracing::error!(error = %e, "cannot tell where to resume");
-                    shared.failed.get_or_insert(e);
+                    shared.failed.set(e);
                     return;
                 }
             };
@@ -174,7 +154,7 @@ impl StreamContext {
                     Err(e) => {
                         let e = format!("reading the offsets recorded in the output files: {e}");
                         tracing::error!(error = %e, "cannot tell where to resume");
-                        shared.failed.get_or_insert(e);
+                        shared.failed.set(e);
                     }
                 }
             } else if let Some(ts) = shared.start_timestamp {
@@ -199,7 +179,7 @@ impl StreamContext {
                         Err(e) => {
                             let e = format!("looking up offsets for the start timestamp: {e}");
                             tracing::error!(error = %e, "cannot tell where to start");
-                            shared.failed.get_or_insert(e);
+                            shared.failed.set(e);
                         }
                     }
                 }
