@@ -1437,7 +1437,9 @@ fn a_rebalance_during_a_long_batch_leaves_its_records_to_be_read_again() {
         Duration::from_secs(30),
         || logs(&pipeline).contains(" assigned "),
     );
-    let n = 120;
+    // 8 batches of ~4 s back to back: a join that takes long (a loaded machine, tansu's
+    // group coordinator) still lands during one of them.
+    let n = 240;
     produce(&broker.addr, &input, &json_texts(n));
     // The first batch closes after max_batch_wait (1 s) and runs for ~4 s: join meanwhile.
     std::thread::sleep(Duration::from_millis(2000));
