@@ -206,7 +206,7 @@ async fn ferry_stream(root: &Path, pipeline: &Path, n: usize) -> f64 {
         until_idle: None,
         quiet: true,
     };
-    match ferry::engine::run_any(pipeline, &root.join("operators"), options)
+    match ferry::engine::run_any(pipeline, &root.join("operators"), options, false)
         .await
         .unwrap()
     {

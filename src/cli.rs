@@ -49,6 +49,10 @@ enum Command {
         /// HOST:PORT (e.g. 0.0.0.0:9464 to be scraped from other hosts).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Batch jobs: discard the parts an unfinished earlier run of this job left, and start
+        /// over (without it, a job that runs in parts resumes where it stopped).
+        #[arg(long)]
+        restart: bool,
     },
     /// Check pipelines (syntax, keys, operators, models, columns, types) without running them.
     Validate {
@@ -207,6 +211,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             max_records,
             until_idle,
             metrics,
+            restart,
         } => {
             if let Some(addr) = metrics {
                 let bound = crate::metrics::serve(&addr)
@@ -219,7 +224,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 until_idle,
                 quiet,
             };
-            let summary = match engine::run_any(&pipeline, &cli.operators, options).await? {
+            let summary = match engine::run_any(&pipeline, &cli.operators, options, restart).await?
+            {
                 engine::Finished::Batch(s) => s,
                 engine::Finished::Stream(s) => {
                     eprintln!(
@@ -243,6 +249,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 summary.elapsed.as_secs_f64(),
                 summary.rows_per_sec()
             );
+            if let Some(r) = summary.resumed
+                && r.done > 0
+            {
+                eprintln!(
+                    "resumed an unfinished run: {} of {} parts were done, {} ran now",
+                    r.done,
+                    r.parts,
+                    r.parts - r.done
+                );
+            }
+            for (name, inputs) in &summary.model_inputs {
+                eprintln!("{name}: the model ran on {inputs} inputs");
+            }
             if summary.row_errors > 0 {
                 eprintln!(
                     "warning: {} rows could not be processed and have null outputs (see the warnings above)",

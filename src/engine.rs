@@ -1,5 +1,6 @@
 //! Planning and running a pipeline: source table → SQL and operator steps → sink.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use crate::error::df_message;
 use crate::ops::{self, Operator, OperatorSet};
 use crate::sink::{Settle, check_schema};
 use crate::source;
-use crate::spec::{Diagnostic, Diagnostics, LoadedPipeline};
+use crate::spec::{Diagnostic, Diagnostics, LoadedPipeline, Pipeline, Step};
 
 /// Rows per DataFusion batch. Operators sort each batch by token length before chunking it to
 /// their own batch size, so this is also the window within which padding is minimised.
@@ -38,9 +39,12 @@ pub fn batch_rows(tasks: impl IntoIterator<Item = ops::TaskKind>) -> usize {
 
 /// A session context for a plan that calls operators of these tasks (see [`batch_rows`]).
 pub fn session_context_for(tasks: impl IntoIterator<Item = ops::TaskKind>) -> SessionContext {
-    let config = SessionConfig::new()
-        .with_batch_size(batch_rows(tasks))
-        .with_information_schema(true);
+    session_context_with(SessionConfig::new().with_batch_size(batch_rows(tasks)))
+}
+
+/// A session context with ferry's settings and plain functions, and `config`.
+pub fn session_context_with(config: SessionConfig) -> SessionContext {
+    let config = config.with_information_schema(true);
     let state = SessionStateBuilder::new()
         .with_config(config)
         .with_default_features()
@@ -67,14 +71,7 @@ fn diag_of(p: &LoadedPipeline, path: &str, e: impl std::fmt::Display) -> Diagnos
 /// reported with its line; steps after a failed one are still checked where possible.
 pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Planned, Diagnostics> {
     let spec = &p.pipeline;
-    let ctx = session_context_for(spec.steps.iter().filter_map(|s| {
-        let name = s.operator.as_ref()?;
-        let m = operators
-            .manifests()
-            .iter()
-            .find(|m| &m.manifest.name == name)?;
-        Some(m.manifest.task)
-    }));
+    let ctx = pipeline_context(spec, operators);
     let mut problems = Vec::new();
     if let Err(e) = source::register(&ctx, "source", &spec.source).await {
         let at = match &spec.source {
@@ -93,34 +90,21 @@ pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Pla
     };
     for (i, step) in spec.steps.iter().enumerate() {
         let at = format!("steps[{i}]");
-        let result = if let Some(sql) = &step.sql {
-            sql_step(&ctx, frame.clone(), sql)
-                .await
-                .map_err(|e| diag_of(p, &format!("{at}.sql"), df_message(&e)))
-        } else if let Some(name) = &step.operator {
-            match operators.get(name) {
-                Err(e) => Err(diag_of(p, &format!("{at}.operator"), e)),
-                Ok(op) => {
-                    let output = step.output.clone().unwrap_or_else(|| name.clone());
-                    operator_step(frame.clone(), op, &step.inputs, &output, spec.is_stream())
-                        .map_err(|e| diag_of(p, &format!("{at}.inputs"), e))
-                        .and_then(|f| {
-                            if step.lineage {
-                                lineage_columns(f, op, &output)
-                                    .map_err(|e| diag_of(p, &format!("{at}.lineage"), e))
-                            } else {
-                                Ok(f)
-                            }
-                        })
+        let op = match &step.operator {
+            Some(name) => match operators.get(name) {
+                Ok(op) => Some(op),
+                Err(e) => {
+                    problems.push(diag_of(p, &format!("{at}.operator"), e));
+                    problems.extend(check_operators(p, operators, i + 1));
+                    return Err(Diagnostics(problems));
                 }
-            }
-        } else {
-            continue;
+            },
+            None => None,
         };
-        match result {
+        match apply_step(&ctx, frame.clone(), step, op, spec.is_stream()).await {
             Ok(f) => frame = f,
-            Err(d) => {
-                problems.push(d);
+            Err((key, message)) => {
+                problems.push(diag_of(p, &format!("{at}.{key}"), message));
                 problems.extend(check_operators(p, operators, i + 1));
                 return Err(Diagnostics(problems));
             }
@@ -145,6 +129,68 @@ pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Pla
         frame,
         total_rows,
     })
+}
+
+/// A session context for `spec`'s plan (see [`session_context_for`]).
+pub fn pipeline_context(spec: &Pipeline, operators: &OperatorSet) -> SessionContext {
+    session_context_for(spec.steps.iter().filter_map(|s| {
+        let name = s.operator.as_ref()?;
+        let m = operators
+            .manifests()
+            .iter()
+            .find(|m| &m.manifest.name == name)?;
+        Some(m.manifest.task)
+    }))
+}
+
+/// Applies one step to `frame`. An error says which of the step's keys it is about.
+async fn apply_step(
+    ctx: &SessionContext,
+    frame: DataFrame,
+    step: &Step,
+    op: Option<&Operator>,
+    stream: bool,
+) -> Result<DataFrame, (&'static str, String)> {
+    if let Some(sql) = &step.sql {
+        return sql_step(ctx, frame, sql)
+            .await
+            .map_err(|e| ("sql", df_message(&e)));
+    }
+    let Some(op) = op else {
+        return Ok(frame);
+    };
+    let output = step.output.as_deref().unwrap_or(&op.name);
+    let frame =
+        operator_step(frame, op, &step.inputs, output, stream).map_err(|e| ("inputs", e))?;
+    if step.lineage {
+        lineage_columns(frame, op, output).map_err(|e| ("lineage", e))
+    } else {
+        Ok(frame)
+    }
+}
+
+/// Applies `spec`'s steps to `frame`, with operators [`plan`] built already (for a plan over a
+/// part of the source, [`crate::job`]).
+pub(crate) async fn apply_steps(
+    ctx: &SessionContext,
+    mut frame: DataFrame,
+    spec: &Pipeline,
+    operators: &OperatorSet,
+) -> Result<DataFrame, DataFusionError> {
+    for (i, step) in spec.steps.iter().enumerate() {
+        let op = match &step.operator {
+            Some(name) => Some(operators.built_get(name).ok_or_else(|| {
+                DataFusionError::Plan(format!("steps[{i}]: operator '{name}' is not loaded"))
+            })?),
+            None => None,
+        };
+        frame = apply_step(ctx, frame, step, op, spec.is_stream())
+            .await
+            .map_err(|(key, message)| {
+                DataFusionError::Plan(format!("steps[{i}].{key}: {message}"))
+            })?;
+    }
+    Ok(frame)
 }
 
 /// Checks that the operators of steps `from..` exist and load, for when planning stopped early.
@@ -237,12 +283,80 @@ pub struct RunSummary {
     pub elapsed: Duration,
     /// Rows an operator could not process (output null, warning logged).
     pub row_errors: u64,
+    /// For a job run in parts ([`crate::job`]): how many parts there were, and how many an
+    /// earlier, unfinished run had done.
+    pub resumed: Option<crate::job::Resumed>,
+    /// Per operator, the inputs its model ran on (fewer than its rows where rows repeated, or
+    /// where an inference cache or an earlier run's parts had them).
+    pub model_inputs: Vec<(String, u64)>,
+}
+
+/// The operators' counters at the start of a run, to report what the run added.
+pub(crate) struct Counters {
+    row_errors: u64,
+    model_inputs: BTreeMap<String, u64>,
+}
+
+impl Counters {
+    pub(crate) fn start(operators: &OperatorSet) -> Self {
+        Counters {
+            row_errors: operators.built().map(|o| o.row_errors()).sum(),
+            model_inputs: operators
+                .built()
+                .map(|o| (o.name.clone(), o.model_rows()))
+                .collect(),
+        }
+    }
+
+    /// The summary of a run that began with `self`.
+    pub(crate) fn summary(
+        &self,
+        operators: &OperatorSet,
+        rows: u64,
+        elapsed: Duration,
+        resumed: Option<crate::job::Resumed>,
+    ) -> RunSummary {
+        let row_errors = operators.built().map(|o| o.row_errors()).sum::<u64>() - self.row_errors;
+        let mut model_inputs: Vec<(String, u64)> = operators
+            .built()
+            .map(|o| {
+                let before = self.model_inputs.get(&o.name).copied().unwrap_or(0);
+                (o.name.clone(), o.model_rows() - before)
+            })
+            .collect();
+        model_inputs.sort();
+        RunSummary {
+            rows,
+            elapsed,
+            row_errors,
+            resumed,
+            model_inputs,
+        }
+    }
 }
 
 impl RunSummary {
     pub fn rows_per_sec(&self) -> f64 {
         self.rows as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+}
+
+/// Runs a planned batch pipeline: as a resumable job of parts where it can be one
+/// ([`crate::job`]; `restart` discards an unfinished earlier run's parts), else in one go.
+pub async fn run_batch(
+    loaded: &LoadedPipeline,
+    planned: Planned,
+    operators: &OperatorSet,
+    quiet: bool,
+    restart: bool,
+) -> Result<RunSummary, DataFusionError> {
+    let Some(job) = crate::job::prepare(loaded, &planned, operators, restart).await? else {
+        return execute(planned, &loaded.pipeline.sink, operators, quiet).await;
+    };
+    let (bar, _ticker) = progress(planned.total_rows, quiet, operators);
+    let summary = crate::job::run(job, loaded, planned, operators, bar.clone()).await?;
+    bar.finish_and_clear();
+    Ok(summary)
 }
 
 /// Executes a planned pipeline into its sink, showing progress unless `quiet`.
@@ -253,14 +367,37 @@ pub async fn execute(
     quiet: bool,
 ) -> Result<RunSummary, DataFusionError> {
     let start = Instant::now();
-    let errors_before: u64 = operators.built().map(|o| o.row_errors()).sum();
+    let counters = Counters::start(operators);
     let schema = Arc::new(planned.frame.schema().as_arrow().clone());
     let mut stream = planned.frame.execute_stream().await?;
     // A file, or (a bounded source into a stream's sink) a Kafka topic or rolled files.
     let mut writer = crate::sink::open(sink, schema, Default::default()).map_err(sink_error)?;
-    let bar = progress_bar(planned.total_rows, quiet);
-    // Operators work a whole batch (8192 rows) at a time: between batches, show their progress.
-    let _ticker = AbortOnDrop({
+    let (bar, _ticker) = progress(planned.total_rows, quiet, operators);
+    let mut written = 0;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        writer
+            .write(std::slice::from_ref(&batch), Default::default())
+            .map_err(sink_error)?;
+        // Bounds what a Kafka sink has unacknowledged; nothing to commit for a bounded source.
+        writer.durable(Settle::AfterWrite).map_err(sink_error)?;
+        written += batch.num_rows() as u64;
+        bar.set_position(bar.position().max(written));
+    }
+    writer.finish().map_err(sink_error)?;
+    bar.finish_and_clear();
+    Ok(counters.summary(operators, written, start.elapsed(), None))
+}
+
+/// A progress bar over `total` rows, and the task that advances it with the operators' progress
+/// (they work a whole batch, 8192 rows, at a time) until it is dropped.
+fn progress(
+    total: Option<u64>,
+    quiet: bool,
+    operators: &OperatorSet,
+) -> (indicatif::ProgressBar, AbortOnDrop) {
+    let bar = progress_bar(total, quiet);
+    let ticker = AbortOnDrop({
         let bar = bar.clone();
         let ops: Vec<Operator> = operators.built().cloned().collect();
         let before: Vec<u64> = ops.iter().map(Operator::progress_rows).collect();
@@ -282,25 +419,7 @@ pub async fn execute(
             }
         })
     });
-    let mut written = 0;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        writer
-            .write(std::slice::from_ref(&batch), Default::default())
-            .map_err(sink_error)?;
-        // Bounds what a Kafka sink has unacknowledged; nothing to commit for a bounded source.
-        writer.durable(Settle::AfterWrite).map_err(sink_error)?;
-        written += batch.num_rows() as u64;
-        bar.set_position(bar.position().max(written));
-    }
-    writer.finish().map_err(sink_error)?;
-    bar.finish_and_clear();
-    let row_errors = operators.built().map(|o| o.row_errors()).sum::<u64>() - errors_before;
-    Ok(RunSummary {
-        rows: written,
-        elapsed: start.elapsed(),
-        row_errors,
-    })
+    (bar, ticker)
 }
 
 fn sink_error(e: String) -> DataFusionError {
@@ -353,7 +472,7 @@ pub async fn run_file(
     let loaded = crate::spec::load_pipeline(file)?;
     let mut operators = load_operator_set(operators_dir, &loaded)?;
     let planned = plan(&loaded, &mut operators).await?;
-    let summary = execute(planned, &loaded.pipeline.sink, &operators, quiet).await?;
+    let summary = run_batch(&loaded, planned, &operators, quiet, false).await?;
     Ok(summary)
 }
 
@@ -369,12 +488,13 @@ pub async fn run_any(
     file: &Path,
     operators_dir: &Path,
     options: crate::stream::StreamOptions,
+    restart: bool,
 ) -> anyhow::Result<Finished> {
     let loaded = crate::spec::load_pipeline(file)?;
     let mut operators = load_operator_set(operators_dir, &loaded)?;
     let planned = plan(&loaded, &mut operators).await?;
     if !loaded.pipeline.is_stream() {
-        let summary = execute(planned, &loaded.pipeline.sink, &operators, options.quiet).await?;
+        let summary = run_batch(&loaded, planned, &operators, options.quiet, restart).await?;
         return Ok(Finished::Batch(summary));
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

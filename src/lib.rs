@@ -13,6 +13,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod job;
 pub mod metrics;
 pub mod ops;
 pub mod query;

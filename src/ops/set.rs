@@ -53,6 +53,11 @@ impl OperatorSet {
         Ok(&self.built[name])
     }
 
+    /// The operator `name` if it is built already.
+    pub fn built_get(&self, name: &str) -> Option<&Operator> {
+        self.built.get(name)
+    }
+
     pub fn built(&self) -> impl Iterator<Item = &Operator> {
         self.built.values()
     }

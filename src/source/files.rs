@@ -149,6 +149,23 @@ impl FilesTable {
         self.entries.len()
     }
 
+    /// The table of files `first..first + count` of this one (for a job run in parts).
+    pub fn slice(&self, first: usize, count: usize) -> FilesTable {
+        let end = (first + count).min(self.entries.len());
+        FilesTable {
+            entries: Arc::new(self.entries[first.min(end)..end].to_vec()),
+            roots: Arc::clone(&self.roots),
+        }
+    }
+
+    /// Each listed file's path, size and modification time (microseconds since the epoch), in
+    /// order: what a job over this table depends on.
+    pub fn listing(&self) -> impl Iterator<Item = (&Path, u64, Option<i64>)> {
+        self.entries
+            .iter()
+            .map(|e| (e.path.as_path(), e.size, e.modified))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
