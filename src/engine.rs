@@ -72,6 +72,7 @@ fn diag_of(p: &LoadedPipeline, path: &str, e: impl std::fmt::Display) -> Diagnos
 pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Planned, Diagnostics> {
     let spec = &p.pipeline;
     let ctx = pipeline_context(spec, operators);
+    operators.will_use(spec.steps.iter().filter_map(|s| s.operator.as_deref()));
     let mut problems = Vec::new();
     if let Err(e) = source::register(&ctx, "source", &spec.source).await {
         let at = match &spec.source {

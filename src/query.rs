@@ -197,6 +197,7 @@ impl QueryContext {
             .filter(|n| mentioned(sql, n))
             .map(str::to_string)
             .collect();
+        self.operators.will_use(wanted.iter().map(String::as_str));
         for name in wanted {
             let op = self.operators.get(&name).map_err(anyhow::Error::msg)?;
             self.ctx.register_udf(op.udf.clone());

@@ -7,6 +7,7 @@ mod bad_input;
 mod cli;
 mod generation;
 mod golden;
+mod gpu;
 mod jobs;
 mod pipeline;
 mod quickstart;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{OpError, TaskKind};
 use crate::runtime::ExecutionProvider;
+use crate::runtime::cuda::{CudaOptions, Fallback};
 use crate::spec::locate::Locations;
 use crate::spec::yaml::{self, Value};
 use crate::spec::{Diagnostic, Diagnostics, deserialize_at};
@@ -43,9 +44,20 @@ pub struct Manifest {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_batch_cost: Option<usize>,
-    /// Where the model runs: `cpu` or `cuda` (falls back to CPU with a warning).
+    /// Where the model runs: `cpu` or `cuda` (ONNX Runtime's CUDA build and the NVIDIA
+    /// libraries it needs are fetched from PyPI on first use; a machine needs only the NVIDIA
+    /// driver). When CUDA cannot be used, `fallback` decides.
     #[serde(default)]
     pub provider: ExecutionProvider,
+    /// `provider: cuda` settings: `device_id`, `gpu_mem_limit` (bytes), `arena_extend_strategy`,
+    /// `cudnn_conv_algo_search`, `cudnn_conv_use_max_workspace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda: Option<CudaOptions>,
+    /// When `provider: cuda` cannot be used (no CUDA build, no driver, no GPU): `error` (the
+    /// default: the operator does not load and says why, so a job never runs many times slower
+    /// unnoticed) or `cpu` (run on the CPU, with a warning).
+    #[serde(default)]
+    pub fallback: Fallback,
     /// Sessions running in parallel (default 1). More workers raise throughput on short texts
     /// and small models, at one session's memory each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,6 +128,16 @@ pub struct LoadedManifest {
 }
 
 impl LoadedManifest {
+    /// Where the operator's sessions run.
+    pub fn placement(&self) -> crate::runtime::onnxruntime::Placement {
+        let m = &self.manifest;
+        crate::runtime::onnxruntime::Placement {
+            provider: m.provider,
+            cuda: m.cuda.clone().unwrap_or_default(),
+            fallback: m.fallback,
+        }
+    }
+
     /// The root of the operator's inference cache, when it has one.
     pub fn cache_root(&self) -> Option<PathBuf> {
         match self.manifest.cache.as_ref()? {
@@ -237,6 +259,16 @@ pub fn load_manifests(dir: &Path) -> Result<Vec<LoadedManifest>, Diagnostics> {
                             "operator name '{}' must be lowercase letters, digits and _ (it becomes a SQL function name)",
                             manifest.name
                         ),
+                    ));
+                    continue;
+                }
+                if manifest.cuda.is_some() && manifest.provider != ExecutionProvider::Cuda {
+                    problems.push(diag(
+                        &file,
+                        Some(&locations),
+                        "cuda",
+                        "cuda settings are given but the provider is cpu; add `provider: cuda`"
+                            .into(),
                     ));
                     continue;
                 }

@@ -432,7 +432,7 @@ impl Loading<'_> {
             .collect();
         Ok(Arc::new(SessionPool::open(
             &files,
-            self.loaded.manifest.provider,
+            self.loaded.placement(),
             self.size,
         )?))
     }

@@ -30,6 +30,20 @@ impl OperatorSet {
             .collect()
     }
 
+    /// Says which operators are about to be used, before any is built: if one runs on CUDA,
+    /// ONNX Runtime's CUDA build is the library loaded (it must be chosen before the first
+    /// session is created).
+    pub fn will_use<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        use crate::runtime::ExecutionProvider;
+        let names: Vec<&str> = names.into_iter().collect();
+        if self.manifests.iter().any(|m| {
+            m.manifest.provider == ExecutionProvider::Cuda
+                && names.contains(&m.manifest.name.as_str())
+        }) {
+            crate::runtime::onnxruntime::want_cuda();
+        }
+    }
+
     /// The operator `name`, loading its model on first use.
     pub fn get(&mut self, name: &str) -> Result<&Operator, String> {
         if !self.built.contains_key(name) {
@@ -47,6 +61,9 @@ impl OperatorSet {
                         }
                     )
                 })?;
+            if manifest.manifest.provider == crate::runtime::ExecutionProvider::Cuda {
+                crate::runtime::onnxruntime::want_cuda();
+            }
             let op = super::build(manifest).map_err(|e| format!("operator '{name}': {e}"))?;
             self.built.insert(name.to_string(), op);
         }

@@ -1,6 +1,8 @@
 //! Everything about running ONNX models: finding the runtime library, reading a model directory,
 //! and the pool of workers that own the sessions.
 
+pub mod cuda;
+pub mod doctor;
 pub mod model_dir;
 pub mod onnxruntime;
 pub mod pool;

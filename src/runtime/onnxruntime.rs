@@ -5,12 +5,14 @@
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ort::environment::Environment;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::cuda::{CudaOptions, Fallback};
 use super::wheel::{self, WheelError};
 
 /// The ONNX Runtime release ferry is built and tested against.
@@ -45,17 +47,49 @@ pub enum ExecutionProvider {
     /// ONNX Runtime's CPU kernels.
     #[default]
     Cpu,
-    /// NVIDIA CUDA, falling back to CPU (with a warning) when the runtime library or machine has
-    /// no CUDA support. Needs ORT_DYLIB_PATH pointing at an onnxruntime-gpu build.
+    /// NVIDIA CUDA, with ONNX Runtime's CUDA build (fetched from PyPI on first use, with the
+    /// NVIDIA libraries it needs). When it cannot be used, the manifest's `fallback` decides.
     Cuda,
 }
 
-static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
+/// Where a session runs, with the provider's settings and what to do when it cannot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Placement {
+    pub provider: ExecutionProvider,
+    pub cuda: CudaOptions,
+    pub fallback: Fallback,
+}
 
-/// The process-wide ONNX Runtime environment, loading the library on first use.
-pub fn environment() -> Result<Environment, RuntimeError> {
+impl From<ExecutionProvider> for Placement {
+    fn from(provider: ExecutionProvider) -> Self {
+        Placement {
+            provider,
+            ..Default::default()
+        }
+    }
+}
+
+/// The loaded runtime library, and whether CUDA can be used with it.
+struct Loaded {
+    env: Environment,
+    path: PathBuf,
+    /// Why sessions cannot use CUDA in this process, if known before trying.
+    cuda: Result<(), String>,
+}
+
+static ENV: OnceLock<Result<Loaded, String>> = OnceLock::new();
+static WANT_CUDA: AtomicBool = AtomicBool::new(false);
+
+/// Asks for ONNX Runtime's CUDA build (which runs CPU sessions too) when the library is loaded,
+/// that is before the first session is created. Planning calls it when a step's operator has
+/// `provider: cuda`.
+pub fn want_cuda() {
+    WANT_CUDA.store(true, Ordering::Relaxed);
+}
+
+fn loaded() -> Result<&'static Loaded, RuntimeError> {
     ENV.get_or_init(|| {
-        let path = library_path().map_err(|e| e.to_string())?;
+        let (path, cuda) = choose_library().map_err(|e| e.to_string())?;
         tracing::debug!(path = %path.display(), "loading ONNX Runtime");
         let builder = ort::init_from(&path).map_err(|source| {
             RuntimeError::Load {
@@ -64,13 +98,75 @@ pub fn environment() -> Result<Environment, RuntimeError> {
             }
             .to_string()
         })?;
-        builder
+        let env = builder
             .with_name("ferry")
             .build()
-            .map_err(|e| RuntimeError::Environment(e.to_string()).to_string())
+            .map_err(|e| RuntimeError::Environment(e.to_string()).to_string())?;
+        Ok(Loaded { env, path, cuda })
     })
-    .clone()
-    .map_err(RuntimeError::Unavailable)
+    .as_ref()
+    .map_err(|e| RuntimeError::Unavailable(e.clone()))
+}
+
+/// The process-wide ONNX Runtime environment, loading the library on first use.
+pub fn environment() -> Result<Environment, RuntimeError> {
+    loaded().map(|l| l.env.clone())
+}
+
+/// The runtime library this process loaded (loading it if it has not yet).
+pub fn library_in_use() -> Result<PathBuf, RuntimeError> {
+    loaded().map(|l| l.path.clone())
+}
+
+/// Whether sessions of this process can ask for CUDA: `Err` says why not. (A library that has
+/// CUDA can still fail to create a session on a machine without a GPU.)
+pub fn cuda_status() -> Result<(), String> {
+    let loaded = loaded().map_err(|e| e.to_string())?;
+    loaded.cuda.clone()?;
+    use ort::ep::ExecutionProvider as _;
+    match ort::ep::CUDA::is_available() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "{} is a build of ONNX Runtime without CUDA",
+            loaded.path.display()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The library to load, and whether CUDA can be used with it: `ORT_DYLIB_PATH`; else the CUDA
+/// build when [`want_cuda`] was called (the CPU build, and the reason, if it cannot be had); else
+/// the CPU build.
+fn choose_library() -> Result<(PathBuf, Result<(), String>), RuntimeError> {
+    let wanted = WANT_CUDA.load(Ordering::Relaxed);
+    let preload = || {
+        let nvidia = super::cuda::gpu_dir().join("nvidia");
+        if !nvidia.is_dir() {
+            return Ok(());
+        }
+        let preloaded = super::cuda::preload(&nvidia)?;
+        tracing::debug!(loaded = preloaded.loaded.len(), "NVIDIA libraries loaded");
+        for (lib, reason) in &preloaded.failed {
+            tracing::debug!(%lib, %reason, "an NVIDIA library did not load");
+        }
+        Ok(())
+    };
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let cuda = if wanted { preload() } else { Ok(()) };
+        return Ok((PathBuf::from(p), cuda));
+    }
+    if !wanted {
+        let why = "ONNX Runtime's CPU build was loaded (no operator asked for CUDA before the first model loaded)";
+        return Ok((library_path()?, Err(why.to_string())));
+    }
+    match super::cuda::gpu_library() {
+        Ok(lib) => Ok((lib, preload())),
+        Err(e) => {
+            let why = format!("the CUDA build of ONNX Runtime could not be fetched: {e}");
+            tracing::warn!(reason = %why, "loading the CPU build");
+            Ok((library_path()?, Err(why)))
+        }
+    }
 }
 
 /// Finds the runtime library, provisioning it into the cache if needed.

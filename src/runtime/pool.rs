@@ -16,7 +16,8 @@ use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::ValueType;
 use thiserror::Error;
 
-use super::onnxruntime::{ExecutionProvider, RuntimeError, environment};
+use super::cuda::Fallback;
+use super::onnxruntime::{ExecutionProvider, Placement, RuntimeError, environment};
 use super::tensor::Input;
 
 #[derive(Debug, Error)]
@@ -25,6 +26,10 @@ pub enum PoolError {
     Runtime(#[from] RuntimeError),
     #[error("{path}: cannot create an ONNX Runtime session: {message}")]
     Session { path: PathBuf, message: String },
+    #[error(
+        "{path}: provider cuda cannot be used: {reason}\n`ferry doctor` shows the driver, CUDA and which providers load; `ferry runtime fetch --gpu` fetches ONNX Runtime's CUDA build; or set `fallback: cpu` in the manifest to run on the CPU instead"
+    )]
+    Cuda { path: PathBuf, reason: String },
     #[error("the model workers have stopped (a job panicked or the pool was dropped)")]
     Stopped,
 }
@@ -202,15 +207,45 @@ impl PoolSize {
 
 fn build_session(
     path: &Path,
-    provider: ExecutionProvider,
+    placement: &Placement,
     threads: usize,
     prepacked: &PrepackedWeights,
-) -> Result<Session, PoolError> {
-    let env = environment()?;
-    let err = |e: &dyn std::fmt::Display| PoolError::Session {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    };
+) -> Result<(Session, ExecutionProvider), PoolError> {
+    if placement.provider == ExecutionProvider::Cuda {
+        match build_session_on(path, Some(placement), threads, prepacked) {
+            Ok(session) => return Ok((session, ExecutionProvider::Cuda)),
+            Err(reason) if placement.fallback == Fallback::Cpu => {
+                tracing::warn!(
+                    model = %path.display(),
+                    %reason,
+                    "provider cuda cannot be used; running on the CPU (fallback: cpu)"
+                );
+            }
+            Err(reason) => {
+                return Err(PoolError::Cuda {
+                    path: path.to_path_buf(),
+                    reason,
+                });
+            }
+        }
+    }
+    let session =
+        build_session_on(path, None, threads, prepacked).map_err(|message| PoolError::Session {
+            path: path.to_path_buf(),
+            message,
+        })?;
+    Ok((session, ExecutionProvider::Cpu))
+}
+
+/// A session on the CPU, or with the CUDA provider registered (an error if it cannot be).
+fn build_session_on(
+    path: &Path,
+    cuda: Option<&Placement>,
+    threads: usize,
+    prepacked: &PrepackedWeights,
+) -> Result<Session, String> {
+    let env = environment().map_err(|e| e.to_string())?;
+    let err = |e: &dyn std::fmt::Display| e.to_string();
     let mut builder = Session::builder(&env)
         .map_err(|e| err(&e))?
         .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -224,23 +259,14 @@ fn build_session(
         .map_err(|e| err(&e))?;
     // Input shapes change with every chunk, so a memory plan per shape only costs memory.
     builder = builder.with_memory_pattern(false).map_err(|e| err(&e))?;
-    if provider == ExecutionProvider::Cuda {
+    if let Some(placement) = cuda {
         use ort::ep::ExecutionProvider as _;
-        let available = ort::ep::CUDA::is_available().unwrap_or(false);
-        let registered = if available {
-            ort::ep::CUDA::default()
-                .register(&mut builder)
-                .map_err(|e| e.to_string())
-        } else {
-            Err("this ONNX Runtime library was built without CUDA".to_string())
-        };
-        if let Err(reason) = registered {
-            tracing::warn!(
-                model = %path.display(),
-                %reason,
-                "CUDA requested but unavailable; running on CPU"
-            );
-        }
+        super::onnxruntime::cuda_status()?;
+        placement
+            .cuda
+            .provider()
+            .register(&mut builder)
+            .map_err(|e| format!("registering the CUDA provider: {e}"))?;
     }
     builder.commit_from_file(path).map_err(|e| err(&e))
 }
@@ -279,19 +305,23 @@ impl SessionPool {
     /// data is read.
     pub fn open(
         files: &[ModelFile],
-        provider: ExecutionProvider,
+        placement: impl Into<Placement>,
         size: PoolSize,
     ) -> Result<Self, PoolError> {
+        let placement = placement.into();
         let workers = size.workers.max(1);
         let threads = size.threads_per_worker.max(1);
         environment()?;
         let prepacked: Vec<PrepackedWeights> =
             files.iter().map(|_| PrepackedWeights::new()).collect();
         let mut per_worker = Vec::with_capacity(workers);
+        // Where the sessions run (the CPU, when CUDA could not be used and the fallback allows).
+        let mut provider = placement.provider;
         for _ in 0..workers {
             let mut sessions = Vec::with_capacity(files.len());
             for (file, prepacked) in files.iter().zip(&prepacked) {
-                let session = build_session(&file.path, provider, threads, prepacked)?;
+                let (session, on) = build_session(&file.path, &placement, threads, prepacked)?;
+                provider = on;
                 sessions.push((info(file, &session), session));
             }
             per_worker.push(sessions);

@@ -182,6 +182,53 @@ pub fn read_member(archive: &Path, suffix: &str) -> Result<Vec<u8>, WheelError> 
     Ok(bytes)
 }
 
+/// Extracts the members of a zip archive whose names `keep` accepts into `dir`, flat (by file
+/// name), each streamed through a temporary file and renamed into place. Returns the paths.
+pub fn extract(
+    archive: &Path,
+    dir: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<PathBuf>, WheelError> {
+    let file = std::fs::File::open(archive).map_err(io(archive))?;
+    let zip_err = |source| WheelError::Zip {
+        path: archive.to_path_buf(),
+        source,
+    };
+    let mut zip = zip::ZipArchive::new(file).map_err(zip_err)?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let names: Vec<String> = zip
+        .file_names()
+        .filter(|n| keep(n) && !n.ends_with('/'))
+        .map(str::to_string)
+        .collect();
+    let mut out = Vec::new();
+    for name in names {
+        let file_name = Path::new(&name)
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        let target = dir.join(&file_name);
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let mut member = zip.by_name(&name).map_err(zip_err)?;
+        let mut writer = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        std::io::copy(&mut member, &mut writer).map_err(io(&tmp))?;
+        drop(writer);
+        std::fs::rename(&tmp, &target).map_err(io(&target))?;
+        out.push(target);
+    }
+    if out.is_empty() {
+        return Err(WheelError::NoMember {
+            wheel: archive.to_path_buf(),
+            suffix: "(shared libraries)".to_string(),
+        });
+    }
+    Ok(out)
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half a file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), WheelError> {
     let dir = path.parent().unwrap_or(Path::new("."));

@@ -1,0 +1,218 @@
+//! `ferry doctor`: what this machine has for running models, and which execution providers
+//! actually run one (a one-node model is created and run on each).
+
+use std::path::PathBuf;
+
+use ort::session::Session;
+use ort::value::Tensor;
+
+use super::cuda::{self, CudaOptions};
+use super::onnxruntime::{self, ORT_VERSION};
+
+/// One finding: what was checked and what was found.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub what: &'static str,
+    pub found: String,
+    /// Whether it is a problem for running models (on the providers the machine could use).
+    pub ok: bool,
+}
+
+fn finding(what: &'static str, found: impl Into<String>, ok: bool) -> Finding {
+    Finding {
+        what,
+        found: found.into(),
+        ok,
+    }
+}
+
+/// Checks the runtime libraries, the NVIDIA driver and the providers. Loads ONNX Runtime (the
+/// CUDA build when it has been fetched), so it is meant for a process of its own.
+pub fn check() -> Vec<Finding> {
+    let mut out = Vec::new();
+    out.push(finding(
+        "ferry",
+        format!(
+            "{} (ONNX Runtime {ORT_VERSION} expected)",
+            env!("CARGO_PKG_VERSION")
+        ),
+        true,
+    ));
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        out.push(finding(
+            "ORT_DYLIB_PATH",
+            PathBuf::from(p).display().to_string(),
+            true,
+        ));
+    }
+    let gpu = cuda::cached_gpu_library();
+    out.push(finding(
+        "CUDA build",
+        match &gpu {
+            Some(p) => format!("{} (cached)", p.display()),
+            None => "not fetched (`ferry runtime fetch --gpu`, or the first `provider: cuda`)"
+                .to_string(),
+        },
+        true,
+    ));
+    if let Some((cudart, cudnn)) = cuda::cached_versions() {
+        out.push(finding(
+            "CUDA runtime",
+            format!("{cudart} (PyPI nvidia-cuda-runtime)"),
+            true,
+        ));
+        out.push(finding(
+            "cuDNN",
+            format!("{cudnn} (PyPI nvidia-cudnn-cu13)"),
+            true,
+        ));
+    }
+    let driver = cuda::driver_version();
+    out.push(finding(
+        "NVIDIA driver",
+        match &driver {
+            Some(v) => v.clone(),
+            None => "none (no NVIDIA kernel module is loaded)".to_string(),
+        },
+        true,
+    ));
+    if driver.is_some() {
+        out.push(finding("GPUs", gpus(), true));
+    }
+    // With the CUDA build at hand, load it (the CPU provider runs on it too); the doctor
+    // downloads nothing.
+    let ort_path_set = std::env::var_os("ORT_DYLIB_PATH").is_some_and(|p| !p.is_empty());
+    if gpu.is_some() || ort_path_set {
+        onnxruntime::want_cuda();
+    }
+    match onnxruntime::library_in_use() {
+        Ok(path) => out.push(finding("loaded", path.display().to_string(), true)),
+        Err(e) => {
+            out.push(finding("loaded", e.to_string(), false));
+            return out;
+        }
+    }
+    out.push(match run_identity(None) {
+        Ok(()) => finding("provider cpu", "ok (ran a model)", true),
+        Err(e) => finding("provider cpu", e, false),
+    });
+    if gpu.is_none() && !ort_path_set {
+        out.push(finding(
+            "provider cuda",
+            "unavailable: the CUDA build is not fetched (`ferry runtime fetch --gpu`)",
+            driver.is_none(),
+        ));
+        return out;
+    }
+    let cuda =
+        onnxruntime::cuda_status().and_then(|()| run_identity(Some(&CudaOptions::default())));
+    out.push(match cuda {
+        Ok(()) => finding("provider cuda", "ok (ran a model on device 0)", true),
+        // Only a problem where a GPU is there to be used.
+        Err(e) => finding(
+            "provider cuda",
+            format!("unavailable: {e}"),
+            driver.is_none(),
+        ),
+    });
+    out
+}
+
+/// The GPUs `nvidia-smi -L` lists, when it is installed.
+fn gpus() -> String {
+    match std::process::Command::new("nvidia-smi").arg("-L").output() {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .replace('\n', "; "),
+        _ => "(nvidia-smi is not installed; the driver is enough for ferry)".to_string(),
+    }
+}
+
+/// Creates and runs a one-node model (y = Identity(x)) on the CPU, or with CUDA.
+pub fn run_identity(cuda: Option<&CudaOptions>) -> Result<(), String> {
+    let env = onnxruntime::environment().map_err(|e| e.to_string())?;
+    let mut builder = Session::builder(&env).map_err(|e| e.to_string())?;
+    if let Some(options) = cuda {
+        use ort::ep::ExecutionProvider as _;
+        options
+            .provider()
+            .register(&mut builder)
+            .map_err(|e| format!("registering the CUDA provider: {e}"))?;
+    }
+    let mut session = builder
+        .commit_from_memory(&identity_model())
+        .map_err(|e| format!("creating a session: {e}"))?;
+    let x = Tensor::from_array(([1usize], vec![42.0f32])).map_err(|e| e.to_string())?;
+    let outputs = session
+        .run(ort::inputs!["x" => x])
+        .map_err(|e| format!("running: {e}"))?;
+    let (_, y) = outputs["y"]
+        .try_extract_tensor::<f32>()
+        .map_err(|e| e.to_string())?;
+    if y != [42.0] {
+        return Err(format!("Identity(42) gave {y:?}"));
+    }
+    Ok(())
+}
+
+/// The ONNX bytes of `y = Identity(x)`, x and y float tensors of shape [1] (opset 13).
+fn identity_model() -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    fn int_field(out: &mut Vec<u8>, field: u64, v: u64) {
+        varint(out, field << 3);
+        varint(out, v);
+    }
+    fn bytes_field(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
+        varint(out, (field << 3) | 2);
+        varint(out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+    }
+    let value_info = |name: &str| {
+        let mut dim = Vec::new();
+        int_field(&mut dim, 1, 1); // dim_value
+        let mut shape = Vec::new();
+        bytes_field(&mut shape, 1, &dim); // dim
+        let mut tensor = Vec::new();
+        int_field(&mut tensor, 1, 1); // elem_type FLOAT
+        bytes_field(&mut tensor, 2, &shape); // shape
+        let mut ty = Vec::new();
+        bytes_field(&mut ty, 1, &tensor); // tensor_type
+        let mut vi = Vec::new();
+        bytes_field(&mut vi, 1, name.as_bytes()); // name
+        bytes_field(&mut vi, 2, &ty); // type
+        vi
+    };
+    let mut node = Vec::new();
+    bytes_field(&mut node, 1, b"x"); // input
+    bytes_field(&mut node, 2, b"y"); // output
+    bytes_field(&mut node, 4, b"Identity"); // op_type
+    let mut graph = Vec::new();
+    bytes_field(&mut graph, 1, &node); // node
+    bytes_field(&mut graph, 2, b"doctor"); // name
+    bytes_field(&mut graph, 11, &value_info("x")); // input
+    bytes_field(&mut graph, 12, &value_info("y")); // output
+    let mut opset = Vec::new();
+    bytes_field(&mut opset, 1, b""); // domain
+    int_field(&mut opset, 2, 13); // version
+    let mut model = Vec::new();
+    int_field(&mut model, 1, 8); // ir_version
+    bytes_field(&mut model, 7, &graph); // graph
+    bytes_field(&mut model, 8, &opset); // opset_import
+    model
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_doctor_runs_its_model_on_the_cpu() {
+        run_identity(None).unwrap();
+    }
+}
