@@ -165,6 +165,38 @@ pub fn fetch_gpu() -> Result<PathBuf, WheelError> {
     result.map(|()| dir)
 }
 
+/// The directories whose NVIDIA libraries are loaded before ONNX Runtime: those in
+/// `FERRY_CUDA_LIBS` (separated by `:`; a directory with `*/lib` folders, such as a Python
+/// environment's `site-packages/nvidia`, stands for those folders), else the cache's.
+pub fn library_dirs() -> Vec<PathBuf> {
+    let Some(list) = std::env::var_os("FERRY_CUDA_LIBS").filter(|v| !v.is_empty()) else {
+        let nvidia = gpu_dir().join("nvidia");
+        return if nvidia.is_dir() {
+            vec![nvidia]
+        } else {
+            vec![]
+        };
+    };
+    let mut dirs = Vec::new();
+    for dir in std::env::split_paths(&list) {
+        let mut libs: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path().join("lib")))
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default();
+        libs.sort();
+        if libs.is_empty() {
+            dirs.push(dir);
+        } else {
+            dirs.extend(libs);
+        }
+    }
+    dirs
+}
+
 /// What [`preload`] loaded, and what would not load (file name, reason).
 #[derive(Debug, Default)]
 pub struct Preloaded {
@@ -172,17 +204,24 @@ pub struct Preloaded {
     pub failed: Vec<(String, String)>,
 }
 
-/// Loads the NVIDIA libraries in `dir` by path, each after those it needs, so that the CUDA
+/// Loads the NVIDIA libraries in `dirs` by path, each after those it needs, so that the CUDA
 /// provider's own loads by name find them. A library that will not load is reported, not
 /// fatal: some need the driver's `libcuda.so.1`, which only a machine with a GPU has, and
 /// whether the provider works is found out when a session is created.
-pub fn preload(dir: &Path) -> Result<Preloaded, String> {
-    let mut pending: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.to_string_lossy().contains(".so"))
-        .collect();
-    pending.sort();
+pub fn preload(dirs: &[PathBuf]) -> Result<Preloaded, String> {
+    let mut pending: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        let mut libs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains(".so"))
+            })
+            .collect();
+        libs.sort();
+        pending.extend(libs);
+    }
     let name = |p: &Path| {
         p.file_name()
             .unwrap_or_default()
@@ -277,11 +316,11 @@ mod tests {
     fn preloading_reports_libraries_that_do_not_load() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("libnot-a-library.so.1"), b"text").unwrap();
-        let out = preload(dir.path()).unwrap();
+        let out = preload(&[dir.path().to_path_buf()]).unwrap();
         assert!(out.loaded.is_empty());
         assert_eq!(out.failed.len(), 1);
         assert_eq!(out.failed[0].0, "libnot-a-library.so.1");
         assert!(!out.failed[0].1.is_empty());
-        assert!(preload(&dir.path().join("missing")).is_err());
+        assert!(preload(&[dir.path().join("missing")]).is_err());
     }
 }

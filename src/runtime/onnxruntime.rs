@@ -140,11 +140,11 @@ pub fn cuda_status() -> Result<(), String> {
 fn choose_library() -> Result<(PathBuf, Result<(), String>), RuntimeError> {
     let wanted = WANT_CUDA.load(Ordering::Relaxed);
     let preload = || {
-        let nvidia = super::cuda::gpu_dir().join("nvidia");
-        if !nvidia.is_dir() {
+        let dirs = super::cuda::library_dirs();
+        if dirs.is_empty() {
             return Ok(());
         }
-        let preloaded = super::cuda::preload(&nvidia)?;
+        let preloaded = super::cuda::preload(&dirs)?;
         tracing::debug!(loaded = preloaded.loaded.len(), "NVIDIA libraries loaded");
         for (lib, reason) in &preloaded.failed {
             tracing::debug!(%lib, %reason, "an NVIDIA library did not load");
