@@ -53,6 +53,41 @@ enum Command {
         /// over (without it, a job that runs in parts resumes where it stopped).
         #[arg(long)]
         restart: bool,
+        /// Batch jobs: run on a Ballista cluster, df://HOST:PORT (its scheduler). The sink's
+        /// path becomes a directory of Parquet files the executors write.
+        #[arg(long, value_name = "URL")]
+        cluster: Option<String>,
+    },
+    /// Run a Ballista scheduler for `ferry run --cluster`, with the operators registered.
+    Scheduler {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        bind: std::net::SocketAddr,
+        /// An executor silent this long (they report every 5 s) is lost: its tasks run again on
+        /// the others.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        executor_timeout: std::time::Duration,
+    },
+    /// Run a Ballista executor that runs the operators' tasks of cluster jobs.
+    Executor {
+        /// The scheduler's address.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        scheduler: std::net::SocketAddr,
+        /// Host to listen on and advertise to the scheduler and other executors.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind_host: String,
+        /// Arrow Flight port (the gRPC port is the next one).
+        #[arg(long, default_value_t = 50051)]
+        port: u16,
+        /// Tasks run at once (default: the number of cores).
+        #[arg(long)]
+        slots: Option<usize>,
+        /// Directory for shuffle files (default: a temporary one).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Serve Prometheus metrics (operator calls) at /metrics on this address.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Check pipelines (syntax, keys, operators, models, columns, types) without running them.
     Validate {
@@ -72,6 +107,10 @@ enum Command {
         /// Write the result here (.parquet, .arrow, .jsonl or .csv) instead of printing it.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Run the query on a Ballista cluster, df://HOST:PORT (its scheduler); the result
+        /// comes back here.
+        #[arg(long, value_name = "URL")]
+        cluster: Option<String>,
     },
     /// Draw operator results on their images as PNGs: boxes with labels and scores, masks as
     /// coloured overlays, depth as a colour map, labels as a caption.
@@ -232,12 +271,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             until_idle,
             metrics,
             restart,
+            cluster,
         } => {
             if let Some(addr) = metrics {
                 let bound = crate::metrics::serve(&addr)
                     .await
                     .with_context(|| format!("serving metrics on {addr}"))?;
                 eprintln!("metrics on http://{bound}/metrics");
+            }
+            if let Some(url) = cluster {
+                let loaded = crate::spec::load_pipeline(&pipeline)?;
+                let mut operators = engine::load_operator_set(&cli.operators, &loaded)?;
+                let s = crate::cluster::run(&loaded, &mut operators, &url).await?;
+                eprintln!(
+                    "{}: {} rows in {:.2}s ({:.0} rows/s) on {url}",
+                    pipeline.display(),
+                    s.rows,
+                    s.elapsed.as_secs_f64(),
+                    s.rows_per_sec()
+                );
+                return Ok(ExitCode::SUCCESS);
             }
             let options = crate::stream::StreamOptions {
                 max_records,
@@ -312,11 +365,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             tables,
             pipelines,
             output,
+            cluster,
         } => {
             let inputs = QueryInputs {
                 tables,
                 pipelines_dir: Some(pipelines),
                 operators_dir: Some(cli.operators),
+                cluster,
             };
             let Some(sql) = sql else {
                 if output.is_some() {
@@ -345,6 +400,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 tables,
                 pipelines_dir: Some(pipelines),
                 operators_dir: Some(cli.operators),
+                cluster: None,
             };
             let job = crate::render::RenderJob {
                 sql: &sql,
@@ -426,6 +482,39 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ = term.recv() => {}
             }
             drop(broker);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Scheduler {
+            bind,
+            executor_timeout,
+        } => {
+            eprintln!("scheduler on {bind}");
+            crate::cluster::scheduler(bind, &cli.operators, executor_timeout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Executor {
+            scheduler,
+            bind_host,
+            port,
+            slots,
+            work_dir,
+            metrics,
+        } => {
+            if let Some(addr) = metrics {
+                let bound = crate::metrics::serve(&addr)
+                    .await
+                    .with_context(|| format!("serving metrics on {addr}"))?;
+                eprintln!("metrics on http://{bound}/metrics");
+            }
+            let options = crate::cluster::ExecutorOptions {
+                scheduler,
+                bind_host,
+                port,
+                grpc_port: None,
+                slots,
+                work_dir,
+            };
+            crate::cluster::executor(options, &cli.operators).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Runtime { action } => match action {

@@ -70,8 +70,17 @@ fn diag_of(p: &LoadedPipeline, path: &str, e: impl std::fmt::Display) -> Diagnos
 /// Plans `p`: registers the source, applies each step and checks the sink. Every problem is
 /// reported with its line; steps after a failed one are still checked where possible.
 pub async fn plan(p: &LoadedPipeline, operators: &mut OperatorSet) -> Result<Planned, Diagnostics> {
+    let ctx = pipeline_context(&p.pipeline, operators);
+    plan_in(p, operators, ctx).await
+}
+
+/// [`plan`] in a given session context (a cluster's, [`crate::cluster`]).
+pub async fn plan_in(
+    p: &LoadedPipeline,
+    operators: &mut OperatorSet,
+    ctx: SessionContext,
+) -> Result<Planned, Diagnostics> {
     let spec = &p.pipeline;
-    let ctx = pipeline_context(spec, operators);
     operators.will_use(spec.steps.iter().filter_map(|s| s.operator.as_deref()));
     let mut problems = Vec::new();
     if let Err(e) = source::register(&ctx, "source", &spec.source).await {

@@ -10,6 +10,7 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 
 pub mod cli;
+pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod fetch;

@@ -20,6 +20,8 @@ pub struct QueryInputs {
     pub pipelines_dir: Option<PathBuf>,
     /// Directory of operator manifests.
     pub operators_dir: Option<PathBuf>,
+    /// Run queries on a Ballista cluster (`df://HOST:PORT`) instead of in this process.
+    pub cluster: Option<String>,
 }
 
 /// The pipelines of a directory as tables: those registered, and those skipped with why.
@@ -171,6 +173,13 @@ impl QueryContext {
                 .filter(|m| may_call(&m.manifest.name))
                 .map(|m| m.manifest.task),
         );
+        let ctx = match &inputs.cluster {
+            Some(url) => {
+                let batch_rows = ctx.state().config().batch_size();
+                crate::cluster::remote_context(url, "ferry query", batch_rows).await?
+            }
+            None => ctx,
+        };
         let pipelines = match &inputs.pipelines_dir {
             Some(dir) => Some(register_pipeline_outputs(&ctx, dir).await),
             None => None,

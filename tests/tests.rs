@@ -5,6 +5,7 @@ mod util;
 mod audio;
 mod bad_input;
 mod cli;
+mod cluster;
 mod generation;
 mod golden;
 mod gpu;
