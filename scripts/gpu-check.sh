@@ -144,36 +144,32 @@ max_batch_cost: 65536"
   awk -v c="$cos" 'BEGIN {exit !(c >= 0.999)}' || fail "fp16 embed: cosine $cos < 0.999"
 fi
 
-# ---- classify images
+# The CPU's and the GPU's run of one image operator, compared by COUNT-SQL (rows that differ).
+images() { # NAME TASK MODEL-DIR MANIFEST WHAT-DIFFERS-SQL DESCRIPTION
+  local name=$1 task=$2 m=$3 opts
+  opts=$(sed -n '/^options:/,$p' "$4")
+  manifest "${name}_cpu" "$task" "$m" cpu "batch_size: 16
+$opts"
+  manifest "${name}_gpu" "$task" "$m" "$PROVIDER" "batch_size: 64
+$opts"
+  printf 'cpu:  '; run "${name}_cpu" "$IMAGES" "${name}_cpu" bytes "$WORK/out/${name}_cpu.parquet"
+  printf 'cuda: '; run "${name}_gpu" "$IMAGES" "${name}_gpu" bytes "$WORK/out/${name}_gpu.parquet" ||
+    fail "$name on $PROVIDER"
+  differ=$(scalar "SELECT count(*) FROM a JOIN b USING (path) WHERE $5" \
+    --table "a=$WORK/out/${name}_cpu.parquet" --table "b=$WORK/out/${name}_gpu.parquet")
+  echo "images whose $6 differs: $differ"
+  [ "$differ" = 0 ] || fail "$name: $differ images differ"
+}
+
 if M=$(model open-nsfw open-nsfw); then
   say "classify: open_nsfw over images"
-  opts=$(sed -n '/^options:/,$p' operators/open_nsfw.yaml)
-  manifest classify_cpu classify_image "$M" cpu "batch_size: 16
-$opts"
-  manifest classify_gpu classify_image "$M" "$PROVIDER" "batch_size: 64
-$opts"
-  printf 'cpu:  '; run classify_cpu "$IMAGES" classify_cpu bytes "$WORK/out/classify_cpu.parquet"
-  printf 'cuda: '; run classify_gpu "$IMAGES" classify_gpu bytes "$WORK/out/classify_gpu.parquet" || fail "classify on $PROVIDER"
-  differ=$(scalar "SELECT count(*) FROM a JOIN b USING (path) WHERE a.result[1]['label'] <> b.result[1]['label']" \
-    --table "a=$WORK/out/classify_cpu.parquet" --table "b=$WORK/out/classify_gpu.parquet")
-  echo "images whose top label differs: $differ"
-  [ "$differ" = 0 ] || fail "classify: $differ top labels differ"
+  images classify classify_image "$M" operators/open_nsfw.yaml \
+    "a.result[1]['label'] <> b.result[1]['label']" "top label"
 fi
-
-# ---- detect
 if M=$(model yolov8n-nudenet yolov8n-nudenet); then
   say "detect: nudenet over images"
-  opts=$(sed -n '/^options:/,$p' operators/nudenet.yaml)
-  manifest detect_cpu detect "$M" cpu "batch_size: 16
-$opts"
-  manifest detect_gpu detect "$M" "$PROVIDER" "batch_size: 64
-$opts"
-  printf 'cpu:  '; run detect_cpu "$IMAGES" detect_cpu bytes "$WORK/out/detect_cpu.parquet"
-  printf 'cuda: '; run detect_gpu "$IMAGES" detect_gpu bytes "$WORK/out/detect_gpu.parquet" || fail "detect on $PROVIDER"
-  differ=$(scalar "SELECT count(*) FROM a JOIN b USING (path) WHERE cardinality(a.result) <> cardinality(b.result)" \
-    --table "a=$WORK/out/detect_cpu.parquet" --table "b=$WORK/out/detect_gpu.parquet")
-  echo "images with a different number of boxes: $differ"
-  [ "$differ" = 0 ] || fail "detect: $differ images differ"
+  images detect detect "$M" operators/nudenet.yaml \
+    "cardinality(a.result) <> cardinality(b.result)" "number of boxes"
 fi
 
 # ---- generate (greedy)

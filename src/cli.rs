@@ -230,6 +230,15 @@ fn cache_roots(dir: Option<PathBuf>, operators: &std::path::Path) -> Vec<PathBuf
     roots
 }
 
+/// Serves `/metrics` on `addr` for the life of the process, and says where.
+async fn serve_metrics(addr: &str) -> anyhow::Result<()> {
+    let bound = crate::metrics::serve(addr)
+        .await
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    eprintln!("metrics on http://{bound}/metrics");
+    Ok(())
+}
+
 fn parse_table(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(n, p)| (n.to_string(), p.to_string()))
@@ -274,10 +283,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             cluster,
         } => {
             if let Some(addr) = metrics {
-                let bound = crate::metrics::serve(&addr)
-                    .await
-                    .with_context(|| format!("serving metrics on {addr}"))?;
-                eprintln!("metrics on http://{bound}/metrics");
+                serve_metrics(&addr).await?;
             }
             if let Some(url) = cluster {
                 let loaded = crate::spec::load_pipeline(&pipeline)?;
@@ -501,10 +507,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics,
         } => {
             if let Some(addr) = metrics {
-                let bound = crate::metrics::serve(&addr)
-                    .await
-                    .with_context(|| format!("serving metrics on {addr}"))?;
-                eprintln!("metrics on http://{bound}/metrics");
+                serve_metrics(&addr).await?;
             }
             let options = crate::cluster::ExecutorOptions {
                 scheduler,
