@@ -40,12 +40,18 @@ const SERVE_EVERY: Duration = Duration::from_millis(100);
 /// How long a micro-batch runs before its partitions are paused.
 const PAUSE_AFTER: Duration = Duration::from_millis(500);
 
+/// How long a run bounded by `until_idle` waits to be assigned partitions again after a
+/// rebalance took them all, before it stops anyway.
+const UNASSIGNED_WAIT: Duration = Duration::from_secs(60);
+
 /// Bounds on a stream run, for tests and backfills.
 #[derive(Debug, Clone, Default)]
 pub struct StreamOptions {
     /// Stop after this many records (the last micro-batch is cut there).
     pub max_records: Option<u64>,
-    /// Stop when no record has arrived for this long (counted from the first assignment).
+    /// Stop when no record has arrived for this long (counted from the first assignment, and
+    /// from each later one; time without any partition assigned does not count, up to a
+    /// minute).
     pub until_idle: Option<Duration>,
     /// No status line.
     pub quiet: bool,
@@ -290,6 +296,9 @@ pub fn run(
         revoked: HashSet::new(),
         failed: Default::default(),
         first_assigned: None,
+        assigned: HashSet::new(),
+        last_assigned: None,
+        unassigned_since: None,
         resume_dir,
         start_timestamp: parse_start(&source.start)?,
     }));
@@ -411,13 +420,29 @@ pub fn run(
             let mut guard = shared.lock().expect("stream state");
             let s = &mut *guard;
             s.settle_and_commit(&consumer, Settle::Idle)?;
-            let idle_since = last_record.or(s.first_assigned);
+            let (idle_since, unassigned_since) = (
+                last_record.max(s.last_assigned).or(s.first_assigned),
+                s.unassigned_since,
+            );
             drop(guard);
-            if let (Some(limit), Some(since)) = (options.until_idle, idle_since)
-                && since.elapsed() >= limit
-            {
-                tracing::info!("idle for {limit:?}; stopping");
-                break;
+            if let Some(limit) = options.until_idle {
+                match unassigned_since {
+                    // A rebalance took every partition (an outage, a member joining): waiting
+                    // to be assigned again is not idleness, for a while.
+                    Some(since) => {
+                        let bound = limit.max(UNASSIGNED_WAIT);
+                        if since.elapsed() >= bound {
+                            tracing::warn!("no partitions assigned for {bound:?}; stopping");
+                            break;
+                        }
+                    }
+                    None => {
+                        if idle_since.is_some_and(|since| since.elapsed() >= limit) {
+                            tracing::info!("idle for {limit:?}; stopping");
+                            break;
+                        }
+                    }
+                }
             }
         }
         if last_status.elapsed() >= Duration::from_millis(250) {

@@ -34,6 +34,11 @@ pub(super) struct Shared {
     /// not find where to resume.
     pub(super) failed: FirstFailure,
     pub(super) first_assigned: Option<Instant>,
+    /// The partitions assigned now, when the last assignment came, and since when none are
+    /// (a rebalance took them all: a member joined or left, the coordinator was unreachable).
+    pub(super) assigned: HashSet<(String, i32)>,
+    pub(super) last_assigned: Option<Instant>,
+    pub(super) unassigned_since: Option<Instant>,
     /// Exactly-once Parquet: resume from the offsets recorded in the files.
     pub(super) resume_dir: Option<PathBuf>,
     pub(super) start_timestamp: Option<i64>,
@@ -109,6 +114,13 @@ impl StreamContext {
         let mut shared = self.shared.lock().expect("stream state");
         shared.generation += 1;
         shared.first_assigned.get_or_insert_with(Instant::now);
+        shared.last_assigned = Some(Instant::now());
+        shared.unassigned_since = None;
+        shared.assigned.extend(
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition())),
+        );
         let needs_committed = shared.resume_dir.is_some() || shared.start_timestamp.is_some();
         if needs_committed && tpl.count() > 0 {
             let committed = match consumer.committed_offsets(tpl.clone(), kafka::BROKER_TIMEOUT) {
@@ -197,6 +209,14 @@ impl StreamContext {
                 .iter()
                 .map(|e| (e.topic().to_string(), e.partition())),
         );
+        for e in tpl.elements() {
+            shared
+                .assigned
+                .remove(&(e.topic().to_string(), e.partition()));
+        }
+        if shared.assigned.is_empty() {
+            shared.unassigned_since = Some(Instant::now());
+        }
         // Flush before the partitions go: wait for every acknowledgement / roll open files,
         // then commit what they hold. After a sink failure, nothing: the new owner reads
         // again from the last commit.
