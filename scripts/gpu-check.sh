@@ -116,32 +116,29 @@ IMAGES="  files:\n    path: $WORK/images"
 TEXTS=$(printf "$TEXTS")
 IMAGES=$(printf "$IMAGES")
 
-# ---- embed (int8 minilm)
+# The CPU's run of one embedding model and the GPU's of another (or the same), compared by
+# their least cosine.
+embeds() { # NAME CPU-MODEL-DIR GPU-MODEL-DIR LEAST-COSINE
+  local name=$1
+  manifest "${name}_cpu" embed "$2" cpu "batch_size: 32"
+  manifest "${name}_gpu" embed "$3" "$PROVIDER" "batch_size: 256
+max_batch_cost: 65536"
+  printf 'cpu:  '; run "${name}_cpu" "$TEXTS" "${name}_cpu" text "$WORK/out/${name}_cpu.parquet"
+  printf 'cuda: '; run "${name}_gpu" "$TEXTS" "${name}_gpu" text "$WORK/out/${name}_gpu.parquet" ||
+    fail "$name on $PROVIDER"
+  cos=$(scalar "SELECT min(cosine_similarity(a.result, b.result)) FROM a JOIN b USING (id)" \
+    --table "a=$WORK/out/${name}_cpu.parquet" --table "b=$WORK/out/${name}_gpu.parquet")
+  echo "least cosine to the CPU's: $cos"
+  awk -v c="$cos" -v m="$4" 'BEGIN {exit !(c >= m)}' || fail "$name: cosine $cos < $4"
+}
+
 if M=$(model minilm minilm); then
   say "embed: minilm over $ROWS texts"
-  manifest embed_cpu embed "$M" cpu "batch_size: 32"
-  manifest embed_gpu embed "$M" "$PROVIDER" "batch_size: 256
-max_batch_cost: 65536"
-  printf 'cpu:  '; run embed_cpu "$TEXTS" embed_cpu text "$WORK/out/embed_cpu.parquet"
-  printf 'cuda: '; run embed_gpu "$TEXTS" embed_gpu text "$WORK/out/embed_gpu.parquet" || fail "embed on $PROVIDER"
-  cos=$(scalar "SELECT min(cosine_similarity(a.result, b.result)) FROM a JOIN b USING (id)" \
-    --table "a=$WORK/out/embed_cpu.parquet" --table "b=$WORK/out/embed_gpu.parquet")
-  echo "least cosine to the CPU: $cos"
-  awk -v c="$cos" 'BEGIN {exit !(c >= 0.9999)}' || fail "embed: cosine $cos < 0.9999"
+  embeds embed "$M" "$M" 0.9999
 fi
-
-# ---- embed fp16 (optional)
 if [ -n "${MINILM_FP16:-}" ] && [ -n "${MINILM_FP32:-}" ]; then
-  say "embed: minilm fp16 on $PROVIDER against fp32 on the CPU"
-  manifest embed32_cpu embed "$MINILM_FP32" cpu "batch_size: 32"
-  manifest embed16_gpu embed "$MINILM_FP16" "$PROVIDER" "batch_size: 256
-max_batch_cost: 65536"
-  printf 'cpu fp32:  '; run embed32_cpu "$TEXTS" embed32_cpu text "$WORK/out/embed32_cpu.parquet"
-  printf 'cuda fp16: '; run embed16_gpu "$TEXTS" embed16_gpu text "$WORK/out/embed16_gpu.parquet" || fail "fp16 embed"
-  cos=$(scalar "SELECT min(cosine_similarity(a.result, b.result)) FROM a JOIN b USING (id)" \
-    --table "a=$WORK/out/embed32_cpu.parquet" --table "b=$WORK/out/embed16_gpu.parquet")
-  echo "least cosine to the CPU's fp32: $cos (target >= 15000 rows/s end to end)"
-  awk -v c="$cos" 'BEGIN {exit !(c >= 0.999)}' || fail "fp16 embed: cosine $cos < 0.999"
+  say "embed: minilm fp16 on $PROVIDER against fp32 on the CPU (target >= 15000 rows/s)"
+  embeds embed16 "$MINILM_FP32" "$MINILM_FP16" 0.999
 fi
 
 # The CPU's and the GPU's run of one image operator, compared by COUNT-SQL (rows that differ).
@@ -173,7 +170,7 @@ if M=$(model yolov8n-nudenet yolov8n-nudenet); then
 fi
 
 # ---- generate (greedy)
-say "generate: tiny GPT-2, greedy, over 2000 prompts"
+say "generate: tiny GPT-2, greedy, over the first 2000 texts"
 G="$ROOT/tests/fixtures/models/tiny-gpt2-gen"
 manifest generate_cpu generate "$G" cpu "batch_size: 16
 options: {generation: {max_new_tokens: 16, do_sample: false}}"

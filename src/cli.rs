@@ -513,7 +513,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 scheduler,
                 bind_host,
                 port,
-                grpc_port: None,
                 slots,
                 work_dir,
             };

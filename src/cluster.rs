@@ -95,9 +95,8 @@ pub async fn scheduler(
 pub struct ExecutorOptions {
     pub scheduler: SocketAddr,
     pub bind_host: String,
-    /// Arrow Flight port (shuffle data); gRPC is on `port + 1` unless given.
+    /// Arrow Flight port (shuffle data); gRPC is on `port + 1`.
     pub port: u16,
-    pub grpc_port: Option<u16>,
     /// Tasks run at once (default: the number of cores).
     pub slots: Option<usize>,
     pub work_dir: Option<PathBuf>,
@@ -119,7 +118,7 @@ pub async fn executor(options: ExecutorOptions, operators: &Path) -> anyhow::Res
         bind_host: options.bind_host.clone(),
         external_host: Some(options.bind_host.clone()),
         port: options.port,
-        grpc_port: options.grpc_port.unwrap_or(options.port + 1),
+        grpc_port: options.port + 1,
         work_dir: options
             .work_dir
             .as_ref()

@@ -20,13 +20,11 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use datafusion::arrow::array::{RecordBatch, new_null_array};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::reader::FileReader;
-use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::catalog::TableProvider;
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::common::tree_node::TreeNode;
@@ -46,9 +44,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Planned, RunSummary};
 use crate::ops::OperatorSet;
-use crate::sink::{Settle, plain_schema, sync_dir, to_plain};
+use crate::ops::cache::CacheIdentity;
+use crate::sink::SinkWriter;
 use crate::source::files::FilesTable;
-use crate::spec::{LoadedPipeline, Pipeline, Source};
+use crate::spec::{FileSink, LoadedPipeline, Pipeline, Sink, Source};
 
 /// Bumped when the job directory's layout changes, so that an older job is started over.
 pub const FORMAT: u32 = 1;
@@ -72,8 +71,8 @@ pub struct Unit {
 enum Input {
     /// Data files, read by unit and given this schema (the source table's).
     Data(SchemaRef),
-    /// The `files` source's listing.
-    Files(Arc<FilesTable>),
+    /// The `files` source's table (a [`FilesTable`]), whose listing units slice.
+    Files(Arc<dyn TableProvider>),
 }
 
 /// `job.json`: what the job is, and its units.
@@ -106,14 +105,6 @@ pub struct Resumed {
 }
 
 impl Job {
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn units(&self) -> &[Unit] {
-        &self.units
-    }
-
     fn part(&self, i: usize) -> PathBuf {
         part_path(&self.dir, i)
     }
@@ -221,8 +212,7 @@ pub async fn prepare(
                 rows: Some((first, unit_rows.min(table.len() as u64 - first))),
             })
             .collect();
-        let all = table.slice(0, table.len());
-        (files, units, Input::Files(Arc::new(all)))
+        (files, units, Input::Files(Arc::clone(&provider)))
     } else {
         return Ok(None);
     };
@@ -327,29 +317,23 @@ fn readable_part(path: &Path) -> bool {
     ok
 }
 
-/// What each operator the pipeline calls depends on.
+/// What each operator the pipeline calls depends on: the inference cache's identity of it
+/// (model hash, task, file, provider, options), wherever its model directory is.
 fn operator_identities(spec: &Pipeline, operators: &OperatorSet) -> Result<serde_json::Value> {
     let mut out = serde_json::Map::new();
     for name in spec.steps.iter().filter_map(|s| s.operator.as_ref()) {
-        let op = operators
-            .built_get(name)
-            .ok_or_else(|| DataFusionError::Plan(format!("operator '{name}' is not loaded")))?;
+        let missing = || DataFusionError::Plan(format!("operator '{name}' is not loaded"));
+        let op = operators.built_get(name).ok_or_else(missing)?;
         let m = operators
             .manifests()
             .iter()
             .find(|m| &m.manifest.name == name)
-            .map(|m| &m.manifest)
-            .ok_or_else(|| DataFusionError::Plan(format!("no manifest for '{name}'")))?;
+            .ok_or_else(missing)?;
         let hash = op.model_hash().map_err(DataFusionError::Execution)?;
+        let identity = CacheIdentity::new(&m.manifest, &op.model.dir, hash).without_location();
         out.insert(
             name.clone(),
-            serde_json::json!({
-                "task": m.task,
-                "model_hash": hash,
-                "file": m.file,
-                "provider": m.provider,
-                "options": m.options,
-            }),
+            serde_json::to_value(identity).expect("serializable"),
         );
     }
     Ok(serde_json::Value::Object(out))
@@ -446,16 +430,13 @@ pub async fn run(
     let batch_rows = planned.ctx.state().config().batch_size();
     let concurrency = planned.ctx.state().config().target_partitions().max(1);
     let plan_schema: SchemaRef = Arc::new(planned.frame.schema().as_arrow().clone());
-    let part_schema = plain_schema(&plan_schema);
-    let rows_done = AtomicU64::new(0);
     let job = &job;
     let todo: Vec<usize> = (0..job.units.len()).filter(|&i| !job.done[i]).collect();
     futures::stream::iter(todo)
         .map(|i| {
-            let (part_schema, rows_done, bar) = (&part_schema, &rows_done, &bar);
+            let (plan_schema, bar) = (&plan_schema, &bar);
             async move {
-                let rows = run_unit(job, i, spec, operators, batch_rows, part_schema).await?;
-                rows_done.fetch_add(rows, Ordering::Relaxed);
+                let rows = run_unit(job, i, spec, operators, batch_rows, plan_schema).await?;
                 bar.inc(rows);
                 Ok::<_, DataFusionError>(())
             }
@@ -465,38 +446,31 @@ pub async fn run(
         .await?;
 
     // Every part is there: copy them, in order, into the sink's file.
-    let mut writer = crate::sink::open(&spec.sink, Arc::clone(&plan_schema), Default::default())
-        .map_err(DataFusionError::Execution)?;
-    let mut written = 0u64;
+    let mut writer = SinkWriter::open(&spec.sink, plan_schema)?;
     for i in 0..job.units.len() {
         let path = job.part(i);
         let file = File::open(&path).map_err(io(&path))?;
         let reader = FileReader::try_new(file, None)
             .map_err(|e| DataFusionError::Execution(format!("{}: {e}", path.display())))?;
         for batch in reader {
-            let batch = batch?;
-            written += batch.num_rows() as u64;
-            writer
-                .write(std::slice::from_ref(&batch), Default::default())
-                .map_err(DataFusionError::Execution)?;
-            writer
-                .durable(Settle::AfterWrite)
-                .map_err(DataFusionError::Execution)?;
+            writer.write(&batch?)?;
         }
     }
-    writer.finish().map_err(DataFusionError::Execution)?;
+    let written = writer.finish()?;
     std::fs::remove_dir_all(&job.dir).map_err(io(&job.dir))?;
     Ok(counters.summary(operators, written, start.elapsed(), Some(resumed)))
 }
 
-/// Runs the pipeline's steps over unit `i` into its part file. Returns the rows written.
+/// Runs the pipeline's steps over unit `i` into its part file (an Arrow IPC file written
+/// through the file sink: under a temporary name, removed if the unit fails or is dropped,
+/// synced and renamed into place when complete). Returns the rows written.
 async fn run_unit(
     job: &Job,
     i: usize,
     spec: &Pipeline,
     operators: &OperatorSet,
     batch_rows: usize,
-    part_schema: &SchemaRef,
+    plan_schema: &SchemaRef,
 ) -> Result<u64> {
     let unit = &job.units[i];
     // One partition, so the unit's rows keep their order.
@@ -505,7 +479,10 @@ async fn run_unit(
         .with_target_partitions(1);
     let ctx = crate::engine::session_context_with(config);
     let table: Arc<dyn TableProvider> = match (&job.input, unit.rows) {
-        (Input::Files(files), Some((first, count))) => {
+        (Input::Files(table), Some((first, count))) => {
+            let files = table
+                .downcast_ref::<FilesTable>()
+                .ok_or_else(|| DataFusionError::Internal("a files unit of another table".into()))?;
             Arc::new(files.slice(first as usize, count as usize))
         }
         (Input::Data(schema), _) => {
@@ -531,12 +508,8 @@ async fn run_unit(
     let frame = crate::engine::apply_steps(&ctx, frame, spec, operators).await?;
     let mut stream = frame.execute_stream().await?;
 
-    let path = job.part(i);
-    let tmp = RemoveOnDrop(job.dir.join(format!(".part-{i:06}.arrow.tmp")));
-    let tmp = &tmp.0;
-    let file = File::create(tmp).map_err(io(tmp))?;
-    let mut writer = FileWriter::try_new(file, part_schema)?;
-    let mut rows = 0u64;
+    let part = Sink::Ipc(FileSink { path: job.part(i) });
+    let mut writer = SinkWriter::open(&part, Arc::clone(plan_schema))?;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| {
             DataFusionError::Execution(format!(
@@ -545,26 +518,9 @@ async fn run_unit(
                 crate::error::df_message(&e)
             ))
         })?;
-        rows += batch.num_rows() as u64;
-        writer.write(&to_plain(&batch, part_schema)?)?;
+        writer.write(&batch)?;
     }
-    writer.finish()?;
-    let file = writer.into_inner()?;
-    file.sync_all().map_err(io(tmp))?;
-    drop(file);
-    std::fs::rename(tmp, &path).map_err(io(&path))?;
-    sync_dir(&job.dir).map_err(io(&job.dir))?;
-    Ok(rows)
-}
-
-/// Removes a unit's temporary file however its run ends (a failed unit, or one dropped because
-/// another failed); once renamed into place there is nothing to remove.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+    writer.finish()
 }
 
 /// "FILE", "FILE rows A..B" or "files A..B", for messages.
@@ -709,7 +665,7 @@ mod tests {
             PathBuf::from("out/.enriched.parquet.job")
         );
         assert!(is_part_name("part-000012.arrow"));
-        assert!(!is_part_name(".part-000012.arrow.tmp"));
+        assert!(!is_part_name(".part-000012.arrow.inprogress-41"));
         assert!(!is_part_name("part-12.arrow"));
     }
 

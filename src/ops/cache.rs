@@ -51,11 +51,34 @@ pub struct CacheIdentity {
 }
 
 impl CacheIdentity {
+    /// The identity of the operator of `manifest`, whose model directory `model_dir` hashes to
+    /// `model_hash` ([`model_hash`]).
+    pub fn new(manifest: &super::Manifest, model_dir: &Path, model_hash: String) -> Self {
+        CacheIdentity {
+            operator: manifest.name.clone(),
+            task: manifest.task.info().name.to_string(),
+            model_dir: model_dir.to_path_buf(),
+            model_hash,
+            file: manifest.file.clone(),
+            provider: format!("{:?}", manifest.provider),
+            options: serde_json::to_value(&manifest.options).unwrap_or_default(),
+            format: FORMAT,
+            arrow: datafusion::arrow::ARROW_VERSION.to_string(),
+        }
+    }
+
+    /// The identity without where the model is: the same files give the same outputs
+    /// wherever they are.
+    pub fn without_location(&self) -> Self {
+        CacheIdentity {
+            model_dir: PathBuf::new(),
+            ..self.clone()
+        }
+    }
+
     /// The directory name: the operator and the hash of the rest.
     fn dir_name(&self) -> String {
-        let mut id = self.clone();
-        id.model_dir = PathBuf::new();
-        let json = serde_json::to_vec(&id).expect("serializable");
+        let json = serde_json::to_vec(&self.without_location()).expect("serializable");
         let hash = blake3::hash(&json).to_hex();
         format!("{}-{}", self.operator, &hash.as_str()[..16])
     }

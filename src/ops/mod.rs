@@ -448,17 +448,7 @@ impl Loading<'_> {
         };
         let m = &self.loaded.manifest;
         let hash = cache::model_hash_once(model_hash, &self.model.dir).map_err(OpError::Model)?;
-        let identity = cache::CacheIdentity {
-            operator: m.name.clone(),
-            task: m.task.info().name.to_string(),
-            model_dir: self.model.dir.clone(),
-            model_hash: hash,
-            file: m.file.clone(),
-            provider: format!("{:?}", m.provider),
-            options: serde_json::to_value(&m.options).unwrap_or_default(),
-            format: cache::FORMAT,
-            arrow: datafusion::arrow::ARROW_VERSION.to_string(),
-        };
+        let identity = cache::CacheIdentity::new(m, &self.model.dir, hash);
         let cache =
             cache::InferenceCache::open(&root, &identity, output_type).map_err(OpError::Model)?;
         tracing::info!(operator = %m.name, entries = cache.len(), dir = %root.display(), "inference cache");

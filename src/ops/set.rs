@@ -34,13 +34,10 @@ impl OperatorSet {
     /// ONNX Runtime's CUDA build is the library loaded (it must be chosen before the first
     /// session is created).
     pub fn will_use<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
-        use crate::runtime::ExecutionProvider;
-        let names: Vec<&str> = names.into_iter().collect();
-        if self.manifests.iter().any(|m| {
-            m.manifest.provider == ExecutionProvider::Cuda
-                && names.contains(&m.manifest.name.as_str())
-        }) {
-            crate::runtime::onnxruntime::want_cuda();
+        for name in names {
+            if let Some(m) = self.manifests.iter().find(|m| m.manifest.name == name) {
+                announce(m);
+            }
         }
     }
 
@@ -61,9 +58,7 @@ impl OperatorSet {
                         }
                     )
                 })?;
-            if manifest.manifest.provider == crate::runtime::ExecutionProvider::Cuda {
-                crate::runtime::onnxruntime::want_cuda();
-            }
+            announce(manifest);
             let op = super::build(manifest).map_err(|e| format!("operator '{name}': {e}"))?;
             self.built.insert(name.to_string(), op);
         }
@@ -77,5 +72,13 @@ impl OperatorSet {
 
     pub fn built(&self) -> impl Iterator<Item = &Operator> {
         self.built.values()
+    }
+}
+
+/// Asks for ONNX Runtime's CUDA build if `m` runs on CUDA (it must be chosen before the first
+/// session is created).
+fn announce(m: &LoadedManifest) {
+    if m.manifest.provider == crate::runtime::ExecutionProvider::Cuda {
+        crate::runtime::onnxruntime::want_cuda();
     }
 }

@@ -115,11 +115,14 @@ pub fn gpu_dir() -> PathBuf {
     super::cache_dir().join("onnxruntime-gpu").join(ORT_VERSION)
 }
 
+fn gpu_library_path() -> PathBuf {
+    gpu_dir().join(format!("libonnxruntime.so.{ORT_VERSION}"))
+}
+
 /// The CUDA build's runtime library, if it has been fetched.
 pub fn cached_gpu_library() -> Option<PathBuf> {
-    let lib = gpu_dir().join(format!("libonnxruntime.so.{ORT_VERSION}"));
-    let complete = gpu_dir().join("complete");
-    (lib.is_file() && complete.is_file()).then_some(lib)
+    let lib = gpu_library_path();
+    (lib.is_file() && gpu_dir().join("complete").is_file()).then_some(lib)
 }
 
 /// The CUDA build's runtime library, fetching it and the NVIDIA libraries on first use.
@@ -128,12 +131,12 @@ pub fn gpu_library() -> Result<PathBuf, WheelError> {
         return Ok(lib);
     }
     fetch_gpu()?;
-    Ok(gpu_dir().join(format!("libonnxruntime.so.{ORT_VERSION}")))
+    Ok(gpu_library_path())
 }
 
 /// Downloads and extracts every wheel of [`GPU_RELEASES`] (about 1.5 GB of downloads). A
 /// `complete` marker is written last, so an interrupted fetch is redone.
-pub fn fetch_gpu() -> Result<PathBuf, WheelError> {
+fn fetch_gpu() -> Result<(), WheelError> {
     let dir = gpu_dir();
     let nvidia = dir.join("nvidia");
     std::fs::create_dir_all(&nvidia).map_err(|source| WheelError::Io {
@@ -162,7 +165,7 @@ pub fn fetch_gpu() -> Result<PathBuf, WheelError> {
         wheel::write_atomically(&dir.join("complete"), GPU_RELEASES.join("\n").as_bytes())
     })();
     let _ = std::fs::remove_dir_all(&download);
-    result.map(|()| dir)
+    result
 }
 
 /// The directories whose NVIDIA libraries are loaded before ONNX Runtime: those in

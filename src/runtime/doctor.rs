@@ -1,8 +1,6 @@
 //! `ferry doctor`: what this machine has for running models, and which execution providers
 //! actually run one (a one-node model is created and run on each).
 
-use std::path::PathBuf;
-
 use ort::session::Session;
 use ort::value::Tensor;
 
@@ -38,12 +36,9 @@ pub fn check() -> Vec<Finding> {
         ),
         true,
     ));
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        out.push(finding(
-            "ORT_DYLIB_PATH",
-            PathBuf::from(p).display().to_string(),
-            true,
-        ));
+    let ort_path = onnxruntime::ort_dylib_path();
+    if let Some(p) = &ort_path {
+        out.push(finding("ORT_DYLIB_PATH", p.display().to_string(), true));
     }
     let gpu = cuda::cached_gpu_library();
     out.push(finding(
@@ -81,7 +76,7 @@ pub fn check() -> Vec<Finding> {
     }
     // With the CUDA build at hand, load it (the CPU provider runs on it too); the doctor
     // downloads nothing.
-    let ort_path_set = std::env::var_os("ORT_DYLIB_PATH").is_some_and(|p| !p.is_empty());
+    let ort_path_set = ort_path.is_some();
     if gpu.is_some() || ort_path_set {
         onnxruntime::want_cuda();
     }
@@ -104,8 +99,7 @@ pub fn check() -> Vec<Finding> {
         ));
         return out;
     }
-    let cuda =
-        onnxruntime::cuda_status().and_then(|()| run_identity(Some(&CudaOptions::default())));
+    let cuda = run_identity(Some(&CudaOptions::default()));
     out.push(match cuda {
         Ok(()) => finding("provider cuda", "ok (ran a model on device 0)", true),
         // Only a problem where a GPU is there to be used.
@@ -133,11 +127,7 @@ pub fn run_identity(cuda: Option<&CudaOptions>) -> Result<(), String> {
     let env = onnxruntime::environment().map_err(|e| e.to_string())?;
     let mut builder = Session::builder(&env).map_err(|e| e.to_string())?;
     if let Some(options) = cuda {
-        use ort::ep::ExecutionProvider as _;
-        options
-            .provider()
-            .register(&mut builder)
-            .map_err(|e| format!("registering the CUDA provider: {e}"))?;
+        super::pool::register_cuda(&mut builder, options)?;
     }
     let mut session = builder
         .commit_from_memory(&identity_model())

@@ -151,9 +151,9 @@ fn choose_library() -> Result<(PathBuf, Result<(), String>), RuntimeError> {
         }
         Ok(())
     };
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+    if let Some(p) = ort_dylib_path() {
         let cuda = if wanted { preload() } else { Ok(()) };
-        return Ok((PathBuf::from(p), cuda));
+        return Ok((p, cuda));
     }
     if !wanted {
         let why = "ONNX Runtime's CPU build was loaded (no operator asked for CUDA before the first model loaded)";
@@ -169,10 +169,17 @@ fn choose_library() -> Result<(PathBuf, Result<(), String>), RuntimeError> {
     }
 }
 
+/// The library `ORT_DYLIB_PATH` names, if set.
+pub fn ort_dylib_path() -> Option<PathBuf> {
+    std::env::var_os("ORT_DYLIB_PATH")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+}
+
 /// Finds the runtime library, provisioning it into the cache if needed.
 pub fn library_path() -> Result<PathBuf, RuntimeError> {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
+    if let Some(p) = ort_dylib_path() {
+        return Ok(p);
     }
     let file = format!("libonnxruntime.so.{ORT_VERSION}");
     let cached = super::cache_dir()

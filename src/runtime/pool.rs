@@ -260,15 +260,22 @@ fn build_session_on(
     // Input shapes change with every chunk, so a memory plan per shape only costs memory.
     builder = builder.with_memory_pattern(false).map_err(|e| err(&e))?;
     if let Some(placement) = cuda {
-        use ort::ep::ExecutionProvider as _;
-        super::onnxruntime::cuda_status()?;
-        placement
-            .cuda
-            .provider()
-            .register(&mut builder)
-            .map_err(|e| format!("registering the CUDA provider: {e}"))?;
+        register_cuda(&mut builder, &placement.cuda)?;
     }
     builder.commit_from_file(path).map_err(|e| err(&e))
+}
+
+/// Registers the CUDA provider with `options` on a session builder, or says why it cannot be.
+pub fn register_cuda(
+    builder: &mut ort::session::builder::SessionBuilder,
+    options: &super::cuda::CudaOptions,
+) -> Result<(), String> {
+    use ort::ep::ExecutionProvider as _;
+    super::onnxruntime::cuda_status()?;
+    options
+        .provider()
+        .register(builder)
+        .map_err(|e| format!("registering the CUDA provider: {e}"))
 }
 
 fn info(file: &ModelFile, session: &Session) -> SessionInfo {
@@ -315,13 +322,14 @@ impl SessionPool {
         let prepacked: Vec<PrepackedWeights> =
             files.iter().map(|_| PrepackedWeights::new()).collect();
         let mut per_worker = Vec::with_capacity(workers);
-        // Where the sessions run (the CPU, when CUDA could not be used and the fallback allows).
-        let mut provider = placement.provider;
+        // Where the sessions run: once CUDA could not be used (and the fallback allows the
+        // CPU), the remaining sessions go to the CPU without trying CUDA again.
+        let mut placement = placement;
         for _ in 0..workers {
             let mut sessions = Vec::with_capacity(files.len());
             for (file, prepacked) in files.iter().zip(&prepacked) {
                 let (session, on) = build_session(&file.path, &placement, threads, prepacked)?;
-                provider = on;
+                placement.provider = on;
                 sessions.push((info(file, &session), session));
             }
             per_worker.push(sessions);
@@ -355,7 +363,7 @@ impl SessionPool {
             sender: Some(sender),
             workers: handles,
             sessions: infos,
-            provider,
+            provider: placement.provider,
             threads_per_worker: threads,
         })
     }
