@@ -46,10 +46,7 @@ fn open(dir: &Path) -> (SessionPool, Model) {
     };
     let files: Vec<ModelFile> = files
         .iter()
-        .map(|(role, f)| ModelFile {
-            role,
-            path: dir.join(f),
-        })
+        .map(|(role, f)| ModelFile::new(role, dir.join(f)))
         .collect();
     let pool = SessionPool::open(&files, ExecutionProvider::Cpu, PoolSize::for_machine()).unwrap();
     let info = |role| (role, pool.session(role).unwrap());

@@ -86,13 +86,6 @@ fn main() {
         let mut operators =
             OperatorSet::new(ferry::ops::load_manifests(&root.join("operators")).unwrap());
         let op = operators.get("minilm").unwrap().clone();
-        let manifest = operators
-            .manifests()
-            .iter()
-            .find(|m| m.manifest.name == "minilm")
-            .unwrap()
-            .manifest
-            .clone();
         // Warm up both paths once (thread pools, allocator, page cache).
         ferry_run(&work, &input, &mut operators).await;
         baseline(&op, &texts[..texts.len().min(256)]).await;
@@ -116,16 +109,14 @@ fn main() {
             "workers x threads:    {} x {}, batch size {}, max batch tokens {}",
             op.pool.workers(),
             op.pool.threads_per_worker,
-            manifest.batch_size,
-            manifest
-                .max_batch_cost
-                .unwrap_or(op.task.info().default_max_batch_cost)
+            op.limits.items,
+            op.limits.cost
         );
         println!("ferry end-to-end:     {ferry_rps:.1} rows/s");
         println!("raw ORT baseline:     {base_rps:.1} rows/s");
         println!("ratio ferry/baseline: {:.3}", ferry_rps / base_rps);
         println!("peak RSS (ferry):     {rss:.0} MB");
-        let (file_order, sorted) = padded_tokens(&op, &texts, manifest.batch_size);
+        let (file_order, sorted) = padded_tokens(&op, &texts, op.limits.items);
         println!("padded tokens:        {file_order} in file order, {sorted} length-sorted");
     });
 }

@@ -28,4 +28,5 @@ pub mod spec;
 pub mod stream;
 
 pub use datafusion;
+pub use ort;
 pub use rdkafka;

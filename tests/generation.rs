@@ -67,10 +67,7 @@ fn open(dir: &Path, export: Export) -> (SessionPool, Model) {
     let pool = SessionPool::open(
         &files
             .iter()
-            .map(|(role, file)| ModelFile {
-                role,
-                path: dir.join(file),
-            })
+            .map(|(role, file)| ModelFile::new(role, dir.join(file)))
             .collect::<Vec<_>>(),
         ExecutionProvider::Cpu,
         PoolSize {
@@ -375,10 +372,7 @@ async fn merged_and_cacheless_decoders_give_the_same_tokens() {
 async fn generation_needs_logits_tokens_and_a_possible_search() {
     let dir = model_dir("tiny-bert-sentiment");
     let pool = SessionPool::open(
-        &[ModelFile {
-            role: "decoder",
-            path: dir.join("model.onnx"),
-        }],
+        &[ModelFile::new("decoder", dir.join("model.onnx"))],
         ExecutionProvider::Cpu,
         PoolSize {
             workers: 1,

@@ -417,3 +417,30 @@ async fn answer_matches_transformers_with_every_option() {
         }
     }
 }
+
+/// Mean and cls pooling run in a session after the model's, where the model runs (on a GPU
+/// the [batch, tokens, dim] token vectors never leave it): the pooled operators' pools hold a
+/// `pooling` session that returns [batch, dim] Float32; `pooling: none` reads the tokens
+/// itself and has none.
+#[test]
+fn embed_pools_in_a_session_after_the_model() {
+    use ferry::ops::embed::POOLING;
+    let (_ctx, mut ops) = context_with(&[]);
+    for name in ["tiny_embed", "tiny_embed_norm", "tiny_embed_cls"] {
+        let op = ops.get(name).unwrap();
+        let pooling = op.pool.session(POOLING).unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(pooling.outputs.len(), 1, "{name}");
+        assert_eq!(pooling.outputs[0].shape, vec![-1, -1], "{name}");
+        assert_eq!(
+            pooling.outputs[0].element,
+            Some(ferry::ort::value::TensorElementType::Float32)
+        );
+    }
+    assert!(
+        ops.get("tiny_tokens")
+            .unwrap()
+            .pool
+            .session(POOLING)
+            .is_none()
+    );
+}

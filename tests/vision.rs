@@ -778,14 +778,8 @@ async fn a_worker_holds_several_sessions_and_its_own_state() {
     let models = root().join("tests/fixtures/models");
     let pool = SessionPool::open(
         &[
-            ModelFile {
-                role: "image",
-                path: models.join("tiny-vit/model.onnx"),
-            },
-            ModelFile {
-                role: "text",
-                path: models.join("tiny-bert-sentiment/model.onnx"),
-            },
+            ModelFile::new("image", models.join("tiny-vit/model.onnx")),
+            ModelFile::new("text", models.join("tiny-bert-sentiment/model.onnx")),
         ],
         ferry::runtime::ExecutionProvider::Cpu,
         PoolSize {

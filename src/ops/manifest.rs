@@ -26,14 +26,16 @@ pub struct Manifest {
     /// The ONNX file inside the model directory.
     #[serde(default = "default_file")]
     pub file: String,
-    /// Rows per inference call. Generation tasks: rows generating at once (continuous
-    /// batching: a row that ends is replaced by a waiting one).
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
+    /// Rows per inference call (default 32; 256 when the model runs on CUDA). Generation
+    /// tasks: rows generating at once (continuous batching: a row that ends is replaced by a
+    /// waiting one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     /// At most this much padded cost per inference call: items x the largest item's cost, in
     /// the task's unit (tokens for text tasks, pixels for image tasks; see `ferry operators`).
     /// Long texts and large images run in smaller calls, which bounds memory and is faster on
-    /// CPU. Default: 1024 tokens for text tasks. Generation tasks: the KV cache positions the
+    /// CPU. Default: 1024 tokens for text tasks (16 times the default when the model runs on
+    /// CUDA). Generation tasks: the KV cache positions the
     /// rows generating at once can come to hold (prompt and new tokens, every beam, padding
     /// included; default 16384), which bounds the cache's memory; Whisper the same, its
     /// 1500 source positions counted too (default 131072). `max_batch_tokens` is accepted as
@@ -115,9 +117,13 @@ fn default_file() -> String {
     "model.onnx".to_string()
 }
 
-fn default_batch_size() -> usize {
-    32
-}
+/// `batch_size` when the manifest does not set it.
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+/// `batch_size` when the manifest does not set it and the model runs on CUDA: a GPU is
+/// under-used by calls sized for a CPU.
+pub const GPU_BATCH_SIZE: usize = 256;
+/// How many times the task's default `max_batch_cost` a call holds on CUDA.
+pub const GPU_COST_SCALE: usize = 16;
 
 /// A manifest with where it came from.
 #[derive(Debug, Clone)]
@@ -272,7 +278,7 @@ pub fn load_manifests(dir: &Path) -> Result<Vec<LoadedManifest>, Diagnostics> {
                     ));
                     continue;
                 }
-                if manifest.batch_size == 0 {
+                if manifest.batch_size == Some(0) {
                     problems.push(diag(
                         &file,
                         Some(&locations),

@@ -45,7 +45,7 @@ pub use set::OperatorSet;
 use self::core::{ArgKind, Baseline, Core, MODEL, ModelUdf, OpStats, Task};
 use crate::runtime::model_dir::ModelError;
 use crate::runtime::pool::{ModelFile, PoolError, PoolSize};
-use crate::runtime::{ModelDir, SessionPool};
+use crate::runtime::{ExecutionProvider, ModelDir, SessionPool};
 use image::{ImageModel, ImageOp, ImageOptions, ImageTask};
 use text::{TextModel, TextOp, TextTask};
 
@@ -361,6 +361,9 @@ pub struct Operator {
     pub stats: Arc<OpStats>,
     /// The worker threads and sessions.
     pub pool: Arc<SessionPool>,
+    /// Items per model call, and padded cost per call (the manifest's, or the defaults for
+    /// where the sessions run).
+    pub limits: core::CallLimits,
     /// The operator's model calls, for benchmarks' baselines.
     pub baseline: Arc<dyn Baseline>,
     /// Its inference cache, when the manifest asks for one.
@@ -425,13 +428,14 @@ impl Loading<'_> {
     fn pool(&self, files: &[(&'static str, &str)]) -> Result<Arc<SessionPool>, OpError> {
         let files: Vec<ModelFile> = files
             .iter()
-            .map(|(role, file)| ModelFile {
-                role,
-                path: self.model.dir.join(file),
-            })
+            .map(|(role, file)| ModelFile::new(role, self.model.dir.join(file)))
             .collect();
+        self.open(&files)
+    }
+
+    fn open(&self, files: &[ModelFile]) -> Result<Arc<SessionPool>, OpError> {
         Ok(Arc::new(SessionPool::open(
-            &files,
+            files,
             self.loaded.placement(),
             self.size,
         )?))
@@ -462,18 +466,33 @@ impl Loading<'_> {
         let model_hash = Arc::new(std::sync::OnceLock::new());
         let cache = self.cache(&output_type, &model_hash)?;
         let stats = Arc::new(OpStats::new(&m.name));
+        // A GPU takes larger calls than a CPU: the defaults grow when the sessions run on CUDA.
+        let gpu = pool.provider == ExecutionProvider::Cuda;
         let max_batch_cost = m
             .max_batch_cost
-            .or(task.default_max_batch_cost())
-            .unwrap_or(info.default_max_batch_cost)
+            .unwrap_or_else(|| {
+                let cost = task
+                    .default_max_batch_cost()
+                    .unwrap_or(info.default_max_batch_cost);
+                if gpu {
+                    cost.saturating_mul(manifest::GPU_COST_SCALE)
+                } else {
+                    cost
+                }
+            })
             .max(1);
+        let batch_size = m.batch_size.unwrap_or(if gpu {
+            manifest::GPU_BATCH_SIZE
+        } else {
+            manifest::DEFAULT_BATCH_SIZE
+        });
         let core = Arc::new(Core {
             name: m.name.clone(),
             info,
             task: Arc::new(task),
             pool: Arc::clone(&pool),
             stats: Arc::clone(&stats),
-            batch_size: m.batch_size.max(1),
+            batch_size: batch_size.max(1),
             max_batch_cost,
             cache: cache.clone(),
         });
@@ -485,6 +504,10 @@ impl Loading<'_> {
             output_type,
             stats,
             pool,
+            limits: core::CallLimits {
+                items: batch_size.max(1),
+                cost: max_batch_cost,
+            },
             baseline: core,
             cache,
             model_hash,
@@ -505,6 +528,28 @@ impl Loading<'_> {
         let model = TextModel::open(self.loaded.manifest.task.info().name, &self.model, session)?;
         let task = resolve(&options, &self.model, &model)?;
         self.operator(pool, TextOp { model, task })
+    }
+}
+
+impl Loading<'_> {
+    /// Embeddings: the model, and a pooling session after it (mean or cls pooling of token
+    /// vectors runs where the model runs).
+    fn embed(self) -> Result<Operator, OpError> {
+        let options: embed::EmbedOptions = self.loaded.options()?;
+        let settings = embed::Settings::resolve(&options, &self.model)?;
+        let path = self.model.dir.join(&self.loaded.manifest.file);
+        let pool = self.open(&[
+            ModelFile::new(MODEL, path.clone()),
+            ModelFile {
+                role: embed::POOLING,
+                path,
+                graph: Some(settings.pooling_graph()),
+            },
+        ])?;
+        let session = pool.session(MODEL).expect("the model session");
+        let text = TextModel::open(self.loaded.manifest.task.info().name, &self.model, session)?;
+        let task = embed::Embed::resolve(&settings, &text, session, pool.session(embed::POOLING))?;
+        self.operator(pool, TextOp { model: text, task })
     }
 }
 
@@ -630,7 +675,7 @@ pub fn build(loaded: &LoadedManifest) -> Result<Operator, OpError> {
         size,
     };
     match m.task {
-        TaskKind::Embed => loading.text(embed::Embed::resolve),
+        TaskKind::Embed => loading.embed(),
         TaskKind::ClassifyText => loading.text(classify_text::ClassifyText::resolve),
         TaskKind::TagTokens => loading.text(tag_tokens::TagTokens::resolve),
         TaskKind::Answer => loading.text(answer::AnswerTask::resolve),

@@ -15,7 +15,7 @@ use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationParams};
 use super::OpError;
 use super::core::{ArgColumn, MODEL, RowErrors, Task};
 use crate::runtime::ModelDir;
-use crate::runtime::pool::{SessionInfo, TensorInfo, Worker};
+use crate::runtime::pool::{Fetched, SessionInfo, TensorInfo, Worker};
 use crate::runtime::tensor::{Data, Input, Output, read_named};
 
 pub use super::core::struct_column;
@@ -319,6 +319,16 @@ pub trait TextTask: Send + Sync + 'static {
         encoded: &Encoded,
         windows: &[&Encoding],
     ) -> Result<Vec<Self::Window>, String>;
+    /// Runs one padded call: the outputs [`TextTask::outputs`] names. By default the model's
+    /// session, returning only those outputs.
+    fn run(
+        &self,
+        worker: &mut Worker,
+        text: &TextModel,
+        encoded: &Encoded,
+    ) -> Result<Fetched, String> {
+        worker.run_selected(MODEL, text.inputs(encoded), self.outputs())
+    }
     /// Combines one row's window results, in window order.
     fn finish(&self, input: &TextInput, windows: Vec<Self::Window>) -> Result<Self::Row, String>;
     /// Builds the output column; None rows are nulls.
@@ -373,7 +383,7 @@ impl<T: TextTask> Task for TextOp<T> {
 
     fn run(&self, worker: &mut Worker, items: &[&Encoding]) -> Result<Vec<T::Window>, String> {
         let encoded = self.model.pad(items);
-        let outputs = worker.run(MODEL, self.model.inputs(&encoded))?;
+        let outputs = self.task.run(worker, &self.model, &encoded)?;
         let views = read_named(&outputs, self.task.outputs())?;
         self.task.postprocess(&views, &encoded, items)
     }

@@ -1,8 +1,9 @@
 //! `ferry doctor`: what this machine has for running models, and which execution providers
 //! actually run one (a one-node model is created and run on each).
 
+use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
 use ort::session::Session;
-use ort::value::Tensor;
+use ort::value::{Outlet, SymbolicDimensions, Tensor, TensorElementType, ValueType};
 
 use super::cuda::{self, CudaOptions};
 use super::onnxruntime::{self, ORT_VERSION};
@@ -129,8 +130,8 @@ pub fn run_identity(cuda: Option<&CudaOptions>) -> Result<(), String> {
     if let Some(options) = cuda {
         super::pool::register_cuda(&mut builder, options)?;
     }
-    let mut session = builder
-        .commit_from_memory(&identity_model())
+    let mut session = identity_model()
+        .and_then(|model| model.into_session(&builder))
         .map_err(|e| format!("creating a session: {e}"))?;
     let x = Tensor::from_array(([1usize], vec![42.0f32])).map_err(|e| e.to_string())?;
     let outputs = session
@@ -145,56 +146,28 @@ pub fn run_identity(cuda: Option<&CudaOptions>) -> Result<(), String> {
     Ok(())
 }
 
-/// The ONNX bytes of `y = Identity(x)`, x and y float tensors of shape [1] (opset 13).
-fn identity_model() -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, mut v: u64) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-    fn int_field(out: &mut Vec<u8>, field: u64, v: u64) {
-        varint(out, field << 3);
-        varint(out, v);
-    }
-    fn bytes_field(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
-        varint(out, (field << 3) | 2);
-        varint(out, bytes.len() as u64);
-        out.extend_from_slice(bytes);
-    }
-    let value_info = |name: &str| {
-        let mut dim = Vec::new();
-        int_field(&mut dim, 1, 1); // dim_value
-        let mut shape = Vec::new();
-        bytes_field(&mut shape, 1, &dim); // dim
-        let mut tensor = Vec::new();
-        int_field(&mut tensor, 1, 1); // elem_type FLOAT
-        bytes_field(&mut tensor, 2, &shape); // shape
-        let mut ty = Vec::new();
-        bytes_field(&mut ty, 1, &tensor); // tensor_type
-        let mut vi = Vec::new();
-        bytes_field(&mut vi, 1, name.as_bytes()); // name
-        bytes_field(&mut vi, 2, &ty); // type
-        vi
+/// `y = Identity(x)`, x and y float tensors of shape [1], built with ONNX Runtime's model
+/// editor.
+fn identity_model() -> ort::Result<Model> {
+    let float = || ValueType::Tensor {
+        ty: TensorElementType::Float32,
+        shape: vec![1i64].into(),
+        dimension_symbols: SymbolicDimensions::empty(1),
     };
-    let mut node = Vec::new();
-    bytes_field(&mut node, 1, b"x"); // input
-    bytes_field(&mut node, 2, b"y"); // output
-    bytes_field(&mut node, 4, b"Identity"); // op_type
-    let mut graph = Vec::new();
-    bytes_field(&mut graph, 1, &node); // node
-    bytes_field(&mut graph, 2, b"doctor"); // name
-    bytes_field(&mut graph, 11, &value_info("x")); // input
-    bytes_field(&mut graph, 12, &value_info("y")); // output
-    let mut opset = Vec::new();
-    bytes_field(&mut opset, 1, b""); // domain
-    int_field(&mut opset, 2, 13); // version
-    let mut model = Vec::new();
-    int_field(&mut model, 1, 8); // ir_version
-    bytes_field(&mut model, 7, &graph); // graph
-    bytes_field(&mut model, 8, &opset); // opset_import
-    model
+    let mut graph = Graph::new()?;
+    graph.set_inputs([Outlet::new("x", float())])?;
+    graph.set_outputs([Outlet::new("y", float())])?;
+    graph.add_node(Node::new(
+        "Identity",
+        ONNX_DOMAIN,
+        "identity",
+        ["x"],
+        ["y"],
+        [],
+    )?)?;
+    let mut model = Model::new([Opset::new(ONNX_DOMAIN, 13)?])?;
+    model.set_graph(graph)?;
+    Ok(model)
 }
 
 #[cfg(test)]

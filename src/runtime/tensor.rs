@@ -7,8 +7,9 @@
 use std::borrow::Cow;
 
 use half::f16;
+use ort::memory::Allocator;
 use ort::session::SessionInputValue;
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, TensorElementType, ValueType};
 
 /// The values of an input tensor, in one of the element types ferry produces.
 #[derive(Debug, Clone)]
@@ -114,6 +115,16 @@ impl Input {
 
     /// The value itself, of element type `want` (the data's own type when None).
     pub fn into_dyn(self, want: Option<TensorElementType>) -> Result<DynValue, String> {
+        self.into_dyn_in(want, None)
+    }
+
+    /// [`Input::into_dyn`] with the values in memory from `allocator` (e.g. CUDA's pinned host
+    /// memory); from the process heap when None.
+    pub fn into_dyn_in(
+        self,
+        want: Option<TensorElementType>,
+        allocator: Option<&Allocator>,
+    ) -> Result<DynValue, String> {
         let name = self.name;
         let err = |e: ort::Error| format!("input '{name}': {e}");
         let data = match want {
@@ -124,6 +135,17 @@ impl Input {
             None => self.data,
         };
         let shape = self.shape;
+        if let Some(allocator) = allocator.filter(|_| !data.is_empty()) {
+            return match &data {
+                Data::F32(v) => copied(allocator, shape, v),
+                Data::F16(v) => copied(allocator, shape, v),
+                Data::I64(v) => copied(allocator, shape, v),
+                Data::I32(v) => copied(allocator, shape, v),
+                Data::Bool(v) => copied(allocator, shape, v),
+                Data::U8(v) => copied(allocator, shape, v),
+            }
+            .map_err(err);
+        }
         Ok(match data {
             Data::F32(v) => Tensor::from_array((shape, v)).map_err(err)?.into_dyn(),
             Data::F16(v) => Tensor::from_array((shape, v)).map_err(err)?.into_dyn(),
@@ -133,6 +155,25 @@ impl Input {
             Data::U8(v) => Tensor::from_array((shape, v)).map_err(err)?.into_dyn(),
         })
     }
+}
+
+/// A tensor of `values` in memory from `allocator`.
+fn copied<T: PrimitiveTensorElementType + Copy + std::fmt::Debug>(
+    allocator: &Allocator,
+    shape: Vec<i64>,
+    values: &[T],
+) -> ort::Result<DynValue> {
+    let mut tensor = Tensor::<T>::new(allocator, shape)?;
+    let (_, data) = tensor.extract_tensor_mut();
+    if data.len() != values.len() {
+        return Err(ort::Error::new(format!(
+            "{} values for a tensor of {}",
+            values.len(),
+            data.len()
+        )));
+    }
+    data.copy_from_slice(values);
+    Ok(tensor.into_dyn())
 }
 
 /// The element type of a tensor value (None for other values).
@@ -223,16 +264,33 @@ pub fn read_f32<'a>(name: &'a str, value: &'a DynValue) -> Result<Output<'a>, St
     Ok(Output { name, shape, data })
 }
 
+/// Model outputs by name: a session run's, or values taken out of one.
+pub trait Outputs {
+    fn value(&self, name: &str) -> Option<&ort::value::DynValue>;
+}
+
+impl Outputs for ort::session::SessionOutputs<'_> {
+    fn value(&self, name: &str) -> Option<&ort::value::DynValue> {
+        self.get(name)
+    }
+}
+
+impl Outputs for super::pool::Fetched {
+    fn value(&self, name: &str) -> Option<&ort::value::DynValue> {
+        self.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
 /// Reads the outputs `names` of a session run as f32, in the order named.
-pub fn read_named<'a>(
-    outputs: &'a ort::session::SessionOutputs<'_>,
+pub fn read_named<'a, O: Outputs + ?Sized>(
+    outputs: &'a O,
     names: &'a [String],
 ) -> Result<Vec<Output<'a>>, String> {
     names
         .iter()
         .map(|name| {
             let value = outputs
-                .get(name)
+                .value(name)
                 .ok_or_else(|| format!("the model returned no output '{name}'"))?;
             read_f32(name, value)
         })
@@ -242,6 +300,34 @@ pub fn read_named<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values placed in an allocator's memory (pinned host memory for CUDA sessions; the CPU
+    /// allocator here) are the values placed on the heap, converted the same way.
+    #[test]
+    fn inputs_in_an_allocators_memory_equal_the_heaps() {
+        crate::runtime::onnxruntime::environment().unwrap();
+        let cpu = Allocator::default();
+        let cases = [
+            (Data::I64(vec![101, 7, 102, 0]), TensorElementType::Int32),
+            (
+                Data::F32(vec![0.5, -2.0, 3.25, 1.0]),
+                TensorElementType::Float16,
+            ),
+            (Data::I64(vec![1, 1, 0, 0]), TensorElementType::Bool),
+            (Data::U8(vec![0, 255, 3, 4]), TensorElementType::Uint8),
+        ];
+        for (data, want) in cases {
+            let input = Input::new("x", vec![2, 2], data);
+            let heap = input.clone().into_dyn(Some(want)).unwrap();
+            let placed = input.into_dyn_in(Some(want), Some(&cpu)).unwrap();
+            assert_eq!(element_type(&placed), Some(want));
+            let (a, b) = (
+                read_f32("x", &heap).unwrap(),
+                read_f32("x", &placed).unwrap(),
+            );
+            assert_eq!((a.shape, a.data), (b.shape, b.data), "{want:?}");
+        }
+    }
 
     #[test]
     fn converts_to_what_the_model_declares() {

@@ -375,7 +375,7 @@ impl<T: AudioTask> Task for AudioOp<T> {
     }
 
     fn run(&self, worker: &mut Worker, items: &[&Clip]) -> Result<Vec<T::Raw>, String> {
-        let outputs = worker.run(MODEL, self.feed(items)?)?;
+        let outputs = worker.run_selected(MODEL, self.feed(items)?, self.task.outputs())?;
         let views = read_named(&outputs, self.task.outputs())?;
         self.task.postprocess(&views, items)
     }

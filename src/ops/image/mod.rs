@@ -240,7 +240,7 @@ impl<T: ImageTask> Task for ImageOp<T> {
     }
 
     fn run(&self, worker: &mut Worker, items: &[&PixelValues]) -> Result<Vec<T::Raw>, String> {
-        let outputs = worker.run(MODEL, self.model.inputs(items))?;
+        let outputs = worker.run_selected(MODEL, self.model.inputs(items), self.task.outputs())?;
         let views = read_named(&outputs, self.task.outputs())?;
         self.task.postprocess(&views, items)
     }
