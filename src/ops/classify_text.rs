@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::OpError;
 use crate::runtime::tensor::Output;
-use tokenizers::{Encoding, TruncationParams};
+use tokenizers::Encoding;
 
 use super::core::list_of_structs;
 use super::text::{
@@ -95,16 +95,7 @@ impl ClassifyText {
         text: &TextModel,
     ) -> Result<Self, OpError> {
         let outputs = &text.outputs;
-        let max_length = options
-            .max_length
-            .map_or(text.max_length, |m| m.min(text.max_length));
-        let encoder = Truncating::new(
-            &text.tokenizer,
-            TruncationParams {
-                max_length,
-                ..Default::default()
-            },
-        )?;
+        let encoder = text.truncating(options.max_length)?;
         let (output, labels) = classifier_labels(model, outputs, "text-classification")?;
         let function = options
             .function_to_apply

@@ -17,7 +17,7 @@ use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
 use ort::memory::Allocator;
 use ort::operator::Attribute;
 use ort::value::{Outlet, SymbolicDimensions, Tensor, TensorElementType, ValueType};
-use tokenizers::{Encoding, TruncationParams};
+use tokenizers::Encoding;
 
 use super::OpError;
 use super::core::MODEL;
@@ -306,16 +306,7 @@ impl Embed {
         model: &SessionInfo,
         pooling: Option<&SessionInfo>,
     ) -> Result<Self, OpError> {
-        let max_length = settings
-            .max_length
-            .map_or(text.max_length, |m| m.min(text.max_length));
-        let encoder = Truncating::new(
-            &text.tokenizer,
-            TruncationParams {
-                max_length,
-                ..Default::default()
-            },
-        )?;
+        let encoder = text.truncating(settings.max_length)?;
         let chosen = settings.choose(model)?;
         let pools = match pooling {
             Some(_) => Some(chosen.name.clone()),

@@ -116,6 +116,18 @@ impl TextModel {
         })
     }
 
+    /// An encoder truncating to `max_length` tokens (at most the model's own limit).
+    pub fn truncating(&self, max_length: Option<usize>) -> Result<Truncating, OpError> {
+        let max_length = max_length.map_or(self.max_length, |m| m.min(self.max_length));
+        Truncating::new(
+            &self.tokenizer,
+            TruncationParams {
+                max_length,
+                ..Default::default()
+            },
+        )
+    }
+
     /// Pads `encodings` into one call.
     pub fn pad(&self, encodings: &[&Encoding]) -> Encoded {
         let rows = encodings.len();
