@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench audio` (FERRY_BENCH_SPEECH_MINUTES, default 10; FERRY_BENCH_BEAMS,
 //! default 5, the pipeline's default; FERRY_BENCH_FILTER, a part of the case names to run only
-//! those).
+//! those; FERRY_BENCH_WORKERS, sessions of one thread each instead of one using every core).
 //!
 //! The speech: prose paragraphs spoken by espeak-ng, one 8–28 s 16 kHz WAV file each
 //! (benches/make_speech.py; needs espeak-ng and ffmpeg), made once into ferry's cache. The
@@ -208,6 +208,12 @@ fn main() {
         "{:<44} {:>8} {:>8} {:>7} {:>6} {:>6}",
         "case", "ferry", "base", "ratio", "same", "WER"
     );
+    // FERRY_BENCH_WORKERS=N: N sessions of one thread each instead of the default (one
+    // session using every core).
+    let pool = match env_usize("FERRY_BENCH_WORKERS", 0) {
+        0 => String::new(),
+        n => format!("workers: {n}\nthreads_per_worker: 1\n"),
+    };
     let rt = tokio::runtime::Runtime::new().unwrap();
     for (name, language) in [("whisper-tiny.en", "-"), ("whisper-base", "en")] {
         let model = cache.join("models").join(name);
@@ -246,7 +252,7 @@ fn main() {
             std::fs::write(
                 manifests.join(format!("{operator}.yaml")),
                 format!(
-                    "name: {operator}\ntask: transcribe\nmodel: {}\noptions:\n  generation: {{num_beams: {beams}}}\n{language_option}",
+                    "name: {operator}\ntask: transcribe\nmodel: {}\n{pool}options:\n  generation: {{num_beams: {beams}}}\n{language_option}",
                     dir_.display()
                 ),
             )
