@@ -8,7 +8,6 @@ use std::borrow::Cow;
 
 use half::f16;
 use ort::memory::Allocator;
-use ort::session::SessionInputValue;
 use ort::value::{DynValue, PrimitiveTensorElementType, Tensor, TensorElementType, ValueType};
 
 /// The values of an input tensor, in one of the element types ferry produces.
@@ -103,14 +102,6 @@ impl Input {
             shape,
             data,
         }
-    }
-
-    /// An ONNX Runtime value of the element type the session declares for this input.
-    pub fn into_value(
-        self,
-        want: Option<TensorElementType>,
-    ) -> Result<SessionInputValue<'static>, String> {
-        self.into_dyn(want).map(SessionInputValue::from)
     }
 
     /// The value itself, of element type `want` (the data's own type when None).
