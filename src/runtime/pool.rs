@@ -1,6 +1,8 @@
 //! A fixed set of worker threads, each owning its own sessions of an operator's model files
-//! (one file for an encoder; encoder + decoder, or detector + recognizer, for others) and any
-//! state a task keeps between calls (buffers, caches).
+//! (one file for an encoder; encoder + decoder, or detector + recognizer, for others; graphs
+//! ferry builds in memory, such as embed's pooling, after them) and any state a task keeps
+//! between calls (buffers, caches). A session's output can stay in its device's memory for the
+//! next session of the same worker ([`Worker::run_kept`]).
 //!
 //! `Session::run` takes `&mut self`, and inference is CPU-heavy: it must never run on DataFusion's
 //! async workers. Jobs are closures handed to whichever worker is free; the caller awaits the
@@ -13,11 +15,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
 use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue, SessionOutputs};
-use ort::value::DynValue;
-use ort::value::ValueType;
+use ort::value::{DynValue, ValueType};
 use thiserror::Error;
 
 use super::cuda::Fallback;
