@@ -5,7 +5,8 @@
 #   scripts/gpu-check.sh [ROWS]        # ROWS texts for embed (default 100000)
 #
 # Checks, each a pipeline run twice (provider cpu, then provider cuda with fallback: error, so a
-# run that cannot use the GPU fails instead of measuring the CPU):
+# run that cannot use the GPU fails instead of measuring the CPU; the CUDA side runs ferry's
+# defaults for a GPU: batch_size 256, 16 times the CPU's max_batch_cost):
 #   embed     minilm (models/minilm, int8 from PyPI): cosine to the CPU's >= 0.9999
 #   embed     MINILM_FP16=DIR (an fp16 export, optional) on CUDA against the fp32 export in
 #             MINILM_FP32=DIR on the CPU: cosine >= 0.999 (the issue's 15,000 rows/s target)
@@ -121,8 +122,7 @@ IMAGES=$(printf "$IMAGES")
 embeds() { # NAME CPU-MODEL-DIR GPU-MODEL-DIR LEAST-COSINE
   local name=$1
   manifest "${name}_cpu" embed "$2" cpu "batch_size: 32"
-  manifest "${name}_gpu" embed "$3" "$PROVIDER" "batch_size: 256
-max_batch_cost: 65536"
+  manifest "${name}_gpu" embed "$3" "$PROVIDER" ""
   printf 'cpu:  '; run "${name}_cpu" "$TEXTS" "${name}_cpu" text "$WORK/out/${name}_cpu.parquet"
   printf 'cuda: '; run "${name}_gpu" "$TEXTS" "${name}_gpu" text "$WORK/out/${name}_gpu.parquet" ||
     fail "$name on $PROVIDER"
@@ -147,8 +147,7 @@ images() { # NAME TASK MODEL-DIR MANIFEST WHAT-DIFFERS-SQL DESCRIPTION
   opts=$(sed -n '/^options:/,$p' "$4")
   manifest "${name}_cpu" "$task" "$m" cpu "batch_size: 16
 $opts"
-  manifest "${name}_gpu" "$task" "$m" "$PROVIDER" "batch_size: 64
-$opts"
+  manifest "${name}_gpu" "$task" "$m" "$PROVIDER" "$opts"
   printf 'cpu:  '; run "${name}_cpu" "$IMAGES" "${name}_cpu" bytes "$WORK/out/${name}_cpu.parquet"
   printf 'cuda: '; run "${name}_gpu" "$IMAGES" "${name}_gpu" bytes "$WORK/out/${name}_gpu.parquet" ||
     fail "$name on $PROVIDER"
@@ -174,8 +173,7 @@ say "generate: tiny GPT-2, greedy, over the first 2000 texts"
 G="$ROOT/tests/fixtures/models/tiny-gpt2-gen"
 manifest generate_cpu generate "$G" cpu "batch_size: 16
 options: {generation: {max_new_tokens: 16, do_sample: false}}"
-manifest generate_gpu generate "$G" "$PROVIDER" "batch_size: 64
-options: {generation: {max_new_tokens: 16, do_sample: false}}"
+manifest generate_gpu generate "$G" "$PROVIDER" "options: {generation: {max_new_tokens: 16, do_sample: false}}"
 "$FERRY" query "SELECT id, text FROM t WHERE id < 2000" --table "t=$WORK/texts.parquet" \
   --output "$WORK/prompts.parquet" >/dev/null
 PROMPTS=$(printf "  parquet:\n    path: $WORK/prompts.parquet")

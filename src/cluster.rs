@@ -63,9 +63,8 @@ pub async fn scheduler(
     let (_set, functions) = load_functions(operators)?;
     let builder = Arc::new(move |config: SessionConfig| {
         let state = ballista_core::utils::default_session_builder(config)?;
-        let mut state = SessionStateBuilder::new_from_existing(state)
-            .with_physical_optimizer_rule(Arc::new(crate::ops::distinct_calls::DistinctCalls))
-            .build();
+        let mut state =
+            crate::engine::with_rules(SessionStateBuilder::new_from_existing(state)).build();
         for f in &functions {
             state.register_udf(Arc::clone(f))?;
         }
@@ -158,15 +157,10 @@ pub async fn remote_context(
     let config = SessionConfig::new_with_ballista()
         .with_batch_size(batch_rows)
         .with_ballista_job_name(name);
-    let state = SessionStateBuilder::new()
-        .with_config(config)
-        .with_default_features()
-        .build();
-    let ctx = SessionContext::remote_with_state(&url, state)
+    let ctx = SessionContext::remote_with_state(&url, crate::engine::session_state(config))
         .await
         .with_context(|| format!("connecting to the scheduler at {url}"))?;
-    ctx.register_udf(crate::ops::similarity::cosine_similarity());
-    ctx.register_udtf("files", Arc::new(crate::source::files::FilesFunction));
+    crate::engine::register_functions(&ctx);
     Ok(ctx)
 }
 
@@ -190,10 +184,7 @@ pub async fn run(
     if spec.is_stream() {
         anyhow::bail!("streams scale by consumer groups (run more ferry processes), not --cluster");
     }
-    let batch_rows = crate::engine::pipeline_context(spec, operators)
-        .state()
-        .config()
-        .batch_size();
+    let batch_rows = crate::engine::batch_rows(crate::engine::pipeline_tasks(spec, operators));
     let ctx = remote_context(cluster, &spec.name, batch_rows).await?;
     let planned = crate::engine::plan_in(loaded, operators, ctx)
         .await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use datafusion::common::{Column, DataFusionError, ExprSchema};
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::config::SessionConfig;
-use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::Expr;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
@@ -44,16 +44,33 @@ pub fn session_context_for(tasks: impl IntoIterator<Item = ops::TaskKind>) -> Se
 
 /// A session context with ferry's settings and plain functions, and `config`.
 pub fn session_context_with(config: SessionConfig) -> SessionContext {
+    let ctx = SessionContext::new_with_state(session_state(config));
+    register_functions(&ctx);
+    ctx
+}
+
+/// ferry's session state with `config`: the information schema, DataFusion's default features
+/// and ferry's rules ([`with_rules`]). A cluster's client context is made from it too.
+pub fn session_state(config: SessionConfig) -> SessionState {
     let config = config.with_information_schema(true);
-    let state = SessionStateBuilder::new()
-        .with_config(config)
-        .with_default_features()
-        .with_physical_optimizer_rule(Arc::new(ops::distinct_calls::DistinctCalls))
-        .build();
-    let ctx = SessionContext::new_with_state(state);
+    with_rules(
+        SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features(),
+    )
+    .build()
+}
+
+/// ferry's planning rules on a session state: equal operator calls run once. Also what a
+/// cluster's scheduler plans with.
+pub fn with_rules(builder: SessionStateBuilder) -> SessionStateBuilder {
+    builder.with_physical_optimizer_rule(Arc::new(ops::distinct_calls::DistinctCalls))
+}
+
+/// ferry's plain functions: `cosine_similarity` and the `files` table function.
+pub fn register_functions(ctx: &SessionContext) {
     ctx.register_udf(ops::similarity::cosine_similarity());
     ctx.register_udtf("files", Arc::new(source::files::FilesFunction));
-    ctx
 }
 
 /// A planned pipeline, ready to run.
@@ -143,14 +160,22 @@ pub async fn plan_in(
 
 /// A session context for `spec`'s plan (see [`session_context_for`]).
 pub fn pipeline_context(spec: &Pipeline, operators: &OperatorSet) -> SessionContext {
-    session_context_for(spec.steps.iter().filter_map(|s| {
+    session_context_for(pipeline_tasks(spec, operators))
+}
+
+/// The tasks of the operators `spec`'s steps call.
+pub fn pipeline_tasks<'a>(
+    spec: &'a Pipeline,
+    operators: &'a OperatorSet,
+) -> impl Iterator<Item = ops::TaskKind> + 'a {
+    spec.steps.iter().filter_map(|s| {
         let name = s.operator.as_ref()?;
         let m = operators
             .manifests()
             .iter()
             .find(|m| &m.manifest.name == name)?;
         Some(m.manifest.task)
-    }))
+    })
 }
 
 /// Applies one step to `frame`. An error says which of the step's keys it is about.

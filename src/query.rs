@@ -3,10 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use datafusion::arrow::util::pretty::pretty_format_batches;
+use datafusion::execution::config::SessionConfig;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
-use crate::engine::session_context_for;
+use crate::engine::{batch_rows, session_context_with};
 use crate::ops::OperatorSet;
 use crate::sink::{SinkWriter, sink_for_path};
 use crate::source;
@@ -166,7 +167,7 @@ impl QueryContext {
             Some(dir) if dir.is_dir() => OperatorSet::new(crate::ops::load_manifests(dir)?),
             _ => OperatorSet::default(),
         };
-        let ctx = session_context_for(
+        let batch_rows = batch_rows(
             operators
                 .manifests()
                 .iter()
@@ -174,11 +175,8 @@ impl QueryContext {
                 .map(|m| m.manifest.task),
         );
         let ctx = match &inputs.cluster {
-            Some(url) => {
-                let batch_rows = ctx.state().config().batch_size();
-                crate::cluster::remote_context(url, "ferry query", batch_rows).await?
-            }
-            None => ctx,
+            Some(url) => crate::cluster::remote_context(url, "ferry query", batch_rows).await?,
+            None => session_context_with(SessionConfig::new().with_batch_size(batch_rows)),
         };
         let pipelines = match &inputs.pipelines_dir {
             Some(dir) => Some(register_pipeline_outputs(&ctx, dir).await),

@@ -11,7 +11,7 @@ use ferry::datafusion::arrow::array::{AsArray, RecordBatch};
 use ferry::datafusion::arrow::datatypes::{Float32Type, Int64Type};
 use ferry::datafusion::prelude::SessionContext;
 
-use crate::pipeline::write_texts;
+use crate::pipeline::write_text_parts;
 use crate::util::{ferry_bin, fixture_operators};
 
 /// A process killed when the test ends, however it ends; its stderr goes to `log`.
@@ -117,19 +117,12 @@ async fn embeddings(path: &Path) -> Vec<(i64, Vec<f32>)> {
 }
 
 fn write_inputs(dir: &Path, files: usize, rows: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    for f in 0..files {
-        let texts: Vec<String> = (0..rows)
-            .map(|i| {
-                format!(
-                    "file {f} row {i}: {}",
-                    "a cluster runs the model ".repeat(1 + i % 5)
-                )
-            })
-            .collect();
-        let texts: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
-        write_texts(&dir.join(format!("part-{f}.parquet")), &texts);
-    }
+    write_text_parts(dir, files, rows, |f, i| {
+        format!(
+            "file {f} row {i}: {}",
+            "a cluster runs the model ".repeat(1 + i % 5)
+        )
+    });
 }
 
 /// Embeds the texts of `input` (ids made unique across files) into `out`.

@@ -11,25 +11,18 @@ use ferry::datafusion::arrow::compute::concat_batches;
 use ferry::datafusion::arrow::ipc::reader::FileReader;
 use ferry::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::pipeline::{write_pipeline, write_texts};
+use crate::pipeline::{write_pipeline, write_text_parts};
 use crate::util::{ferry_bin, fixture_operators};
 
 /// `files` Parquet files of `rows` distinct texts each, in `dir/in`.
 fn write_inputs(dir: &Path, files: usize, rows: usize) -> PathBuf {
     let input = dir.join("in");
-    std::fs::create_dir_all(&input).unwrap();
-    for f in 0..files {
-        let texts: Vec<String> = (0..rows)
-            .map(|i| {
-                format!(
-                    "review {f}-{i}: {}",
-                    "the film was long and the plot thin ".repeat(1 + i % 7)
-                )
-            })
-            .collect();
-        let texts: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
-        write_texts(&input.join(format!("part-{f:02}.parquet")), &texts);
-    }
+    write_text_parts(&input, files, rows, |f, i| {
+        format!(
+            "review {f}-{i}: {}",
+            "the film was long and the plot thin ".repeat(1 + i % 7)
+        )
+    });
     input
 }
 

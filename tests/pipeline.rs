@@ -9,6 +9,21 @@ use ferry::datafusion::prelude::*;
 
 use crate::util::*;
 
+/// `files` Parquet files `part-NN.parquet` of `rows` texts each in `dir`: `text(file, row)`.
+pub fn write_text_parts(
+    dir: &Path,
+    files: usize,
+    rows: usize,
+    text: impl Fn(usize, usize) -> String,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in 0..files {
+        let texts: Vec<String> = (0..rows).map(|i| text(f, i)).collect();
+        let texts: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
+        write_texts(&dir.join(format!("part-{f:02}.parquet")), &texts);
+    }
+}
+
 /// Writes `texts` with ids to `path` in the format of its extension (through ferry's own sinks).
 pub fn write_texts(path: &Path, texts: &[Option<&str>]) {
     let schema = Arc::new(Schema::new(vec![

@@ -491,10 +491,8 @@ pub struct Core<T: Task> {
     pub task: Arc<T>,
     pub pool: Arc<SessionPool>,
     pub stats: Arc<OpStats>,
-    /// Items per call.
-    pub batch_size: usize,
-    /// Padded cost per call.
-    pub max_batch_cost: usize,
+    /// Items and padded cost per call.
+    pub limits: CallLimits,
     /// Results kept on disk by input (the manifest's `cache`).
     pub cache: Option<Arc<super::cache::InferenceCache>>,
 }
@@ -574,14 +572,11 @@ impl<T: Task> Core<T> {
                 .iter()
                 .map(|(_, it)| (self.task.batch_key(it), self.task.cost(it)))
                 .collect();
-            let limits = CallLimits {
-                items: self.batch_size,
-                cost: self.max_batch_cost,
-            };
+            let limits = self.limits;
             let calls = if self.task.schedules_calls() {
                 plan_shared(&keys, self.pool.workers())
             } else {
-                plan_calls(&keys, self.batch_size, self.max_batch_cost)
+                plan_calls(&keys, limits.items, limits.cost)
             };
             let mut jobs = Vec::with_capacity(calls.len());
             for call in &calls {
@@ -917,7 +912,7 @@ impl<T: Task> Baseline for Core<T> {
             .iter()
             .map(|it| (self.task.batch_key(it), self.task.cost(it)))
             .collect();
-        plan_calls(&keys, self.batch_size, self.max_batch_cost)
+        plan_calls(&keys, self.limits.items, self.limits.cost)
             .iter()
             .map(|call| {
                 let refs: Vec<&T::Item> = call.iter().map(|&i| &items[i]).collect();

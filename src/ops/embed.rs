@@ -160,6 +160,12 @@ impl Settings {
         })
     }
 
+    /// Whether the model's `chosen` output is pooled by the pooling session: token vectors
+    /// with `mean` or `cls` pooling.
+    fn pools(&self, chosen: &Chosen) -> bool {
+        !chosen.pooled && self.pooling != Pooling::None
+    }
+
     /// The session that pools (and normalizes) token vectors where the model runs, so that a
     /// [batch, tokens, dim] tensor never leaves the GPU: built after the model's session, for
     /// token outputs with `mean` or `cls` pooling. A model that cannot be read gets none here
@@ -170,7 +176,7 @@ impl Settings {
             let Some(chosen) = before.first().and_then(|s| settings.choose(s).ok()) else {
                 return Ok(None);
             };
-            if chosen.pooled || settings.pooling == Pooling::None {
+            if !settings.pools(&chosen) {
                 return Ok(None);
             }
             pooling_graph(settings.pooling, settings.normalize, chosen.element)
@@ -310,7 +316,7 @@ impl Embed {
         let chosen = settings.choose(model)?;
         let pools = match pooling {
             Some(_) => Some(chosen.name.clone()),
-            None if chosen.pooled || settings.pooling == Pooling::None => None,
+            None if !settings.pools(&chosen) => None,
             None => {
                 return Err(OpError::Model(format!(
                     "{}: no pooling session was built for output '{}'",

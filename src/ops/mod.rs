@@ -468,32 +468,32 @@ impl Loading<'_> {
         let stats = Arc::new(OpStats::new(&m.name));
         // A GPU takes larger calls than a CPU: the defaults grow when the sessions run on CUDA.
         let gpu = pool.provider == ExecutionProvider::Cuda;
-        let max_batch_cost = m
-            .max_batch_cost
-            .unwrap_or_else(|| {
-                let cost = task
-                    .default_max_batch_cost()
-                    .unwrap_or(info.default_max_batch_cost);
-                if gpu {
-                    cost.saturating_mul(manifest::GPU_COST_SCALE)
-                } else {
-                    cost
-                }
-            })
-            .max(1);
-        let batch_size = m.batch_size.unwrap_or(if gpu {
+        let cost = m.max_batch_cost.unwrap_or_else(|| {
+            let cost = task
+                .default_max_batch_cost()
+                .unwrap_or(info.default_max_batch_cost);
+            if gpu {
+                cost.saturating_mul(manifest::GPU_COST_SCALE)
+            } else {
+                cost
+            }
+        });
+        let items = m.batch_size.unwrap_or(if gpu {
             manifest::GPU_BATCH_SIZE
         } else {
             manifest::DEFAULT_BATCH_SIZE
         });
+        let limits = core::CallLimits {
+            items: items.max(1),
+            cost: cost.max(1),
+        };
         let core = Arc::new(Core {
             name: m.name.clone(),
             info,
             task: Arc::new(task),
             pool: Arc::clone(&pool),
             stats: Arc::clone(&stats),
-            batch_size: batch_size.max(1),
-            max_batch_cost,
+            limits,
             cache: cache.clone(),
         });
         Ok(Operator {
@@ -504,10 +504,7 @@ impl Loading<'_> {
             output_type,
             stats,
             pool,
-            limits: core::CallLimits {
-                items: batch_size.max(1),
-                cost: max_batch_cost,
-            },
+            limits,
             baseline: core,
             cache,
             model_hash,

@@ -494,10 +494,11 @@ impl SessionPool {
         for _ in 0..workers {
             let mut sessions: Vec<Held> = Vec::with_capacity(files.len());
             for (file, prepacked) in files.iter().zip(&prepacked) {
-                let before: Vec<SessionInfo> = sessions.iter().map(|h| h.info.clone()).collect();
+                let before: Vec<SessionInfo>;
                 let source = match &file.graph {
                     None => Source::File(&file.path),
                     Some(graph) => {
+                        before = sessions.iter().map(|h| h.info.clone()).collect();
                         let needed = (graph.0)(&before).map_err(|message| PoolError::Session {
                             path: file.path.clone(),
                             message,

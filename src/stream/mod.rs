@@ -295,7 +295,6 @@ pub fn run(
         generation: 0,
         revoked: HashSet::new(),
         failed: Default::default(),
-        first_assigned: None,
         assigned: HashSet::new(),
         last_assigned: None,
         unassigned_since: None,
@@ -420,10 +419,8 @@ pub fn run(
             let mut guard = shared.lock().expect("stream state");
             let s = &mut *guard;
             s.settle_and_commit(&consumer, Settle::Idle)?;
-            let (idle_since, unassigned_since) = (
-                last_record.max(s.last_assigned).or(s.first_assigned),
-                s.unassigned_since,
-            );
+            let (idle_since, unassigned_since) =
+                (last_record.max(s.last_assigned), s.unassigned_since);
             drop(guard);
             if let Some(limit) = options.until_idle {
                 match unassigned_since {
@@ -542,12 +539,7 @@ impl Batcher<'_> {
     fn assigned(&self) -> HashSet<(String, i32)> {
         self.consumer
             .assignment()
-            .map(|a| {
-                a.elements()
-                    .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
-                    .collect()
-            })
+            .map(|a| offsets::partitions(&a))
             .unwrap_or_default()
     }
 

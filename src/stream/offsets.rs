@@ -33,7 +33,6 @@ pub(super) struct Shared {
     /// committed: the offsets might cover rows that are not durable), or an assignment could
     /// not find where to resume.
     pub(super) failed: FirstFailure,
-    pub(super) first_assigned: Option<Instant>,
     /// The partitions assigned now, when the last assignment came, and since when none are
     /// (a rebalance took them all: a member joined or left, the coordinator was unreachable).
     pub(super) assigned: HashSet<(String, i32)>,
@@ -113,14 +112,9 @@ impl StreamContext {
     fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let mut shared = self.shared.lock().expect("stream state");
         shared.generation += 1;
-        shared.first_assigned.get_or_insert_with(Instant::now);
         shared.last_assigned = Some(Instant::now());
         shared.unassigned_since = None;
-        shared.assigned.extend(
-            tpl.elements()
-                .iter()
-                .map(|e| (e.topic().to_string(), e.partition())),
-        );
+        shared.assigned.extend(partitions(tpl));
         let needs_committed = shared.resume_dir.is_some() || shared.start_timestamp.is_some();
         if needs_committed && tpl.count() > 0 {
             let committed = match consumer.committed_offsets(tpl.clone(), kafka::BROKER_TIMEOUT) {
@@ -204,16 +198,9 @@ impl StreamContext {
         let mut guard = self.shared.lock().expect("stream state");
         let shared = &mut *guard;
         shared.generation += 1;
-        shared.revoked.extend(
-            tpl.elements()
-                .iter()
-                .map(|e| (e.topic().to_string(), e.partition())),
-        );
-        for e in tpl.elements() {
-            shared
-                .assigned
-                .remove(&(e.topic().to_string(), e.partition()));
-        }
+        let revoked = partitions(tpl);
+        shared.assigned.retain(|p| !revoked.contains(p));
+        shared.revoked.extend(revoked);
         if shared.assigned.is_empty() {
             shared.unassigned_since = Some(Instant::now());
         }
@@ -271,4 +258,12 @@ impl ConsumerContext for StreamContext {
             tracing::error!(error = %e, "applying a rebalance");
         }
     }
+}
+
+/// The (topic, partition) pairs of a list.
+pub(super) fn partitions(tpl: &TopicPartitionList) -> HashSet<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
 }
