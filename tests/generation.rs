@@ -907,3 +907,154 @@ async fn conversations_and_stop_strings_match_the_pipeline() {
         ctx.deregister_table("t").unwrap();
     }
 }
+
+/// Deterministic values in [-1, 1) for model inputs.
+fn waves(n: usize, seed: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 * 12.9898 + seed * 78.233).sin() * 43758.547).fract())
+        .collect()
+}
+
+/// Whisper's merged decoder, rewritten to take one cross-attention cache row per recording
+/// shared by its beams, returns what the export returns given that cache repeated for every
+/// beam (3 recordings x 4 beams, 5 cached positions): the same logits and self-attention
+/// cache. Operators' model files of an encoder-decoder get the rewrite where it applies
+/// (Whisper) and not where it does not (BART, whose cross-attention has a mask per sequence).
+#[tokio::test]
+async fn shared_cross_attention_decodes_as_a_cache_per_beam() {
+    use ferry::ops::generation::shared_cross::{SOURCE_ROWS, share_cross_attention};
+    use ferry::runtime::tensor::{Data, Input, read_f32};
+
+    let dir = model_dir("tiny-whisper");
+    let file = dir.join("decoder_model_merged.onnx");
+    let mut shared = ModelFile::new("shared", file.clone());
+    shared.edit = Some(share_cross_attention);
+    let pool = SessionPool::open(
+        &[ModelFile::new("plain", file), shared],
+        ExecutionProvider::Cpu,
+        PoolSize {
+            workers: 1,
+            threads_per_worker: 1,
+        },
+    )
+    .unwrap();
+    let first_axis = |role: &str| {
+        pool.session(role)
+            .unwrap()
+            .input("past_key_values.0.encoder.key")
+            .unwrap()
+            .symbols[0]
+            .clone()
+    };
+    assert_eq!(first_axis("shared"), SOURCE_ROWS);
+    assert_ne!(first_axis("plain"), SOURCE_ROWS);
+
+    let info = pool.session("plain").unwrap().clone();
+    let (rows, beams, past, source) = (3usize, 4usize, 5usize, 7usize);
+    let n = rows * beams;
+    let (mut plain, mut shared) = (Vec::new(), Vec::new());
+    for (k, input) in info.inputs.iter().enumerate() {
+        let name = input.name.as_str();
+        let dims = |batch: usize, len: usize| -> Vec<usize> {
+            let d = &input.shape;
+            vec![batch, d[1] as usize, len, d[3] as usize]
+        };
+        match name {
+            "input_ids" => {
+                let ids: Vec<i64> = (0..n as i64).map(|i| 50 + 7 * i).collect();
+                let input = Input::new(name, vec![n as i64, 1], Data::I64(ids));
+                plain.push(input.clone());
+                shared.push(input);
+            }
+            "use_cache_branch" => {
+                let input = Input::new(name, vec![1], Data::Bool(vec![true]));
+                plain.push(input.clone());
+                shared.push(input);
+            }
+            "encoder_hidden_states" => {
+                // Not read once the cache exists; one per sequence or per recording.
+                let hidden = *input.shape.last().unwrap() as usize;
+                for (to, batch) in [(&mut plain, n), (&mut shared, rows)] {
+                    let values = waves(batch * source * hidden, k as f32);
+                    let shape = vec![batch as i64, source as i64, hidden as i64];
+                    to.push(Input::new(name, shape, Data::F32(values)));
+                }
+            }
+            _ if name.contains(".decoder.") => {
+                let d = dims(n, past);
+                let values = waves(d.iter().product(), k as f32);
+                let input = Input::new(
+                    name,
+                    d.iter().map(|&x| x as i64).collect(),
+                    Data::F32(values),
+                );
+                plain.push(input.clone());
+                shared.push(input);
+            }
+            _ if name.contains(".encoder.") => {
+                let d = dims(rows, source);
+                let per_row: usize = d[1..].iter().product();
+                let values = waves(rows * per_row, k as f32);
+                let repeated: Vec<f32> = values
+                    .chunks(per_row)
+                    .flat_map(|row| std::iter::repeat_n(row, beams).flatten().copied())
+                    .collect();
+                let shape =
+                    |batch: usize| vec![batch as i64, d[1] as i64, d[2] as i64, d[3] as i64];
+                plain.push(Input::new(name, shape(n), Data::F32(repeated)));
+                shared.push(Input::new(name, shape(rows), Data::F32(values)));
+            }
+            other => panic!("unexpected decoder input {other}"),
+        }
+    }
+    let compared: Vec<String> = std::iter::once("logits".to_string())
+        .chain(
+            info.outputs
+                .iter()
+                .map(|o| o.name.clone())
+                .filter(|o| o.contains(".decoder.")),
+        )
+        .collect();
+    let outputs = pool
+        .run(move |worker| {
+            let mut read = |role: &str, inputs: Vec<Input>| -> Vec<Vec<f32>> {
+                let out = worker.run(role, inputs).unwrap();
+                compared
+                    .iter()
+                    .map(|name| read_f32(name, &out[name.as_str()]).unwrap().data.to_vec())
+                    .collect()
+            };
+            (read("plain", plain), read("shared", shared))
+        })
+        .await
+        .unwrap();
+    for (a, b) in outputs.0.iter().zip(&outputs.1) {
+        assert_eq!(a.len(), b.len());
+        let most = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(most <= 1e-5, "outputs differ by {most}");
+    }
+
+    // What operators open.
+    for (name, shares) in [("tiny-whisper", true), ("tiny-bart-gen", false)] {
+        let dir = model_dir(name);
+        let files =
+            ferry::ops::generation::task::model_files(&dir, &Default::default(), "model.onnx")
+                .unwrap();
+        let pool = SessionPool::open(
+            &files,
+            ExecutionProvider::Cpu,
+            PoolSize {
+                workers: 1,
+                threads_per_worker: 1,
+            },
+        )
+        .unwrap();
+        let info = |role| (role, pool.session(role).unwrap());
+        let model = Seq2Seq::from_sessions(info("encoder"), info("decoder"), None).unwrap();
+        assert_eq!(model.shared_cross, shares, "{name}");
+    }
+}

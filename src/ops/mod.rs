@@ -538,9 +538,8 @@ impl Loading<'_> {
         let pool = self.open(&[
             ModelFile::new(MODEL, path.clone()),
             ModelFile {
-                role: embed::POOLING,
-                path,
                 graph: Some(settings.pooling_graph()),
+                ..ModelFile::new(embed::POOLING, path)
             },
         ])?;
         let session = pool.session(MODEL).expect("the model session");
@@ -588,9 +587,7 @@ impl Loading<'_> {
         let options: generation::task::GenerationOptions = self.loaded.options()?;
         let files =
             generation::task::model_files(&self.model.dir, &options, &self.loaded.manifest.file)?;
-        let files: Vec<(&'static str, &str)> =
-            files.iter().map(|(role, f)| (*role, f.as_str())).collect();
-        let pool = self.pool(&files)?;
+        let pool = self.open(&files)?;
         let task = resolve(&options, &self.model, &pool)?;
         self.operator(pool, task)
     }
@@ -628,9 +625,7 @@ impl Loading<'_> {
             &generation::task::GenerationOptions::default(),
             &self.loaded.manifest.file,
         )?;
-        let files: Vec<(&'static str, &str)> =
-            files.iter().map(|(role, f)| (*role, f.as_str())).collect();
-        let pool = self.pool(&files)?;
+        let pool = self.open(&files)?;
         let task = audio::whisper::WhisperTranscribe::resolve(&options, &self.model, &pool)?;
         self.operator(pool, task)
     }

@@ -44,20 +44,28 @@ pub struct TensorInfo {
     pub name: String,
     pub element: Option<ort::value::TensorElementType>,
     pub shape: Vec<i64>,
+    /// The names of dynamic axes ("" where unnamed or fixed).
+    pub symbols: Vec<String>,
 }
 
 impl TensorInfo {
     pub(crate) fn from_outlet(name: &str, dtype: &ValueType) -> Self {
         match dtype {
-            ValueType::Tensor { ty, shape, .. } => TensorInfo {
+            ValueType::Tensor {
+                ty,
+                shape,
+                dimension_symbols,
+            } => TensorInfo {
                 name: name.to_string(),
                 element: Some(*ty),
                 shape: shape.iter().copied().collect(),
+                symbols: dimension_symbols.iter().cloned().collect(),
             },
             _ => TensorInfo {
                 name: name.to_string(),
                 element: None,
                 shape: Vec::new(),
+                symbols: Vec::new(),
             },
         }
     }
@@ -72,6 +80,8 @@ pub struct ModelFile {
     pub path: PathBuf,
     /// A graph built in memory instead of read from `path`.
     pub graph: Option<BuildGraph>,
+    /// A rewrite of the model read from `path`, applied once before its sessions are made.
+    pub edit: Option<EditModel>,
 }
 
 impl ModelFile {
@@ -80,6 +90,29 @@ impl ModelFile {
             role,
             path,
             graph: None,
+            edit: None,
+        }
+    }
+}
+
+/// Rewrites a serialized ONNX model (e.g. to share a decoder's cross-attention cache between
+/// beams); None leaves the model as it is. An error is logged and the model used as it is.
+pub type EditModel = fn(&[u8]) -> Result<Option<Vec<u8>>, String>;
+
+/// The model bytes `file`'s edit made, None when it has none or left the model as it is.
+fn edited(file: &ModelFile) -> Option<Vec<u8>> {
+    let edit = file.edit?;
+    // A file that cannot be read is reported by the session that reads it.
+    let bytes = std::fs::read(&file.path).ok()?;
+    match edit(&bytes) {
+        Ok(Some(edited)) => {
+            tracing::debug!(model = %file.path.display(), "model rewritten in memory");
+            Some(edited)
+        }
+        Ok(None) => None,
+        Err(reason) => {
+            tracing::warn!(model = %file.path.display(), %reason, "the model is used as it is");
+            None
         }
     }
 }
@@ -357,6 +390,8 @@ impl PoolSize {
 /// What a session is made from: an ONNX file, or a graph built in memory.
 enum Source<'a> {
     File(&'a Path),
+    /// A model file's bytes as its edit left them.
+    Memory(&'a [u8]),
     /// Built for each session (creating a session consumes the graph), from the sessions
     /// before it.
     Graph(&'a BuildGraph, &'a [SessionInfo]),
@@ -423,6 +458,7 @@ fn build_session_on(
     }
     match source {
         Source::File(path) => builder.commit_from_file(path),
+        Source::Memory(bytes) => builder.commit_from_memory(bytes),
         Source::Graph(graph, before) => match (graph.0)(before)? {
             Some(model) => model.into_session(&builder),
             None => return Err("the graph is not needed".to_string()),
@@ -487,17 +523,19 @@ impl SessionPool {
         environment()?;
         let prepacked: Vec<PrepackedWeights> =
             files.iter().map(|_| PrepackedWeights::new()).collect();
+        let edits: Vec<Option<Vec<u8>>> = files.iter().map(edited).collect();
         let mut per_worker = Vec::with_capacity(workers);
         // Where the sessions run: once CUDA could not be used (and the fallback allows the
         // CPU), the remaining sessions go to the CPU without trying CUDA again.
         let mut placement = placement;
         for _ in 0..workers {
             let mut sessions: Vec<Held> = Vec::with_capacity(files.len());
-            for (file, prepacked) in files.iter().zip(&prepacked) {
+            for ((file, prepacked), edit) in files.iter().zip(&prepacked).zip(&edits) {
                 let before: Vec<SessionInfo>;
-                let source = match &file.graph {
-                    None => Source::File(&file.path),
-                    Some(graph) => {
+                let source = match (&file.graph, edit) {
+                    (None, Some(bytes)) => Source::Memory(bytes),
+                    (None, None) => Source::File(&file.path),
+                    (Some(graph), _) => {
                         before = sessions.iter().map(|h| h.info.clone()).collect();
                         let needed = (graph.0)(&before).map_err(|message| PoolError::Session {
                             path: file.path.clone(),
@@ -514,7 +552,7 @@ impl SessionPool {
                 // from the model's (measured: 0.75x the rows/s of host pooling with one, on 2
                 // cores).
                 let threads = match source {
-                    Source::File(_) => threads,
+                    Source::File(_) | Source::Memory(_) => threads,
                     Source::Graph(..) => 1,
                 };
                 let (session, on) =

@@ -4,7 +4,9 @@
 //!   cache or without one), one batched step over sequences in flight;
 //! - [`logits`]: logits processors as `transformers` applies them;
 //! - [`search`]: greedy and beam search, identical to `transformers`' `generate`, with
-//!   continuous batching.
+//!   continuous batching;
+//! - [`shared_cross`]: encoder-decoder exports rewritten to hold one cross-attention cache per
+//!   source row, shared by its beams.
 //!
 //! The generation operators (`generate`, `summarize`, `translate`) build on this.
 
@@ -12,6 +14,7 @@ pub mod chat;
 pub mod logits;
 pub mod model;
 pub mod search;
+pub mod shared_cross;
 pub mod task;
 
 pub use logits::{Processors, Sampling};

@@ -193,6 +193,10 @@ pub struct Seq2Seq {
     pub use_cache_branch: bool,
     /// The encoder's hidden size.
     pub hidden: usize,
+    /// The later steps' decoder takes one cross-attention cache row per source row, shared by
+    /// that row's sequences (beams), which follow each other in a batch
+    /// ([`super::shared_cross`]); otherwise a row per sequence.
+    pub shared_cross: bool,
 }
 
 impl Seq2Seq {
@@ -266,6 +270,8 @@ impl Seq2Seq {
         }
         require(dec, &["input_ids", "encoder_hidden_states"], "a decoder")?;
         let use_cache_branch = dec.input("use_cache_branch").is_some();
+        // The session that takes the cross-attention cache.
+        let later = with_past.map_or(dec, |(_, info)| info);
         let (cache, cross, decoder_with_past) = match with_past {
             Some((role, info)) => {
                 require(info, &["input_ids"], "a decoder with past")?;
@@ -304,6 +310,15 @@ impl Seq2Seq {
             }
             None => (None, None, None),
         };
+        let shared_cross = cross.as_ref().is_some_and(|c| {
+            c.names().all(|name| {
+                later
+                    .input(name)
+                    .and_then(|i| i.symbols.first())
+                    .map(String::as_str)
+                    == Some(super::shared_cross::SOURCE_ROWS)
+            })
+        });
         Ok(Seq2Seq {
             encoder: encoder.0,
             input,
@@ -314,6 +329,7 @@ impl Seq2Seq {
             cross,
             use_cache_branch,
             hidden: hidden as usize,
+            shared_cross,
         })
     }
 }
@@ -349,7 +365,9 @@ impl Seq {
     }
 }
 
-/// The encoded sources of an encoder-decoder batch, a row per sequence.
+/// The encoded sources of an encoder-decoder batch: a row per sequence, or a row per source row
+/// when the model shares them between a row's sequences ([`Seq2Seq::shared_cross`]; see
+/// [`Batch::source_rows`]).
 #[derive(Debug)]
 struct Sources {
     /// Source positions (the longest source of the encoded batch).
@@ -474,6 +492,26 @@ impl Batch {
         self.positions
     }
 
+    /// The row of the batch's sources each sequence reads: its own, or with sources shared
+    /// between a row's sequences, the place of its row among the batch's rows (a row's
+    /// sequences follow each other).
+    fn source_rows(&self, shared: bool) -> Vec<usize> {
+        if !shared {
+            return (0..self.seqs.len()).collect();
+        }
+        let mut place = 0;
+        self.seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                if i > 0 && s.row != self.seqs[i - 1].row {
+                    place += 1;
+                }
+                place
+            })
+            .collect()
+    }
+
     /// Encoder-decoder: source positions each sequence's cross-attention cache holds.
     pub fn source_len(&self) -> usize {
         self.sources.as_ref().map_or(0, |s| s.len)
@@ -498,12 +536,28 @@ impl Batch {
             let rows: Vec<(usize, usize)> = picks.iter().map(|&(p, _)| (0, p)).collect();
             // Beams reordered within their rows: every position keeps its row, so its sources
             // (the encoder's states and cross-attention cache, one row's for all its beams)
-            // stay where they are; only the self-attention cache moves.
-            let same_rows = picks.len() == self.seqs.len()
-                && picks
-                    .iter()
-                    .enumerate()
-                    .all(|(i, &(p, _))| self.seqs[p].row == self.seqs[i].row);
+            // stay where they are; only the self-attention cache moves. Sources shared by a
+            // row's sequences also stay when the rows' sequences change in number (beams
+            // starting from the first step's one sequence).
+            let same_rows = if model.shares_sources() {
+                let runs = |rows: &mut dyn Iterator<Item = usize>| {
+                    let mut out: Vec<usize> = Vec::new();
+                    for row in rows {
+                        if out.last() != Some(&row) {
+                            out.push(row);
+                        }
+                    }
+                    out
+                };
+                runs(&mut picks.iter().map(|&(p, _)| self.seqs[p].row))
+                    == runs(&mut self.seqs.iter().map(|s| s.row))
+            } else {
+                picks.len() == self.seqs.len()
+                    && picks
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &(p, _))| self.seqs[p].row == self.seqs[i].row)
+            };
             let kept = if same_rows { self.sources.take() } else { None };
             let sources = kept.is_none();
             *self = gather(model, &[&*self], &rows, sources)?;
@@ -625,6 +679,20 @@ fn gather(
             })
             .collect::<Result<_, _>>()?;
         let len = sources.iter().map(|s| s.len).max().unwrap_or(0);
+        // The source rows the sequences read: one per sequence, or one per run of a row's
+        // sequences when they share it.
+        let shared = m.shared_cross;
+        let places: Vec<Vec<usize>> = from.iter().map(|b| b.source_rows(shared)).collect();
+        let mut picked: Vec<(usize, usize)> = Vec::with_capacity(rows.len());
+        let mut last_row = None;
+        for &(b, s) in rows {
+            let row = from[b].seqs.get(s).map(|q| q.row);
+            if !shared || row.is_none() || row != last_row {
+                picked.push((b, places[b][s]));
+            }
+            last_row = row;
+        }
+        let rows = &picked;
         let mut mask = Vec::with_capacity(rows.len() * len);
         for &(b, s) in rows {
             let src = sources[b];
@@ -739,6 +807,11 @@ fn empty_past(name: &str, batch: usize, cache: &Cache) -> Input {
 }
 
 impl Model {
+    /// Whether a row's sequences share their sources ([`Seq2Seq::shared_cross`]).
+    fn shares_sources(&self) -> bool {
+        matches!(self, Model::Seq2Seq(m) if m.shared_cross)
+    }
+
     /// The self-attention cache layout, None for exports without a cache.
     pub fn cache(&self) -> Option<&Cache> {
         match self {
@@ -1019,6 +1092,21 @@ fn step_seq2seq(
     b: &mut Batch,
 ) -> Result<(Vec<f32>, usize), String> {
     let n = b.len();
+    if m.shared_cross {
+        // The decoder splits its sequences into equal runs, one per source row, in order; the
+        // first step makes each row's cache from its one sequence.
+        let places = b.source_rows(true);
+        let rows = places.last().map_or(1, |p| p + 1);
+        let per = n / rows;
+        if per * rows != n
+            || (b.cache.is_empty() && per != 1)
+            || places.iter().enumerate().any(|(i, &p)| p != i / per)
+        {
+            return Err(format!(
+                "{n} sequences of {rows} rows cannot share their rows' cross-attention caches"
+            ));
+        }
+    }
     let src = b
         .sources
         .as_mut()

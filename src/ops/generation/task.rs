@@ -23,7 +23,7 @@ use crate::ops::core::{ArgColumn, CallLimits, RowErrors, Task};
 use crate::ops::text::read_texts;
 use crate::runtime::ModelDir;
 use crate::runtime::model_dir::read_json;
-use crate::runtime::pool::{SessionPool, Worker};
+use crate::runtime::pool::{ModelFile, SessionPool, Worker};
 use crate::runtime::tensor::Input;
 
 /// One value or several (`eos_token_id`, `forced_eos_token_id`, `stop_strings`).
@@ -392,8 +392,30 @@ pub struct GenerationOptions {
     pub decoder_with_past: Option<String>,
 }
 
-/// The model files an operator opens: (role, file name).
+/// The model files an operator opens. An encoder-decoder's decoders are rewritten to share
+/// each source row's cross-attention cache between its beams where they can be
+/// ([`super::shared_cross`]).
 pub fn model_files(
+    dir: &std::path::Path,
+    options: &GenerationOptions,
+    manifest_file: &str,
+) -> Result<Vec<ModelFile>, OpError> {
+    let files = model_file_names(dir, options, manifest_file)?;
+    let seq2seq = files.iter().any(|(role, _)| *role == "encoder");
+    Ok(files
+        .into_iter()
+        .map(|(role, file)| {
+            let mut f = ModelFile::new(role, dir.join(file));
+            if seq2seq && role != "encoder" {
+                f.edit = Some(super::shared_cross::share_cross_attention);
+            }
+            f
+        })
+        .collect())
+}
+
+/// The model files an operator opens: (role, file name).
+fn model_file_names(
     dir: &std::path::Path,
     options: &GenerationOptions,
     manifest_file: &str,
