@@ -38,8 +38,9 @@ pub struct Manifest {
     /// CUDA). Generation tasks: the KV cache positions the
     /// rows generating at once can come to hold (prompt and new tokens, every beam, padding
     /// included; default 16384), which bounds the cache's memory; Whisper the same, its
-    /// 1500 source positions counted too (default 131072). `max_batch_tokens` is accepted as
-    /// its old name.
+    /// 1500 source positions counted too, once per recording when its beams share them
+    /// (default 32768; 131072 when every beam holds its own). `max_batch_tokens` is accepted
+    /// as its old name.
     #[serde(
         default,
         alias = "max_batch_tokens",

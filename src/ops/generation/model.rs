@@ -512,6 +512,11 @@ impl Batch {
             .collect()
     }
 
+    /// The rows whose sequences the batch holds.
+    pub fn rows(&self) -> usize {
+        self.source_rows(true).last().map_or(0, |p| p + 1)
+    }
+
     /// Encoder-decoder: source positions each sequence's cross-attention cache holds.
     pub fn source_len(&self) -> usize {
         self.sources.as_ref().map_or(0, |s| s.len)
@@ -808,7 +813,7 @@ fn empty_past(name: &str, batch: usize, cache: &Cache) -> Input {
 
 impl Model {
     /// Whether a row's sequences share their sources ([`Seq2Seq::shared_cross`]).
-    fn shares_sources(&self) -> bool {
+    pub fn shares_sources(&self) -> bool {
         matches!(self, Model::Seq2Seq(m) if m.shared_cross)
     }
 

@@ -342,10 +342,20 @@ struct Run<'a> {
     batches: Vec<Batch>,
 }
 
-/// The most cache positions `seqs` sequences can come to hold together: each holds `positions`
-/// self-attention and `source` cross-attention positions and may add `remaining`.
-fn projected(seqs: usize, positions: usize, source: usize, remaining: usize) -> usize {
-    seqs.saturating_mul(positions + source + remaining)
+/// The most cache positions `seqs` sequences of `rows` rows can come to hold together: each
+/// holds `positions` self-attention positions and may add `remaining`; the cross-attention
+/// cache, `source` positions, is each sequence's or, when the model shares it between a row's
+/// sequences, each row's.
+fn projected(
+    model: &Model,
+    (seqs, rows): (usize, usize),
+    positions: usize,
+    source: usize,
+    remaining: usize,
+) -> usize {
+    let holders = if model.shares_sources() { rows } else { seqs };
+    seqs.saturating_mul(positions + remaining)
+        .saturating_add(holders.saturating_mul(source))
 }
 
 impl Run<'_> {
@@ -382,11 +392,20 @@ impl Run<'_> {
             .batches
             .iter()
             .skip(usize::from(joined.is_some()))
-            .map(|b| projected(b.len(), b.positions(), b.source_len(), self.remaining(b)))
+            .map(|b| {
+                let held = (b.len(), b.rows());
+                projected(
+                    self.model,
+                    held,
+                    b.positions(),
+                    b.source_len(),
+                    self.remaining(b),
+                )
+            })
             .sum();
-        let (mut seqs, mut longest, mut remaining) = match joined {
-            Some(b) => (b.len(), b.positions(), self.remaining(b)),
-            None => (0, 0, 0),
+        let (mut seqs, mut rows, mut longest, mut remaining) = match joined {
+            Some(b) => (b.len(), b.rows(), b.positions(), self.remaining(b)),
+            None => (0, 0, 0, 0),
         };
         remaining = remaining.max(self.search.max_new_tokens);
         let mut admitted = Vec::new();
@@ -395,17 +414,17 @@ impl Run<'_> {
                 break;
             }
             let len = self.prompts.cost_len(row, self.model);
-            let (s, l) = (seqs + beams, longest.max(len));
+            let (s, r, l) = (seqs + beams, rows + 1, longest.max(len));
             let cost = if decoder_only {
-                others.saturating_add(projected(s, l, 0, remaining))
+                others.saturating_add(projected(self.model, (s, r), l, 0, remaining))
             } else {
                 // Its own batch: the decoder's positions plus the source's.
-                others.saturating_add(projected(s, 1, l, remaining))
+                others.saturating_add(projected(self.model, (s, r), 1, l, remaining))
             };
             if cost > self.limits.tokens && (running > 0 || !admitted.is_empty()) {
                 break;
             }
-            (seqs, longest) = (s, l);
+            (seqs, rows, longest) = (s, r, l);
             admitted.push(row);
             self.waiting.pop_front();
         }
