@@ -47,6 +47,19 @@ enum Export {
     NoCache,
 }
 
+/// Sessions of `files` in one single-threaded worker on the CPU.
+fn one_worker(files: &[ModelFile]) -> SessionPool {
+    SessionPool::open(
+        files,
+        ExecutionProvider::Cpu,
+        PoolSize {
+            workers: 1,
+            threads_per_worker: 1,
+        },
+    )
+    .unwrap()
+}
+
 fn open(dir: &Path, export: Export) -> (SessionPool, Model) {
     let files: Vec<(&'static str, &str)> = match export {
         Export::DecoderOnly => vec![("decoder", "model.onnx")],
@@ -64,18 +77,12 @@ fn open(dir: &Path, export: Export) -> (SessionPool, Model) {
             ("decoder", "decoder_model.onnx"),
         ],
     };
-    let pool = SessionPool::open(
+    let pool = one_worker(
         &files
             .iter()
             .map(|(role, file)| ModelFile::new(role, dir.join(file)))
             .collect::<Vec<_>>(),
-        ExecutionProvider::Cpu,
-        PoolSize {
-            workers: 1,
-            threads_per_worker: 1,
-        },
-    )
-    .unwrap();
+    );
     let info = |role| (role, pool.session(role).unwrap());
     let model = match export {
         Export::DecoderOnly => Model::DecoderOnly(
@@ -371,15 +378,7 @@ async fn merged_and_cacheless_decoders_give_the_same_tokens() {
 #[tokio::test]
 async fn generation_needs_logits_tokens_and_a_possible_search() {
     let dir = model_dir("tiny-bert-sentiment");
-    let pool = SessionPool::open(
-        &[ModelFile::new("decoder", dir.join("model.onnx"))],
-        ExecutionProvider::Cpu,
-        PoolSize {
-            workers: 1,
-            threads_per_worker: 1,
-        },
-    )
-    .unwrap();
+    let pool = one_worker(&[ModelFile::new("decoder", dir.join("model.onnx"))]);
     let err = DecoderOnly::from_session("decoder", pool.session("decoder").unwrap()).unwrap_err();
     assert!(err.contains("[batch, sequence, vocabulary]"), "{err}");
 
@@ -915,29 +914,76 @@ fn waves(n: usize, seed: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Whisper's merged decoder, rewritten to take one cross-attention cache row per recording
-/// shared by its beams, returns what the export returns given that cache repeated for every
-/// beam (3 recordings x 4 beams, 5 cached positions): the same logits and self-attention
-/// cache. Operators' model files of an encoder-decoder get the rewrite where it applies
-/// (Whisper) and not where it does not (BART, whose cross-attention has a mask per sequence).
+/// Whisper's decoder (merged, and with past as a split export has it), rewritten to take one
+/// cross-attention cache row per recording shared by its beams, returns what the export
+/// returns given that cache repeated for every beam (3 recordings x 4 beams, 5 cached
+/// positions): the same logits and self-attention cache. Operators' model files of an
+/// encoder-decoder get the rewrite where it applies (Whisper) and not where it does not (BART,
+/// whose cross-attention has a mask per sequence).
 #[tokio::test]
 async fn shared_cross_attention_decodes_as_a_cache_per_beam() {
+    let dir = model_dir("tiny-whisper");
+    let merged = dir.join("decoder_model_merged.onnx");
+    // A split export's decoder with past: the merged decoder's with-past branch as the graph.
+    let work = tempfile::tempdir().unwrap();
+    let with_past = work.path().join("decoder_with_past_model.onnx");
+    std::fs::write(
+        &with_past,
+        with_past_branch(&std::fs::read(&merged).unwrap()),
+    )
+    .unwrap();
+    for file in [merged, with_past] {
+        check_shared_cross(file).await;
+    }
+
+    // What operators open.
+    for (name, shares) in [("tiny-whisper", true), ("tiny-bart-gen", false)] {
+        let dir = model_dir(name);
+        let files =
+            ferry::ops::generation::task::model_files(&dir, &Default::default(), "model.onnx")
+                .unwrap();
+        let pool = one_worker(&files);
+        let info = |role| (role, pool.session(role).unwrap());
+        let model = Seq2Seq::from_sessions(info("encoder"), info("decoder"), None).unwrap();
+        assert_eq!(model.shared_cross, shares, "{name}");
+    }
+}
+
+/// The with-past (`then`) branch of a merged decoder as a model of its own, taking the merged
+/// model's inputs but `use_cache_branch` and `encoder_hidden_states` (what optimum's
+/// `decoder_with_past_model.onnx` takes).
+fn with_past_branch(merged: &[u8]) -> Vec<u8> {
+    use onnx_protobuf::{Message, ModelProto};
+    let mut model = ModelProto::parse_from_bytes(merged).unwrap();
+    let top = model.graph.as_mut().unwrap();
+    let branch = top.node[0]
+        .attribute
+        .iter()
+        .find(|a| a.name == "then_branch")
+        .and_then(|a| a.g.as_ref())
+        .unwrap()
+        .clone();
+    let mut graph = branch;
+    graph.initializer = std::mem::take(&mut top.initializer);
+    graph.input = top
+        .input
+        .iter()
+        .filter(|i| i.name != "use_cache_branch" && i.name != "encoder_hidden_states")
+        .cloned()
+        .collect();
+    graph.output = top.output.clone();
+    model.graph = Some(graph).into();
+    model.write_to_bytes().unwrap()
+}
+
+/// The decoder `file` and its rewrite give the same logits and self-attention cache.
+async fn check_shared_cross(file: PathBuf) {
     use ferry::ops::generation::shared_cross::{SOURCE_ROWS, share_cross_attention};
     use ferry::runtime::tensor::{Data, Input, read_f32};
 
-    let dir = model_dir("tiny-whisper");
-    let file = dir.join("decoder_model_merged.onnx");
     let mut shared = ModelFile::new("shared", file.clone());
     shared.edit = Some(share_cross_attention);
-    let pool = SessionPool::open(
-        &[ModelFile::new("plain", file), shared],
-        ExecutionProvider::Cpu,
-        PoolSize {
-            workers: 1,
-            threads_per_worker: 1,
-        },
-    )
-    .unwrap();
+    let pool = one_worker(&[ModelFile::new("plain", file.clone()), shared]);
     let first_axis = |role: &str| {
         pool.session(role)
             .unwrap()
@@ -1035,26 +1081,6 @@ async fn shared_cross_attention_decodes_as_a_cache_per_beam() {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
-        assert!(most <= 1e-5, "outputs differ by {most}");
-    }
-
-    // What operators open.
-    for (name, shares) in [("tiny-whisper", true), ("tiny-bart-gen", false)] {
-        let dir = model_dir(name);
-        let files =
-            ferry::ops::generation::task::model_files(&dir, &Default::default(), "model.onnx")
-                .unwrap();
-        let pool = SessionPool::open(
-            &files,
-            ExecutionProvider::Cpu,
-            PoolSize {
-                workers: 1,
-                threads_per_worker: 1,
-            },
-        )
-        .unwrap();
-        let info = |role| (role, pool.session(role).unwrap());
-        let model = Seq2Seq::from_sessions(info("encoder"), info("decoder"), None).unwrap();
-        assert_eq!(model.shared_cross, shares, "{name}");
+        assert!(most <= 1e-5, "{}: outputs differ by {most}", file.display());
     }
 }
