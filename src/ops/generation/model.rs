@@ -396,6 +396,13 @@ pub struct Batch {
     sources: Option<Sources>,
 }
 
+/// The rows of a batch's sequences (a row's sequences follow each other), once per run.
+fn row_runs(rows: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut runs: Vec<usize> = rows.collect();
+    runs.dedup();
+    runs
+}
+
 /// Where a tensor's positions sit when a row is padded: self-attention caches of decoder-only
 /// models are left-padded (positions aligned right), sources are padded on the right.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -514,7 +521,7 @@ impl Batch {
 
     /// The rows whose sequences the batch holds.
     pub fn rows(&self) -> usize {
-        self.source_rows(true).last().map_or(0, |p| p + 1)
+        row_runs(self.seqs.iter().map(|s| s.row)).len()
     }
 
     /// Encoder-decoder: source positions each sequence's cross-attention cache holds.
@@ -545,17 +552,8 @@ impl Batch {
             // row's sequences also stay when the rows' sequences change in number (beams
             // starting from the first step's one sequence).
             let same_rows = if model.shares_sources() {
-                let runs = |rows: &mut dyn Iterator<Item = usize>| {
-                    let mut out: Vec<usize> = Vec::new();
-                    for row in rows {
-                        if out.last() != Some(&row) {
-                            out.push(row);
-                        }
-                    }
-                    out
-                };
-                runs(&mut picks.iter().map(|&(p, _)| self.seqs[p].row))
-                    == runs(&mut self.seqs.iter().map(|s| s.row))
+                row_runs(picks.iter().map(|&(p, _)| self.seqs[p].row))
+                    == row_runs(self.seqs.iter().map(|s| s.row))
             } else {
                 picks.len() == self.seqs.len()
                     && picks
@@ -688,14 +686,10 @@ fn gather(
         // sequences when they share it.
         let shared = m.shared_cross;
         let places: Vec<Vec<usize>> = from.iter().map(|b| b.source_rows(shared)).collect();
-        let mut picked: Vec<(usize, usize)> = Vec::with_capacity(rows.len());
-        let mut last_row = None;
-        for &(b, s) in rows {
-            let row = from[b].seqs.get(s).map(|q| q.row);
-            if !shared || row.is_none() || row != last_row {
-                picked.push((b, places[b][s]));
-            }
-            last_row = row;
+        let mut picked: Vec<(usize, usize)> =
+            rows.iter().map(|&(b, s)| (b, places[b][s])).collect();
+        if shared {
+            picked.dedup();
         }
         let rows = &picked;
         let mut mask = Vec::with_capacity(rows.len() * len);

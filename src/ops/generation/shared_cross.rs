@@ -142,22 +142,19 @@ fn rewrite(
         }
     }
     let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    // The nodes reading each value, by index.
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for input in &n.input {
+            readers.entry(input.as_str()).or_default().push(i);
+        }
+    }
     let mut plans = Vec::new();
     for (layer, (key, value)) in caches.iter().enumerate() {
-        let readers = |name: &str| {
-            graph
-                .node
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| n.input.iter().any(|i| i == name))
-                .map(|(i, _)| i)
-                .collect::<Vec<_>>()
-        };
-        let (k, v) = (readers(key), readers(value));
-        if k.is_empty() && v.is_empty() {
+        if !readers.contains_key(key.as_str()) && !readers.contains_key(value.as_str()) {
             continue;
         }
-        match attention(graph, &k, &v, value, &constants, &outputs) {
+        match attention(graph, &readers, key, value, &constants, &outputs) {
             Some(plan) => plans.push((layer, key.clone(), plan)),
             None => return false,
         }
@@ -255,40 +252,34 @@ struct Attention {
 }
 
 /// Matches `K -> Transpose(0,1,3,2) -> (Mul|Div by constants)* -> MatMul(q, .) -> Softmax(-1)
-/// -> MatMul(., V)`, every value in it read by the next node only; `k` and `v`: the nodes that
-/// read the key and the value.
+/// -> MatMul(., V)` over the cache `key`, `value`, every value in it read by the next node only
+/// (`readers`: the nodes reading each value).
 fn attention(
     graph: &GraphProto,
-    k: &[usize],
-    v: &[usize],
+    readers: &HashMap<&str, Vec<usize>>,
+    key: &str,
     value: &str,
     constants: &HashSet<String>,
     outputs: &HashSet<&str>,
 ) -> Option<Attention> {
-    let readers: HashMap<&str, Vec<usize>> =
-        graph
-            .node
-            .iter()
-            .enumerate()
-            .fold(HashMap::new(), |mut m, (i, n)| {
-                for input in &n.input {
-                    m.entry(input.as_str()).or_default().push(i);
-                }
-                m
-            });
+    let read_by = |name: &str| readers.get(name).map_or(&[][..], Vec::as_slice);
     // The one node reading a node's only output, unless that output leaves the graph.
     let next = |i: usize| -> Option<usize> {
         let n = &graph.node[i];
         let [out] = n.output.as_slice() else {
             return None;
         };
-        match readers.get(out.as_str()).map(Vec::as_slice) {
-            Some(&[r]) if !outputs.contains(out.as_str()) => Some(r),
+        match read_by(out) {
+            &[r] if !outputs.contains(out.as_str()) => Some(r),
             _ => None,
         }
     };
-    let &[transpose] = k else { return None };
-    let &[context] = v else { return None };
+    let &[transpose] = read_by(key) else {
+        return None;
+    };
+    let &[context] = read_by(value) else {
+        return None;
+    };
     let t = &graph.node[transpose];
     if t.op_type != "Transpose" || attr_ints(t, "perm") != Some(&[0, 1, 3, 2][..]) {
         return None;

@@ -392,8 +392,9 @@ pub struct GenerationOptions {
     pub decoder_with_past: Option<String>,
 }
 
-/// The model files an operator opens. An encoder-decoder's decoders are rewritten to share
-/// each source row's cross-attention cache between its beams where they can be
+/// The model files an operator opens. An encoder-decoder's decoder of later steps (the one
+/// that takes the cross-attention cache: the decoder with past, else the merged decoder) is
+/// rewritten to share each source row's cache between its beams where it can be
 /// ([`super::shared_cross`]).
 pub fn model_files(
     dir: &std::path::Path,
@@ -401,12 +402,17 @@ pub fn model_files(
     manifest_file: &str,
 ) -> Result<Vec<ModelFile>, OpError> {
     let files = model_file_names(dir, options, manifest_file)?;
-    let seq2seq = files.iter().any(|(role, _)| *role == "encoder");
+    let has = |role: &str| files.iter().any(|(r, _)| *r == role);
+    let shares = match (has("encoder"), has("decoder_with_past")) {
+        (false, _) => None,
+        (true, true) => Some("decoder_with_past"),
+        (true, false) => Some("decoder"),
+    };
     Ok(files
-        .into_iter()
+        .iter()
         .map(|(role, file)| {
             let mut f = ModelFile::new(role, dir.join(file));
-            if seq2seq && role != "encoder" {
+            if shares == Some(*role) {
                 f.edit = Some(super::shared_cross::share_cross_attention);
             }
             f
